@@ -1,0 +1,113 @@
+"""The `qtool` command: wires subcommands together and maps errors to exit codes, in one place."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from qtool import __version__
+from qtool.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, Interrupted, QtoolError
+
+HELP = """Fit large language models onto the GPUs you have.
+
+Examples:
+
+  qtool estimate 70b                         # FP16 vs 8-bit vs 4-bit weights, QLoRA peak
+
+  qtool estimate llama-3-8b --gpu rtx-4090   # does it fit? exit 3 if not
+
+  qtool quantize meta-llama/Meta-Llama-3-8B  # -> ./Meta-Llama-3-8B-bnb-4bit
+
+  qtool verify ./Meta-Llama-3-8B-bnb-4bit --max-vram 24GB --junit report.xml
+
+  qtool config show llama-3-8b               # every setting and where it came from
+"""
+
+app = typer.Typer(
+    name="qtool",
+    help=HELP,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"qtool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors (or set QTOOL_DEBUG=1).")] = False,
+) -> None:
+    if debug:
+        os.environ["QTOOL_DEBUG"] = "1"
+
+
+def _guarded(fn):
+    """Ctrl-C inside a command becomes an Interrupted error (exit 130), not click's 'Aborted!'."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted") from None
+
+    return wrapper
+
+
+def _register() -> None:
+    from qtool.cli import config_cmd, estimate, quantize, verify
+
+    app.command("estimate", help=estimate.HELP, no_args_is_help=True)(_guarded(estimate.estimate))
+    app.command("quantize", help=quantize.HELP, no_args_is_help=True)(_guarded(quantize.quantize))
+    app.command("verify", help=verify.HELP, no_args_is_help=True)(_guarded(verify.verify))
+    app.add_typer(config_cmd.app, name="config")
+
+
+_register()
+
+
+def _debug() -> bool:
+    return os.environ.get("QTOOL_DEBUG", "") not in ("", "0") or "--debug" in sys.argv[1:]
+
+
+def _fail(message: str, code: int) -> int:
+    sys.stderr.write(f"qtool: error: {message}\n")
+    sys.stderr.flush()
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point. The only place that turns exceptions into messages and exit codes.
+
+    Typer runs in standalone mode: it reports usage errors itself (exit 2) and ends with SystemExit;
+    our own errors and anything unexpected propagate out of it and are mapped here.
+    """
+    try:
+        app(args=argv, prog_name="qtool")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except QtoolError as exc:
+        if _debug():
+            raise
+        code = _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        code = _fail("interrupted", EXIT_INTERRUPTED)
+    except Exception as exc:
+        if _debug():
+            raise
+        code = _fail(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", EXIT_INTERNAL)
+    if argv is None:
+        sys.exit(code)
+    return code

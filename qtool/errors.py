@@ -1,0 +1,64 @@
+"""The one error hierarchy. Library code raises these; the CLI maps them to a line and an exit code."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_BAD_INPUT = 2
+EXIT_DOES_NOT_FIT = 3
+EXIT_NOT_FINITE = 4
+EXIT_INTERRUPTED = 130
+
+
+class QtoolError(Exception):
+    """Base class: `str(err)` is the one line shown to the user."""
+
+    exit_code = EXIT_INTERNAL
+
+    def __init__(self, message: str, *, path: object | None = None, hint: str | None = None):
+        self.path = path
+        self.hint = hint
+        text = f"{path}: {message}" if path is not None else message
+        if hint:
+            text = f"{text} ({hint})"
+        super().__init__(text)
+
+
+class BadInput(QtoolError):
+    """The user gave something we cannot use: a path, a file, a value."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class ConfigError(BadInput):
+    """A setting or a config.json is malformed or unknown."""
+
+
+class WeightsError(BadInput):
+    """A checkpoint file is missing, corrupt, unsafe or does not match its config."""
+
+
+class HubError(BadInput):
+    """The hub refused, was unreachable, or we are offline without a cached copy."""
+
+
+class DeviceError(BadInput):
+    """No usable device (e.g. CUDA asked for, none present)."""
+
+
+class DoesNotFit(QtoolError):
+    """Memory needed exceeds the budget."""
+
+    exit_code = EXIT_DOES_NOT_FIT
+
+
+class NotFinite(QtoolError):
+    """Loss or gradients went NaN/inf."""
+
+    exit_code = EXIT_NOT_FINITE
+
+
+class Interrupted(QtoolError):
+    """Ctrl-C / SIGINT: whatever was being written has been removed."""
+
+    exit_code = EXIT_INTERRUPTED

@@ -1,0 +1,136 @@
+"""Model references: what the user typed -> a config.json dict and where it came from.
+
+  '70b', '8B', '1.5b'         size shorthand (configs/shorthands.toml), else a dense approximation
+  'llama-3-8b'                model preset (configs/models/<name>.json)
+  './dir', './config.json'    local checkpoint directory or config file
+  'org/name'                  hub id: only config.json is fetched (qtool.hub)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from qtool import presets
+from qtool.errors import ConfigError
+
+_SIZE_RE = re.compile(r"^(?P<n>\d+(?:\.\d+)?)\s*[bB]$")
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    ref: str  # as typed
+    kind: str  # "shorthand" | "preset" | "approximation" | "local" | "hub"
+    name: str  # display name
+    config: dict
+    preset: str | None = None  # set for presets and shorthands: a cached plan may exist
+    path: Path | None = None  # checkpoint directory (local, or hub snapshot)
+    config_path: Path | None = None
+    note: str | None = None  # e.g. why an approximation stands in
+
+
+def approximate_config(n_params: float) -> dict:
+    """A dense Llama-style config with about `n_params` parameters (for sizes with no preset).
+
+    Shapes follow the Llama-3 family: hidden = 128 * round(sqrt(n / (12 * layers))...), GQA with
+    8 KV heads, SwiGLU intermediate = 3.5 x hidden, vocab 128256, untied embeddings.
+    """
+    vocab = 128_256
+    best = None
+    for layers in range(8, 200, 2):
+        for hidden in range(1024, 32768 + 1, 256):
+            heads = hidden // 128
+            kv = min(8, heads)
+            inter = int(hidden * 3.5) // 256 * 256
+            per_layer = hidden * hidden * 2 + 2 * hidden * kv * 128 + 3 * hidden * inter + 2 * hidden
+            total = layers * per_layer + 2 * vocab * hidden + hidden
+            aspect = hidden / layers  # Llama-3: 128 (8B) ... 100 (70B); keep it in that band
+            if not 64 <= aspect <= 160:
+                continue
+            err = abs(total - n_params) / n_params
+            if best is None or err < best[0]:
+                best = (err, layers, hidden, heads, kv, inter)
+    _, layers, hidden, heads, kv, inter = best
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "vocab_size": vocab,
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "rms_norm_eps": 1e-5,
+        "hidden_act": "silu",
+    }
+
+
+def read_config_json(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError("file not found", path=path) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", path=path) from None
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"invalid JSON: {exc}", path=path) from None
+    if not isinstance(data, dict):
+        raise ConfigError("invalid config.json: expected a JSON object", path=path)
+    if "model_type" not in data:
+        raise ConfigError("invalid config.json: no 'model_type'", path=path)
+    return data
+
+
+def resolve_model(ref: str, *, revision: str | None = None) -> ModelSpec:
+    """Turn a model reference into a ModelSpec. Presets and shorthands never touch torch or the network."""
+    text = ref.strip()
+    if not text:
+        raise ConfigError("empty model reference")
+    key = text.lower()
+
+    if key in presets.model_presets():
+        return ModelSpec(ref, "preset", key, presets.load_model_preset(key), preset=key,
+                         config_path=presets.model_presets()[key])
+    m = _SIZE_RE.match(text)
+    if m:
+        shorthand = presets.shorthands().get(key)
+        if shorthand:
+            return ModelSpec(ref, "shorthand", shorthand, presets.load_model_preset(shorthand), preset=shorthand,
+                             config_path=presets.model_presets()[shorthand])
+        n = float(m["n"]) * 1e9
+        if not 0.01e9 <= n <= 5000e9:
+            raise ConfigError(f"unknown model size {ref!r}: shorthands run from 0.01b to 5000b")
+        cfg = approximate_config(n)
+        return ModelSpec(ref, "approximation", f"dense-{key}", cfg,
+                         note=f"no preset for {key}: a dense Llama-style approximation "
+                              f"({cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}) stands in")
+
+    path = Path(text).expanduser()
+    if path.exists() or text.startswith((".", "/", "~")) or text.endswith(".json"):
+        if path.is_dir():
+            cfg_path = path / "config.json"
+            if not cfg_path.is_file():
+                raise ConfigError("no config.json in directory", path=path)
+            return ModelSpec(ref, "local", path.name, read_config_json(cfg_path), path=path, config_path=cfg_path)
+        if path.is_file():
+            return ModelSpec(ref, "local", path.stem, read_config_json(path), path=path.parent, config_path=path)
+        raise ConfigError("no such file or directory", path=path)
+
+    if _HUB_ID_RE.match(text):
+        from qtool import hub
+
+        cfg_path = hub.fetch_config(text, revision=revision)
+        return ModelSpec(ref, "hub", text, read_config_json(cfg_path), config_path=cfg_path)
+
+    known = ", ".join(sorted(presets.model_presets()))
+    raise ConfigError(
+        f"unknown model {ref!r}: not a size (70b), a preset ({known}), an existing path or a hub id (org/name)"
+    )
