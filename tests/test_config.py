@@ -1,0 +1,126 @@
+"""The config-resolution layer: precedence, sources, parsing, model references, `qtool config show`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qtool.cli.app import main
+from qtool.config import KEYS, resolve_settings
+from qtool.errors import ConfigError
+from qtool.models import approximate_config, resolve_model
+from qtool.sizes import parse_size
+
+
+def test_defaults_are_the_seed_recipe(tmp_path):
+    s = resolve_settings({}, env={}, cwd=tmp_path)
+    assert (s.quant.quant_type, s.quant.double_quant, s.quant.compute_dtype) == ("nf4", True, "bfloat16")
+    assert s.quant.blocksize == 64 and s.quant.quant_storage == "uint8"
+    assert all(src == "default" for src in s.sources.values())
+
+
+def test_precedence_flag_env_file_preset_default(tmp_path):
+    (tmp_path / "qtool.toml").write_text('seq_len = 1024\nbatch_size = 3\noptimizer = "adamw8bit"\npreset = "qlora-nf4"\n')
+    env = {"QTOOL_SEQ_LEN": "4096", "QTOOL_BATCH_SIZE": "5"}
+    s = resolve_settings({"seq_len": 512}, env=env, cwd=tmp_path)
+    assert s.run.seq_len == 512 and s.sources["seq_len"] == "flag --seq-len"
+    assert s.run.batch_size == 5 and s.sources["batch_size"] == "env QTOOL_BATCH_SIZE"
+    assert s.run.optimizer == "adamw8bit" and s.sources["optimizer"].startswith("file ")
+    # lora_rank comes from the preset the file names; lora_alpha from the built-in default
+    assert s.run.lora_rank == 16 and s.sources["lora_rank"] == "preset qlora-nf4"
+    assert s.sources["lora_alpha"] == "default"
+
+
+def test_pyproject_tool_section_and_explicit_config_file(tmp_path):
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\n[tool.qtool]\nquant-type = "fp4"\n')
+    s = resolve_settings({}, env={}, cwd=tmp_path)
+    assert s.quant.quant_type == "fp4" and s.sources["quant_type"] == f"file {tmp_path / 'pyproject.toml'}"
+    other = tmp_path / "other.toml"
+    other.write_text("[quant]\ndouble_quant = false\n")
+    s = resolve_settings({}, env={}, cwd=tmp_path, config_file=other)
+    assert s.quant.double_quant is False and s.quant.quant_type == "nf4"  # --config replaces the discovered file
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("24GB", 24 * 10**9), ("24 GiB", 24 * 2**30), ("24000MB", 24 * 10**9), ("1.5 tb", 15 * 10**11), ("512", 512),
+])
+def test_sizes_parse(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["24XB", "-1GB", "", "GB", "1.2.3GB", "nan GB"])
+def test_bad_sizes_are_config_errors(text):
+    with pytest.raises(ConfigError):
+        parse_size(text)
+
+
+def test_gpu_name_gives_budget_and_unknown_gpu_is_named(tmp_path):
+    s = resolve_settings({"gpu": "RTX 4090"}, env={}, cwd=tmp_path)
+    assert s.run.gpu == "rtx-4090" and s.run.budget_bytes == 24 * 2**30
+    with pytest.raises(ConfigError, match="unknown GPU 'rtx-9999'"):
+        resolve_settings({"gpu": "rtx-9999"}, env={}, cwd=tmp_path)
+
+
+def test_bad_env_value_names_its_source(tmp_path):
+    with pytest.raises(ConfigError, match="QTOOL_QUANT_TYPE"):
+        resolve_settings({}, env={"QTOOL_QUANT_TYPE": "int3"}, cwd=tmp_path)
+
+
+def test_unknown_file_key_is_rejected(tmp_path):
+    (tmp_path / "qtool.toml").write_text("seq_length = 5\n")
+    with pytest.raises(ConfigError, match="unknown setting 'seq_length'"):
+        resolve_settings({}, env={}, cwd=tmp_path)
+
+
+def test_every_key_has_env_and_help():
+    names = [k.name for k in KEYS]
+    assert len(names) == len(set(names))
+    assert all(k.help for k in KEYS)
+
+
+@pytest.mark.parametrize("ref,preset", [("70b", "llama-3-70b"), ("8B", "llama-3-8b"), ("405b", "llama-3.1-405b"),
+                                        ("llama-3-8b", "llama-3-8b"), ("Qwen2.5-7B", "qwen2.5-7b")])
+def test_model_references_to_presets(ref, preset):
+    spec = resolve_model(ref)
+    assert spec.preset == preset and spec.config["model_type"]
+
+
+def test_size_without_preset_is_an_approximation():
+    spec = resolve_model("1.5b")
+    assert spec.kind == "approximation" and "approximation" in spec.note
+    cfg = approximate_config(30e9)
+    assert cfg["model_type"] == "llama" and cfg["hidden_size"] % 128 == 0
+
+
+def test_local_dir_and_config_file(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    assert resolve_model(str(tmp_path)).kind == "local"
+    assert resolve_model(str(tmp_path / "config.json")).config["hidden_size"] == 64
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="invalid JSON"):
+        resolve_model(str(tmp_path / "bad.json"))
+
+
+def test_cli_config_show_json(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("QTOOL_SEQ_LEN", "777")
+    assert main(["config", "show", "8b", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["settings"]["seq_len"] == {"value": 777, "source": "env QTOOL_SEQ_LEN", "flag": "--seq-len", "env": "QTOOL_SEQ_LEN"}
+    assert data["model"]["name"] == "llama-3-8b"
+
+
+def test_cli_version_and_help(capsys):
+    assert main(["--version"]) == 0
+    assert "qtool 0.1.0" in capsys.readouterr().out
+    for cmd in (["--help"], ["estimate", "--help"], ["quantize", "--help"], ["verify", "--help"], ["config", "show", "--help"]):
+        assert main(cmd) == 0
+        assert "Example" in capsys.readouterr().out, cmd
+
+
+def test_cli_bad_input_is_one_line_exit_2(capsys):
+    assert main(["config", "show", "nope-model"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qtool: error: unknown model 'nope-model'") and err.count("\n") == 1
+    assert "Traceback" not in err
