@@ -1,21 +1,249 @@
 """Everything that talks to the Hugging Face hub, through huggingface_hub only.
 
-huggingface_hub itself honours HF_TOKEN, HF_HOME, HF_HUB_OFFLINE and HF_ENDPOINT; this module
-turns its exceptions into one-line qtool errors and never prints a token.
+huggingface_hub honours HF_TOKEN, HF_HOME, HF_HUB_OFFLINE and HF_ENDPOINT, but some of them only as read
+when it was first imported. We read them again on every call and pass endpoint, cache folder and offline
+mode explicitly, so a value set after import (a test, a notebook) still counts. The token is left to
+huggingface_hub (it reads HF_TOKEN per request); this module never prints one: every message goes
+through redact().
+
+Failures become one-line HubErrors (exit 2):
+  401/403   gated, private or refused token -> hint to set HF_TOKEN and accept the license
+  404       repository, revision or file not found
+  offline   HF_HUB_OFFLINE=1 and nothing cached
+  network   connection refused or dropped -> "run again to resume" (finished files stay in the cache)
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import re
 from pathlib import Path
 
-from qtool.errors import HubError
+from qtool.errors import HubError, QtoolError, WeightsError
+
+ACCESS_HINT = "set HF_TOKEN to a token with access; accept the model's license on the hub"
+
+# Small top-level files a checkpoint needs besides its weights: config, tokenizer, generation
+# settings, chat templates, the model card. Anything in a subfolder (onnx/, original/, ...) is skipped.
+SMALL_FILES = [
+    "config.json",
+    "generation_config.json",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.*",
+    "merges.txt",
+    "added_tokens.json",
+    "*.tiktoken",
+    "*.jinja",
+    "*.json",
+    "*.txt",
+    "*.md",
+]
+# fnmatch's `*` also matches `/`, so "*/*" keeps only top-level files.
+SKIPPED = ["*/*", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.msgpack", "*.h5", "*.onnx", "*.onnx_data", "*.gguf",
+           "*.tflite", "*.ot", "*.npz", "*.safetensors"]
+WEIGHT_PATTERNS = ["*.safetensors"]
+# Mistral-format duplicates of the same weights (consolidated.safetensors) sit beside the HF shards.
+WEIGHT_SKIPPED = ["*/*", "consolidated*.safetensors"]
+
+_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9_\-]{6,}")
+_SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+
+
+def redact(text: str) -> str:
+    """Remove anything that looks like an HF token, and the values of HF_TOKEN/HUGGING_FACE_HUB_TOKEN."""
+    text = str(text)
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        value = (os.environ.get(var) or "").strip()
+        if len(value) >= 4:
+            text = text.replace(value, "***")
+    return _TOKEN_RE.sub("hf_***", text)
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _offline() -> bool:
+    return _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(os.environ.get("TRANSFORMERS_OFFLINE"))
+
+
+def _endpoint() -> str:
+    value = os.environ.get("HF_ENDPOINT")
+    if value:
+        return value.rstrip("/")
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def _hf_home() -> str:
+    value = os.environ.get("HF_HOME")
+    if value:
+        return os.path.expandvars(os.path.expanduser(value))
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(xdg, "huggingface")
+
+
+def _cache_dir() -> str:
+    value = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if value:
+        return os.path.expandvars(os.path.expanduser(value))
+    return os.path.join(_hf_home(), "hub")
+
+
+def _hub_kwargs() -> dict:
+    return {"endpoint": _endpoint(), "cache_dir": _cache_dir(), "local_files_only": _offline()}
+
+
+@contextlib.contextmanager
+def _progress_bars(show: bool):
+    """huggingface_hub's tqdm bars (stderr) only when asked for; restored afterwards."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    if show == (not was_disabled):
+        yield
+        return
+    (enable_progress_bars if show else disable_progress_bars)()
+    try:
+        yield
+    finally:
+        (disable_progress_bars if was_disabled else enable_progress_bars)()
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _map_error(exc: BaseException, repo_id: str, revision: str | None, what: str) -> QtoolError:
+    """One line for whatever huggingface_hub (or the network under it) raised."""
+    import httpx2
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    rev = revision or "main"
+    endpoint = _endpoint()
+    chain = list(_chain(exc))
+
+    if _offline() and any(isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled)) for e in chain):
+        return HubError(f"offline (HF_HUB_OFFLINE=1) and {repo_id} ({what}, revision {rev}) is not in the cache "
+                        f"at HF_HOME={_hf_home()}", hint="unset HF_HUB_OFFLINE to download it")
+
+    for e in chain:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if isinstance(e, RevisionNotFoundError):
+            return HubError(f"revision {rev!r} not found on {endpoint} (HTTP {status})", path=repo_id)
+        if isinstance(e, RemoteEntryNotFoundError):
+            return HubError(f"{what} not found at revision {rev!r} on {endpoint} (HTTP {status})", path=repo_id)
+        if isinstance(e, GatedRepoError) or (isinstance(e, HfHubHTTPError) and status in (401, 403)):
+            kind = "gated repository" if isinstance(e, GatedRepoError) else "access denied"
+            reason = "no token sent" if status == 401 and not _token_present() else "token refused"
+            return HubError(f"{kind}: HTTP {status}, {reason}, on {endpoint}", path=repo_id, hint=ACCESS_HINT)
+        if isinstance(e, RepositoryNotFoundError):
+            return HubError(f"repository not found on {endpoint} (HTTP {status})", path=repo_id,
+                            hint="check the id; if it is private, " + ACCESS_HINT)
+        if isinstance(e, HfHubHTTPError) and status is not None:
+            return HubError(f"the hub at {endpoint} answered HTTP {status} for {what}; run again later", path=repo_id)
+    for e in chain:
+        if isinstance(e, (httpx2.TransportError, ConnectionError, TimeoutError)) or "Consistency check failed" in str(e):
+            return HubError(f"connection to {endpoint} failed; run again to resume "
+                            f"({type(e).__name__}, finished files stay in {_cache_dir()})", path=repo_id)
+    if isinstance(exc, LocalEntryNotFoundError):
+        return HubError(f"connection to {endpoint} failed; run again to resume", path=repo_id)
+    first = redact(str(exc)).strip().splitlines()[0] if str(exc).strip() else ""
+    return HubError(f"hub request for {what} failed: {type(exc).__name__}: {first}", path=repo_id)
+
+
+def _token_present() -> bool:
+    if (os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or "").strip():
+        return True
+    try:
+        from huggingface_hub import get_token
+
+        return bool(get_token())
+    except Exception:  # a broken token file is no reason to hide the real error
+        return False
+
+
+def _redacted(err: QtoolError) -> QtoolError:
+    err.args = (redact(str(err)),)
+    return err
 
 
 def fetch_config(repo_id: str, *, revision: str | None = None) -> Path:
-    """Download (or find in the cache) only config.json of `repo_id`."""
+    """Download (or find in the cache) only config.json of `repo_id`; no weights are touched."""
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(repo_id, "config.json", revision=revision))
-    except Exception as exc:  # mapped precisely in the hub issue's work
-        raise HubError(f"cannot fetch config.json: {type(exc).__name__}", path=repo_id) from None
+        with _progress_bars(False):
+            return Path(hf_hub_download(repo_id, "config.json", revision=revision, **_hub_kwargs()))
+    except Exception as exc:  # noqa: BLE001 - everything from the hub becomes one line
+        raise _redacted(_map_error(exc, repo_id, revision, "config.json")) from None
+
+
+def download_checkpoint(repo_id: str, *, revision: str | None = None, progress: bool = False) -> tuple[Path, str]:
+    """Snapshot of what quantizing needs: config, tokenizer, generation config, small text files and the
+    safetensors weights (the shards listed in model.safetensors.index.json when there is one). No .bin/.pt/
+    .msgpack/.h5/onnx/gguf. Returns (snapshot folder, commit sha).
+
+    Resumable: an interrupted file is resumed with a Range request while this call runs; files that finished
+    stay in the cache (HF_HOME), so running again fetches only what is missing.
+    """
+    from huggingface_hub import snapshot_download
+
+    try:
+        with _progress_bars(progress):
+            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=SMALL_FILES,
+                                            ignore_patterns=SKIPPED, **_hub_kwargs()))
+            sha = folder.name if _SHA_RE.match(folder.name) else (revision or "")
+            weights, skipped = _weight_selection(folder)
+            folder = Path(snapshot_download(repo_id, revision=sha or revision, allow_patterns=weights,
+                                            ignore_patterns=skipped, **_hub_kwargs()))
+    except QtoolError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise _redacted(_map_error(exc, repo_id, revision, "the checkpoint")) from None
+    _check_weights(folder, repo_id)
+    return folder, folder.name if _SHA_RE.match(folder.name) else sha
+
+
+def _weight_selection(folder: Path) -> tuple[list[str], list[str]]:
+    """Which weight files to fetch: the index's shards exactly, else every top-level *.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise WeightsError("invalid safetensors index: no weight_map", path=index) from None
+        return shards, []
+    return WEIGHT_PATTERNS, WEIGHT_SKIPPED
+
+
+def _check_weights(folder: Path, repo_id: str) -> None:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise WeightsError(f"shards listed in model.safetensors.index.json are not in the repository: "
+                               f"{', '.join(missing[:3])}", path=repo_id)
+    elif not any(folder.glob("*.safetensors")):
+        raise WeightsError("no *.safetensors weights in the repository (qtool reads safetensors only; "
+                           ".bin/.pt pickles are not loaded)", path=repo_id)
