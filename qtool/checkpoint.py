@@ -175,12 +175,19 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
                 path=path)
         info = TensorInfo(name, dtype, tuple(shape), path, data_start + begin, data_start + end)
         tensors[name] = info
-        if end > begin:
-            spans.append((begin, end, name))
+        spans.append((begin, end, name))
+    # Like safetensors itself: the tensors must tile the data region exactly, no overlap, no gap, no tail.
     spans.sort()
-    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise WeightsError(f"corrupt safetensors header: tensors {n0!r} and {n1!r} overlap", path=path)
+    covered, last = 0, None
+    for begin, end, name in spans:
+        if begin < covered:
+            raise WeightsError(f"corrupt safetensors header: tensors {last!r} and {name!r} overlap", path=path)
+        if begin > covered:
+            raise WeightsError(f"corrupt safetensors header: bytes {covered}..{begin} of the data are not part of any tensor",
+                               path=path)
+        covered, last = end, name
+    if covered != data_len:
+        raise WeightsError(f"corrupt safetensors header: {data_len - covered} bytes after the last tensor", path=path)
     return SafetensorsHeader(path, size, data_start, tensors, metadata)
 
 

@@ -511,3 +511,22 @@ def test_safetensors_preferred_over_pickle(tmp_path):
     torch.save({"x": torch.zeros(1)}, d / "pytorch_model.bin")
     ck = Checkpoint.open(d)  # no --allow-pickle needed: the .bin is never touched
     assert ck.format == "safetensors" and "x" not in ck.tensors
+
+
+def test_gaps_and_trailing_bytes_are_refused_like_safetensors_does(tmp_path):
+    from safetensors import SafetensorError, safe_open
+
+    u8 = lambda b, e: {"dtype": "U8", "shape": [e - b], "data_offsets": [b, e]}  # noqa: E731
+    gap = raw_file(tmp_path / "gap.safetensors", {"a": u8(0, 2), "b": u8(4, 6)}, b"x" * 6)
+    tail = raw_file(tmp_path / "tail.safetensors", {"a": u8(0, 2)}, b"x" * 5)
+    late = raw_file(tmp_path / "late.safetensors", {"a": u8(2, 4)}, b"x" * 4)
+    for f, message in [(gap, r"bytes 2\.\.4 of the data are not part of any tensor"),
+                       (tail, "3 bytes after the last tensor"), (late, r"bytes 0\.\.2")]:
+        with pytest.raises(WeightsError, match=message):
+            read_safetensors_header(f)
+        with pytest.raises(SafetensorError):  # the library we read with agrees they are broken
+            safe_open(str(f), framework="pt")
+    ok = raw_file(tmp_path / "ok.safetensors", {"b": u8(2, 4), "a": u8(0, 2)}, b"abcd")
+    h = read_safetensors_header(ok)  # out-of-order entries that tile the data are fine
+    assert (h.tensors["a"].start, h.tensors["b"].start) == (h.data_start, h.data_start + 2)
+    assert h.data_start == ok.stat().st_size - 4
