@@ -1,0 +1,124 @@
+"""`qtool estimate` as a library: ModelSpec + Settings -> one JSON-able report dict. Never prints.
+
+Report keys (also what `qtool estimate --json` prints):
+  model            ref, name, kind (preset|shorthand|approximation|local|hub), architecture, plan_source
+  mode, settings   the run mode and every resolved setting
+  params           total, quantized, kept, kept_by_reason, lora (trainable adapter params)
+  format           the format the settings choose (nf4_dq, nf4, fp4_dq, fp4)
+  weights_bytes    format key -> checkpoint bytes (fp32, fp16, int8, fp4, fp4_dq, nf4, nf4_dq)
+  weights          format key -> {checkpoint, gpu, data, quantized, kept, header, bits_per_param,
+                   reduction_vs_fp16}
+  kept             params and bytes of what stays 16-bit in the 4-bit formats, and why
+  breakdown        component -> bytes at the peak (qtool.memory), peak_bytes its sum,
+                   allocated_peak_bytes what torch.cuda.max_memory_allocated() should show
+  budget_bytes, gpu, fits, headroom_bytes, fits_on (catalogue GPUs that hold the peak)
+  approximation    true when no exact config stands behind the numbers; warnings: list of lines
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qtool import formats, memory, presets
+from qtool.config import Settings
+from qtool.errors import ConfigError
+from qtool.models import ModelSpec
+from qtool.plan import QUANTIZE
+from qtool.sizes import parse_size
+
+_ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def kept_dtype(spec: ModelSpec, settings: Settings) -> str:
+    """dtype="auto" means what transformers does: the config's dtype, else float32."""
+    if settings.quant.dtype != "auto":
+        return settings.quant.dtype
+    cfg_dtype = spec.config.get("dtype") or spec.config.get("torch_dtype")
+    return cfg_dtype if cfg_dtype in _ITEMSIZE else "float32"
+
+
+def lora_linears(linears: dict, targets: tuple[str, ...]) -> list[tuple[tuple[int, ...], int]]:
+    """Shapes of the Linears LoRA adapts. 'all-linear' = every quantized Linear (peft skips lm_head)."""
+    if not targets or "all-linear" in targets:
+        return [sc for v in linears.values() for sc in v]
+    missing = [t for t in targets if t not in linears]
+    if missing:
+        raise ConfigError(f"LoRA target {missing[0]!r} matches no quantized Linear "
+                          f"(this model has: {', '.join(sorted(linears))}, or all-linear)")
+    return [sc for t in targets for sc in linears[t]]
+
+
+def estimate_report(spec: ModelSpec, settings: Settings, *, trust_remote_code: bool = False) -> dict[str, Any]:
+    from qtool.plancache import plan_for
+
+    q, run = settings.quant, settings.run
+    cached = plan_for(spec, skip_modules=q.skip_modules, trust_remote_code=trust_remote_code)
+    plan = cached.plan
+    dtype = kept_dtype(spec, settings)
+    total = plan.total_params
+
+    weights = {}
+    for key in formats.FORMATS:
+        w = formats.weights_for_format(plan, key, blocksize=q.blocksize, dtype=dtype, quant_storage=q.quant_storage)
+        weights[key] = w
+    fp16 = weights["fp16"].checkpoint
+    chosen = formats.format_key(q.quant_type, q.double_quant)
+
+    plain_key = "fp32" if dtype == "float32" else "fp16"
+    kept_params = plan.kept_params
+    kept_gpu = sum(formats.gpu_bytes([formats.Part("", "float32" if g.keep_fp32 else dtype, g.shape)]) * g.count
+                   for g in plan.groups if g.action != QUANTIZE)
+    linears = lora_linears(cached.linears, run.lora_targets)
+    lora = memory.lora_param_count(linears, run.lora_rank) if run.mode in ("qlora", "lora") else 0
+    largest = max((g.numel for g in plan.groups if g.action == QUANTIZE), default=0)
+    dims = memory.dims_from_config(spec.config)
+    inputs = memory.MemoryInputs(
+        dims=dims, mode=run.mode, batch=run.batch_size, seq=run.seq_len, total_params=total,
+        kept_params=kept_params, quant_weights_gpu=weights[chosen].gpu, plain_weights_gpu=weights[plain_key].gpu,
+        kept_weights_gpu=kept_gpu, lora_params=lora, largest_linear=largest,
+        compute_bytes=_ITEMSIZE[q.compute_dtype], optimizer=run.optimizer,
+        gradient_checkpointing=run.gradient_checkpointing, weight_bytes=_ITEMSIZE[dtype],
+    )
+    breakdown = memory.memory_breakdown(inputs)
+    peak = memory.peak_bytes(breakdown)
+
+    warnings = list(plan.warnings)
+    if spec.kind == "approximation" and spec.note:
+        warnings.insert(0, f"approximation: {spec.note}")
+    budget = run.budget_bytes
+    fits = None if budget is None else peak <= budget
+    fits_on = sorted(
+        {(parse_size(g["vram"]), g["key"]) for g in presets.gpus().values() if parse_size(g["vram"]) >= peak}
+    )
+    kept_by_reason = plan.kept_by_reason()
+    return {
+        "model": {
+            "ref": spec.ref, "name": spec.name, "kind": spec.kind, "preset": spec.preset,
+            "architecture": plan.architecture, "model_type": plan.model_type, "plan_source": cached.source,
+            "note": spec.note,
+        },
+        "approximation": spec.kind == "approximation",
+        "mode": run.mode,
+        "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.values.items()},
+        "params": {
+            "total": total, "quantized": plan.quantized_params, "kept": kept_params,
+            "kept_by_reason": kept_by_reason, "lora": lora,
+        },
+        "format": chosen,
+        "weights_bytes": {k: w.checkpoint for k, w in weights.items()},
+        "weights": {
+            k: {**w.as_dict(), "bits_per_param": round(8 * w.checkpoint / total, 4) if total else 0.0,
+                "reduction_vs_fp16": round(1 - w.checkpoint / fp16, 4) if fp16 else 0.0}
+            for k, w in weights.items()
+        },
+        "kept": {"params": kept_params, "bytes": weights[chosen].kept, "dtype": dtype, "by_reason": kept_by_reason},
+        "breakdown": breakdown,
+        "peak_bytes": peak,
+        "allocated_peak_bytes": memory.allocated_peak_bytes(breakdown),
+        "budget_bytes": budget,
+        "gpu": run.gpu,
+        "fits": fits,
+        "headroom_bytes": None if budget is None else budget - peak,
+        "fits_on": [key for _, key in fits_on],
+        "warnings": warnings,
+    }
