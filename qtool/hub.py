@@ -51,7 +51,7 @@ WEIGHT_PATTERNS = ["*.safetensors"]
 # Mistral-format duplicates of the same weights (consolidated.safetensors) sit beside the HF shards.
 WEIGHT_SKIPPED = ["*/*", "consolidated*.safetensors"]
 
-_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9_\-]{6,}")
+_TOKEN_RE = re.compile(r"\bhf_[A-Za-z0-9]{20,}")  # real tokens: hf_ + 34 letters/digits
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 
 

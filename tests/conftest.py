@@ -45,6 +45,8 @@ def hub_repos(tmp_path_factory) -> dict[str, Path]:
     org/single  one model.safetensors, no index
     org/gated   copy of org/single, files need HUB_ALLOWED_TOKEN
     org/binonly config + pytorch_model.bin only
+    org/big     config + one 24 MB model.safetensors (random), bigger than huggingface_hub's 10 MB
+                download chunk, so a cut connection can resume part-way
     """
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
@@ -76,7 +78,14 @@ def hub_repos(tmp_path_factory) -> dict[str, Path]:
     binonly.mkdir(parents=True)
     shutil.copy(single / "config.json", binonly / "config.json")
     (binonly / "pytorch_model.bin").write_bytes(os.urandom(4096))
-    return {"org/tiny": tiny, "org/single": single, "org/gated": gated, "org/binonly": binonly}
+
+    from safetensors.torch import save_file
+
+    big = root / "org" / "big"
+    big.mkdir(parents=True)
+    shutil.copy(single / "config.json", big / "config.json")
+    save_file({"model.embed_tokens.weight": torch.randn(3 * 1024 * 1024, 2)}, str(big / "model.safetensors"))
+    return {"org/tiny": tiny, "org/single": single, "org/gated": gated, "org/binonly": binonly, "org/big": big}
 
 
 @pytest.fixture
