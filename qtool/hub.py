@@ -149,22 +149,23 @@ def _map_error(exc: BaseException, repo_id: str, revision: str | None, what: str
     for e in chain:
         status = getattr(getattr(e, "response", None), "status_code", None)
         if isinstance(e, RevisionNotFoundError):
-            return HubError(f"revision {rev!r} not found on {endpoint} (HTTP {status})", path=repo_id)
+            return HubError(f"revision {rev!r} not found on {endpoint}, HTTP {status}", path=repo_id)
         if isinstance(e, RemoteEntryNotFoundError):
-            return HubError(f"{what} not found at revision {rev!r} on {endpoint} (HTTP {status})", path=repo_id)
+            return HubError(f"{what} not found at revision {rev!r} on {endpoint}, HTTP {status}", path=repo_id)
         if isinstance(e, GatedRepoError) or (isinstance(e, HfHubHTTPError) and status in (401, 403)):
             kind = "gated repository" if isinstance(e, GatedRepoError) else "access denied"
             reason = "no token sent" if status == 401 and not _token_present() else "token refused"
             return HubError(f"{kind}: HTTP {status}, {reason}, on {endpoint}", path=repo_id, hint=ACCESS_HINT)
         if isinstance(e, RepositoryNotFoundError):
-            return HubError(f"repository not found on {endpoint} (HTTP {status})", path=repo_id,
+            return HubError(f"repository not found on {endpoint}, HTTP {status}", path=repo_id,
                             hint="check the id; if it is private, " + ACCESS_HINT)
         if isinstance(e, HfHubHTTPError) and status is not None:
             return HubError(f"the hub at {endpoint} answered HTTP {status} for {what}; run again later", path=repo_id)
     for e in chain:
         if isinstance(e, (httpx2.TransportError, ConnectionError, TimeoutError)) or "Consistency check failed" in str(e):
-            return HubError(f"connection to {endpoint} failed; run again to resume "
-                            f"({type(e).__name__}, finished files stay in {_cache_dir()})", path=repo_id)
+            kept = f", finished files stay in {_cache_dir()}" if what == "the checkpoint" else ""
+            return HubError(f"connection to {endpoint} failed; run again to resume ({type(e).__name__}{kept})",
+                            path=repo_id)
     if isinstance(exc, LocalEntryNotFoundError):
         return HubError(f"connection to {endpoint} failed; run again to resume", path=repo_id)
     first = redact(str(exc)).strip().splitlines()[0] if str(exc).strip() else ""
