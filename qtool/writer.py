@@ -1,0 +1,233 @@
+"""Safe output: a staging directory beside the destination, and a streaming safetensors shard writer.
+
+Nothing is written at the destination until everything succeeded: `staging_dir` creates
+`.<name>.qtool-tmp-XXXX` beside it and renames it into place at the end; on any error or Ctrl-C the
+staging directory is removed and the destination is untouched (with --force, an existing destination
+is replaced only after success).
+
+`ShardWriter` takes tensors one at a time in state-dict order and never holds a shard in memory:
+each tensor's bytes are appended to a per-shard data file as they arrive; when a shard closes, the
+safetensors header is computed (safetensors' own layout: dtype rank descending, then name; JSON with
+no spaces, padded with spaces to 8 bytes) and the final file is assembled by copying byte ranges.
+Shards are split exactly like huggingface_hub's split_torch_state_dict_into_shards (greedy, in order;
+a tensor larger than the limit gets its own shard) and named like transformers' save_pretrained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qtool.errors import BadInput, WeightsError
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+# safetensors' Dtype enum order (the data layout sorts by it, descending, then by name)
+_DTYPE_RANK = {"BOOL": 0, "U8": 4, "I8": 5, "F8_E5M2": 6, "F8_E4M3": 7, "I16": 9, "U16": 10, "F16": 11, "BF16": 12,
+               "I32": 13, "U32": 14, "F32": 15, "F64": 16, "I64": 17, "U64": 18}
+_COPY_CHUNK = 64 * 2**20
+
+
+def st_dtype(tdtype) -> str:
+    import torch
+
+    return {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8",
+            torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL",
+            torch.float64: "F64"}[tdtype]
+
+
+def staging_name(dest: Path) -> str:
+    return f".{dest.name}.qtool-tmp-"
+
+
+def check_destination(dest: Path, *, force: bool, source: Path | None = None) -> None:
+    """Refuse what we must not overwrite, before any work is done."""
+    dest = Path(dest)
+    if dest.exists() or dest.is_symlink():
+        if not force:
+            raise BadInput("destination already exists", path=dest, hint="pass --force to replace it after success")
+        if not dest.is_dir() or dest.is_symlink():
+            raise BadInput("destination exists and is not a directory", path=dest)
+    if source is not None:
+        src, dst = Path(source).resolve(), dest.resolve()
+        if dst == src or src in dst.parents:
+            raise BadInput(f"destination is inside the source checkpoint {source}", path=dest)
+        if dst in src.parents:
+            raise BadInput(f"destination contains the source checkpoint {source}", path=dest)
+
+
+@contextlib.contextmanager
+def staging_dir(dest: Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a fresh directory beside `dest`; on success it becomes `dest`, on any failure it vanishes."""
+    dest = Path(dest)
+    parent = dest.parent if str(dest.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=staging_name(dest), dir=parent))
+    try:
+        yield tmp
+        if dest.exists():
+            if not force:
+                raise BadInput("destination appeared while writing", path=dest)
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.qtool-old-", dir=parent))
+            os.rename(dest, old / "d")
+            os.rename(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@dataclass
+class _Entry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # in the shard's data file (arrival order)
+    nbytes: int
+
+
+@dataclass
+class _Shard:
+    data_path: Path
+    entries: list[_Entry] = field(default_factory=list)
+    size: int = 0
+    file: object = None
+
+
+def safetensors_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict | None) -> tuple[bytes, list]:
+    """(header bytes incl. the 8-byte length, entries in data order) exactly as safetensors serializes."""
+    ordered = sorted(entries, key=lambda e: (-_DTYPE_RANK[e[1]], e[0]))
+    head: dict = {}
+    if metadata is not None:
+        head["__metadata__"] = metadata
+    pos = 0
+    for name, dtype, shape, nbytes in ordered:
+        head[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        pos += nbytes
+    text = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, ordered
+
+
+class ShardWriter:
+    """Append tensors in order; `finish()` writes the shards (and the index when there are several)."""
+
+    def __init__(self, directory: Path, *, max_shard_size: int, metadata: dict | None = None):
+        self.dir = Path(directory)
+        self.max_shard_size = max_shard_size
+        self.metadata = metadata if metadata is not None else {"format": "pt"}
+        self.shards: list[_Shard] = []  # in huggingface_hub's shard_list order
+        self._current: _Shard | None = None
+        self.total_size = 0
+        self.bytes_written = 0
+
+    def _new_shard(self) -> _Shard:
+        path = self.dir / f".shard-{len(self.shards) + (self._current is not None):05d}-{os.getpid()}.data"
+        shard = _Shard(path)
+        shard.file = open(path, "wb")
+        return shard
+
+    def _close(self, shard: _Shard) -> None:
+        shard.file.close()
+        self.shards.append(shard)
+
+    def add(self, name: str, tensor) -> None:
+        """Write one CPU tensor's bytes now; the tensor can be freed when this returns."""
+        t = tensor.detach().contiguous()
+        nbytes = t.numel() * t.element_size()
+        if nbytes > self.max_shard_size:
+            shard = self._new_shard()
+            self._write(shard, name, t, nbytes)
+            self._close(shard)
+        else:
+            if self._current is not None and self._current.size + nbytes > self.max_shard_size:
+                self._close(self._current)
+                self._current = None
+            if self._current is None:
+                self._current = self._new_shard()
+            self._write(self._current, name, t, nbytes)
+        self.total_size += nbytes
+
+    def _write(self, shard: _Shard, name: str, t, nbytes: int) -> None:
+        offset = shard.file.tell()
+        if nbytes:
+            shard.file.write(t.reshape(-1).view(__import__("torch").uint8).numpy().data)
+        shard.entries.append(_Entry(name, st_dtype(t.dtype), tuple(t.shape), offset, nbytes))
+        shard.size += nbytes
+        self.bytes_written += nbytes
+
+    def finish(self) -> dict:
+        """Assemble the final files. Returns {"files": [...], "weight_map": {...}, "total_size": n}."""
+        if self._current is not None and self._current.entries:
+            self._close(self._current)
+        elif self._current is not None:
+            self._current.file.close()
+            self._current.data_path.unlink(missing_ok=True)
+        self._current = None
+        if not self.shards:  # an empty model: one empty file, like safetensors would write
+            self.shards.append(_Shard(self.dir / ".empty.data"))
+            self.shards[0].data_path.write_bytes(b"")
+        n = len(self.shards)
+        names = [WEIGHTS_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        weight_map = {}
+        for shard, fname in zip(self.shards, names):
+            self._assemble(shard, self.dir / fname)
+            for e in shard.entries:
+                weight_map[e.name] = fname
+        return {"files": names, "weight_map": weight_map, "total_size": self.total_size}
+
+    def _assemble(self, shard: _Shard, final: Path) -> None:
+        header, ordered = safetensors_header([(e.name, e.dtype, e.shape, e.nbytes) for e in shard.entries], self.metadata)
+        by_name = {e.name: e for e in shard.entries}
+        if len(by_name) != len(shard.entries):
+            raise WeightsError("duplicate tensor name in one shard", path=final)
+        with open(shard.data_path, "rb") as src, open(final, "wb") as dst:
+            dst.write(header)
+            for name, *_ in ordered:
+                e = by_name[name]
+                _copy_range(src, dst, e.offset, e.nbytes)
+        shard.data_path.unlink()
+
+    def abort(self) -> None:
+        for shard in self.shards + ([self._current] if self._current else []):
+            with contextlib.suppress(Exception):
+                shard.file.close()
+
+
+def _copy_range(src, dst, offset: int, nbytes: int) -> None:
+    src_fd, dst_fd = src.fileno(), dst.fileno()
+    dst.flush()
+    done = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while done < nbytes:
+                n = os.copy_file_range(src_fd, dst_fd, nbytes - done, offset + done)
+                if n == 0:
+                    break
+                done += n
+        except OSError:
+            pass
+        dst.seek(0, os.SEEK_END)
+    while done < nbytes:
+        chunk = os.pread(src_fd, min(_COPY_CHUNK, nbytes - done), offset + done)
+        if not chunk:
+            raise WeightsError("short read while assembling a shard", path=src.name)
+        dst.write(chunk)
+        done += len(chunk)
+    if done != nbytes:
+        raise WeightsError("short copy while assembling a shard", path=src.name)
+
+
+def write_index(directory: Path, weight_map: dict[str, str], metadata: dict) -> None:
+    """model.safetensors.index.json exactly as save_pretrained writes it."""
+    index = {"metadata": metadata, "weight_map": weight_map}
+    (Path(directory) / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
