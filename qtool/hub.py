@@ -104,10 +104,12 @@ def _hub_kwargs() -> dict:
 @contextlib.contextmanager
 def _progress_bars(show: bool):
     """huggingface_hub's tqdm bars (stderr) only when asked for; restored afterwards."""
+    from huggingface_hub import constants
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     was_disabled = are_progress_bars_disabled()
-    if show == (not was_disabled):
+    # HF_HUB_DISABLE_PROGRESS_BARS set by the user wins (and the library warns if we try to override it).
+    if show == (not was_disabled) or constants.HF_HUB_DISABLE_PROGRESS_BARS is not None:
         yield
         return
     (enable_progress_bars if show else disable_progress_bars)()

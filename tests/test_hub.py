@@ -179,7 +179,8 @@ def test_download_fetches_only_what_quantizing_needs(hub_server, hub_env, hub_re
 
 def test_download_single_file_repo_and_revision_by_sha(hub_server, hub_env):
     sha = hub_server.repos["org/single"].sha
-    result, _ = download("org/single", hub_env, revision=sha)
+    result, out = download("org/single", hub_env, revision=sha)
+    assert "Fetching" not in out and "%|" not in out  # progress=False: no progress bars
     assert result["sha"] == sha
     assert "model.safetensors" in result["files"]
     # a second run is served from the cache: no file is fetched again
