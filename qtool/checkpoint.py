@@ -264,6 +264,8 @@ def _read_index(index_path: Path, root: Path, allowed: list[Path]) -> tuple[dict
     # Every shard name is checked before any shard is touched.
     shards: dict[str, Path] = {}
     for tensor, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise WeightsError(f"invalid shard name {_short(shard)} for tensor {tensor!r} in weight_map", path=index_path)
         if shard not in shards:
             shards[shard] = _check_shard_name(shard, index_path, root, allowed)
     files = []

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import re
+from fractions import Fraction
 
 from qtool.errors import ConfigError
 
@@ -33,10 +33,12 @@ def parse_size(text: str | int, *, what: str = "size") -> int:
     unit = m["unit"].lower()
     if unit not in _UNITS:
         raise ConfigError(f"invalid {what} {text!r}: unknown unit {m['unit']!r} (use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB)")
-    value = float(m["num"]) * _UNITS[unit]
-    if not math.isfinite(value) or value > 2**62:
+    if len(m["num"]) > 64:  # also keeps Fraction clear of int()'s 4300-digit limit
+        raise ConfigError(f"invalid {what} {text[:40]!r}...: too many digits")
+    value = Fraction(m["num"]) * _UNITS[unit]  # exact: float loses bytes above 2**53
+    if value > 2**62:
         raise ConfigError(f"invalid {what} {text!r}: too large")
-    return int(round(value))
+    return round(value)
 
 
 def format_bytes(n: float, *, binary: bool = False) -> str:
