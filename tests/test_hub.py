@@ -295,3 +295,36 @@ def test_quantize_from_hub_end_to_end_no_token_in_outputs(hub_server, hub_env, t
     card = dst / "README.md"
     if card.exists():
         assert "org/gated" in card.read_text()
+
+
+QUANTIZE_LIB = """
+import sys, torch
+torch.set_num_threads(1)
+from pathlib import Path
+from qtool.config import resolve_settings
+from qtool.quantize import quantize
+plan, result = quantize(sys.argv[1], resolve_settings().quant, destination=Path(sys.argv[2]), device="cpu")
+print("written")
+"""
+
+
+def test_quantize_library_from_hub_loads_in_transformers_no_token(hub_server, hub_env, hub_repos, tmp_path):
+    """qtool.quantize.quantize('org/gated') downloads through qtool.hub, then writes a checkpoint that stock
+    transformers loads; the token is used for the download and found nowhere afterwards."""
+    dst = tmp_path / "out"
+    env = {**hub_env, "HF_TOKEN": HUB_ALLOWED_TOKEN}
+    proc = subprocess.run([PY, "-c", QUANTIZE_LIB, "org/gated", str(dst)], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "model.safetensors" in hub_server.files_fetched("org/gated")
+    assert {r.token for r in hub_server.requests if "/resolve/" in r.path} == {HUB_ALLOWED_TOKEN}
+    cfg = json.loads((dst / "config.json").read_text())
+    assert cfg["quantization_config"]["load_in_4bit"] is True
+    assert_no_token(proc.stdout, proc.stderr, folders=(dst, Path(hub_env["HF_HOME"])))
+    check = subprocess.run([PY, "-c", (
+        "import sys; from transformers import AutoModelForCausalLM as M; import bitsandbytes as bnb;"
+        "m = M.from_pretrained(sys.argv[1]);"
+        "print(sum(isinstance(x, bnb.nn.Linear4bit) for x in m.modules()))"), str(dst)],
+        env=hub_env, capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, check.stderr
+    assert int(check.stdout.strip().splitlines()[-1]) == 2 * 7  # q,k,v,o,gate,up,down per layer
