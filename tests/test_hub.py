@@ -284,17 +284,18 @@ def test_redact(monkeypatch):
 # ---------------------------------------------------------------------------------------------------
 
 def test_quantize_from_hub_end_to_end_no_token_in_outputs(hub_server, hub_env, tmp_path):
+    """`qtool quantize org/tiny --out DST` through the server (sharded repo, token sent on every request)."""
     dst = tmp_path / "out"
     env = {**hub_env, "HF_TOKEN": HUB_ALLOWED_TOKEN}
-    proc = qtool(["quantize", "org/gated", "--out", str(dst)], env, timeout=600)
+    proc = qtool(["quantize", "org/tiny", "--out", str(dst)], env, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert "model.safetensors" in hub_server.files_fetched("org/gated")
+    fetched = hub_server.files_fetched("org/tiny")
+    assert "model-00001-of-00004.safetensors" in fetched and "pytorch_model.bin" not in fetched
+    assert {r.token for r in hub_server.requests if "/resolve/" in r.path} == {HUB_ALLOWED_TOKEN}
     cfg = json.loads((dst / "config.json").read_text())
     assert cfg["quantization_config"]["load_in_4bit"] is True
     assert_no_token(proc.stdout, proc.stderr, folders=(dst, Path(hub_env["HF_HOME"])))
-    card = dst / "README.md"
-    if card.exists():
-        assert "org/gated" in card.read_text()
+    assert "org/tiny" in (dst / "README.md").read_text()
 
 
 QUANTIZE_LIB = """
