@@ -76,6 +76,7 @@ class QuantizePlan:
     dropped: list[tuple[str, str]]  # (checkpoint name, why) tensors transformers drops on load
     warnings: list[str] = field(default_factory=list)
     total_parameters: int = 0  # what save_pretrained puts in the index metadata
+    header_bytes: int = 0  # safetensors header estimate (one shard)
 
     @property
     def input_bytes(self) -> int:
@@ -83,7 +84,8 @@ class QuantizePlan:
 
     @property
     def output_bytes(self) -> int:
-        return sum(t.out_bytes for t in self.tensors)
+        """Estimated bytes of the output shards (the quant-state JSON blobs vary by a few bytes)."""
+        return sum(t.out_bytes for t in self.tensors) + self.header_bytes
 
     @property
     def largest_tensor_bytes(self) -> int:
@@ -349,6 +351,17 @@ def plan_quantization(
                 fused_kept.append(out)
     for module, qi in pending_quant.items():  # bias came before the weight in state-dict order
         slots += [(tensors[qi].name + s, qi, s) for s in quant_suffixes]
+    entries = []
+    for name, idx, suffix in slots:
+        t = tensors[idx]
+        if t.action == KEEP:
+            entries.append((name, t.dtype, t.shape))
+        else:
+            part = {p.suffix.removeprefix(".weight"): p for p in formats.saved_parts(formats.quantized_parts(
+                t.shape, fmt, blocksize=settings.blocksize, dtype=t.dtype, quant_storage=settings.quant_storage))}
+            p = part[suffix]
+            entries.append((name, p.dtype, p.shape))
+    header_bytes = formats.safetensors_header_bytes(entries)
     if conversions:  # save_pretrained reverts conversions over a state dict sorted by dot_natural_key
         slots.sort(key=lambda s: dot_natural_key(s[0]))
     if fused_kept:
@@ -361,6 +374,7 @@ def plan_quantization(
         source=source, source_name=source_name or source.resolve().name, revision=revision, config=config,
         settings=settings, model_plan=model_plan, architecture=type(model).__name__, model_dtype=_tname(dtype),
         tensors=tensors, slots=slots, dropped=dropped, warnings=warnings, total_parameters=total_parameters,
+        header_bytes=header_bytes,
     )
 
 
@@ -473,7 +487,6 @@ def run_quantization(
     trust_remote_code: bool = False,
     on_progress: Callable[[int, int, str], None] | None = None,
     ckpt=None,
-    _fail_after: int | None = None,
 ) -> QuantizeResult:
     """Stream the planned tensors into `destination`. Nothing is left behind on failure or Ctrl-C."""
     import torch
@@ -495,9 +508,7 @@ def run_quantization(
         writer = ShardWriter(tmp, max_shard_size=max_shard_size)
         try:
             cache: dict[int, dict] = {}  # quantized tensor index -> parts not yet written
-            for n, (out_name, idx, suffix) in enumerate(plan.slots):
-                if _fail_after is not None and n >= _fail_after:
-                    raise WeightsError("simulated failure (test hook)")
+            for out_name, idx, suffix in plan.slots:
                 t = plan.tensors[idx]
                 if t.action == KEEP:
                     value = ckpt.read(t.source).to(getattr(torch, t.dtype))
