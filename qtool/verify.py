@@ -25,6 +25,7 @@ import math
 import resource
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -487,17 +488,24 @@ def compare_outputs(quant, ref, causal: bool) -> dict:
 # ----------------------------------------------------------------------------------------- estimate
 
 
-def _estimate(spec: ModelSpec, settings: Settings) -> dict:
+def _estimate(spec: ModelSpec, settings: Settings, options: VerifyOptions) -> dict:
+    """qtool estimate's numbers for the same settings, reduced to what a measurement can check:
+    allocated_peak_bytes (the peak less what lives outside torch's allocator), peak_bytes (everything,
+    CUDA context included) and the GPU bytes of the loaded weights."""
     try:
         from qtool.estimate import estimate_report
     except ImportError as exc:
         return {"error": f"qtool.estimate unavailable: {exc}"}
     try:
-        rep = estimate_report(spec, settings)
+        rep = estimate_report(spec, settings, trust_remote_code=options.trust_remote_code)
     except QtoolError as exc:
-        return {"error": str(exc)}
-    return {"peak_bytes": rep.get("peak_bytes"), "weights_bytes": rep.get("weights_bytes"),
-            "breakdown": rep.get("breakdown"), "report": rep}
+        return {"error": f"estimate failed: {exc}"}
+    weights = rep.get("weights") or {}
+    fmt = rep.get("format") if settings.run.mode in ("qlora", "inference") else (
+        "fp32" if (rep.get("kept") or {}).get("dtype") == "float32" else "fp16")
+    return {"allocated_peak_bytes": rep.get("allocated_peak_bytes"), "peak_bytes": rep.get("peak_bytes"),
+            "weights_gpu_bytes": (weights.get(fmt) or {}).get("gpu"), "format": fmt,
+            "breakdown": rep.get("breakdown"), "params": rep.get("params")}
 
 
 def compare_estimate(estimate: dict, measured: int | None, *, what: str, key: str, tolerance: float) -> dict:
@@ -598,64 +606,69 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
         "device": _device_info(devices, cuda),
         "versions": versions(),
         "steps": [], "phases": {}, "memory": {}, "loss": None, "loss_finite": None, "grads_finite": None,
-        "step_seconds": None, "tokens_per_second": None, "quality": None, "error": None,
+        "step_seconds": None, "tokens_per_second": None, "quality": None, "error": None, "notes": [],
     }
+    if not cuda and run.optimizer == "paged_adamw8bit" and run.mode != "inference":
+        report["notes"].append("paged_adamw8bit on CPU: bitsandbytes keeps the 8-bit state in ordinary (unpaged) "
+                               "tensors; paging needs CUDA unified memory")
     phases = report["phases"]
     quantize = run.mode in ("qlora", "inference")
     model = None
     stage = "load"
-    try:
-        say(f"loading {source.description} ({'4-bit' if quantize or source.kind == 'checkpoint-4bit' else '16-bit'}) "
-            f"on {options.device if device_map != 'auto' else 'all GPUs'}")
-        t0 = time.perf_counter()
-        with _quiet_transformers():
-            model, _ = load_model(spec, source, settings, options, device_map, quantize=quantize)
-        report["load_seconds"] = time.perf_counter() - t0
-        gc.collect()
-        report["memory"]["load_peak_allocated_bytes"] = meter.phase_peak()  # includes 16-bit staging of one tensor
-        if cuda:
-            torch.cuda.empty_cache()
-        meter.peak_allocated = meter.peak_reserved = 0
-        phases["after_load"] = meter.allocated()
-        first = model.get_input_embeddings().weight.device
-        vocab = model.get_input_embeddings().weight.shape[0]
-        ids = make_batch(vocab, run.batch_size, run.seq_len, seed=options.seed, data=options.data,
-                         tokenizer_dir=source.tokenizer_dir).to(first)
-        quality_ids = ids[:1, :QUALITY_TOKENS]
-        quant_out = None
-        if reference is not None:
-            stage = "quality"
-            quant_out = _quality_outputs(model, quality_ids, causal)
+    with warnings.catch_warnings():  # transformers' deprecation notices are not the user's business
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            say(f"loading {source.description} ({'4-bit' if quantize or source.kind == 'checkpoint-4bit' else '16-bit'}) "
+                f"on {options.device if device_map != 'auto' else 'all GPUs'}")
+            t0 = time.perf_counter()
+            with _quiet_transformers():
+                model, _ = load_model(spec, source, settings, options, device_map, quantize=quantize)
+            report["load_seconds"] = time.perf_counter() - t0
+            gc.collect()
+            report["memory"]["load_peak_allocated_bytes"] = meter.phase_peak()  # includes 16-bit staging of one tensor
             if cuda:
                 torch.cuda.empty_cache()
-        meter.reset_peak()
-        meter.phase_peak()  # start the run's peak at what the loaded model holds
-        if options.steps:
-            if run.mode == "inference":
-                stage = "inference"
-                say(f"inference: prefill {run.batch_size}x{run.seq_len} tokens + {options.decode_tokens} decode steps")
-                _infer(model, ids, options, meter, phases, report, causal)
-            else:
-                stage = "peft wrap"
-                model = wrap_for_training(model, settings)
-                meter.reset_peak()
-                phases["after_peft_wrap"] = meter.allocated()
-                meter.phase_peak()
-                stage = "training"
-                say(f"{run.mode}: {options.steps} step(s) of {run.batch_size}x{run.seq_len} tokens, {run.optimizer}")
-                _train(model, ids, settings, options, meter, phases, report)
-    except torch.cuda.OutOfMemoryError as exc:
-        report["error"] = {"stage": stage, "kind": "out_of_memory", "message": str(exc).splitlines()[0]}
-        meter.phase_peak()
-    except (RuntimeError, ValueError) as exc:
-        if stage == "load":
-            raise WeightsError(f"cannot load: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                               path=source.path or spec.ref) from exc
-        report["error"] = {"stage": stage, "kind": type(exc).__name__, "message": str(exc).splitlines()[0] if str(exc) else ""}
-        if not _numerical(exc):
-            raise
-    finally:
-        report["loaded"] = model is not None
+            meter.peak_allocated = meter.peak_reserved = 0
+            phases["after_load"] = meter.allocated()
+            first = model.get_input_embeddings().weight.device
+            vocab = model.get_input_embeddings().weight.shape[0]
+            ids = make_batch(vocab, run.batch_size, run.seq_len, seed=options.seed, data=options.data,
+                             tokenizer_dir=source.tokenizer_dir).to(first)
+            quality_ids = ids[:1, :QUALITY_TOKENS]
+            quant_out = None
+            if reference is not None:
+                stage = "quality"
+                quant_out = _quality_outputs(model, quality_ids, causal)
+                if cuda:
+                    torch.cuda.empty_cache()
+            meter.reset_peak()
+            meter.phase_peak()  # start the run's peak at what the loaded model holds
+            if options.steps:
+                if run.mode == "inference":
+                    stage = "inference"
+                    say(f"inference: prefill {run.batch_size}x{run.seq_len} tokens + {options.decode_tokens} decode steps")
+                    _infer(model, ids, options, meter, phases, report, causal)
+                else:
+                    stage = "peft wrap"
+                    model = wrap_for_training(model, settings)
+                    meter.reset_peak()
+                    phases["after_peft_wrap"] = meter.allocated()
+                    meter.phase_peak()
+                    stage = "training"
+                    say(f"{run.mode}: {options.steps} step(s) of {run.batch_size}x{run.seq_len} tokens, {run.optimizer}")
+                    _train(model, ids, settings, options, meter, phases, report)
+        except torch.cuda.OutOfMemoryError as exc:
+            report["error"] = {"stage": stage, "kind": "out_of_memory", "message": str(exc).splitlines()[0]}
+            meter.phase_peak()
+        except (RuntimeError, ValueError) as exc:
+            if stage == "load":
+                raise WeightsError(f"cannot load: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                                   path=source.path or spec.ref) from exc
+            report["error"] = {"stage": stage, "kind": type(exc).__name__, "message": str(exc).splitlines()[0] if str(exc) else ""}
+            if not _numerical(exc):
+                raise
+        finally:
+            report["loaded"] = model is not None
 
     mem = report["memory"]
     mem["metric"] = "cuda_allocator" if cuda else "process_rss"
@@ -672,19 +685,23 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
         mem["note"] = "on CPU the peak is the process's max resident set size (ru_maxrss), over its whole lifetime"
         mem["peak_needed_bytes"] = mem["peak_rss_bytes"]
 
-    est = _estimate(spec, settings)
-    if cuda and options.steps and report["loaded"]:
-        cmp_ = compare_estimate(est, mem["peak_allocated_bytes"], what="peak allocated", key="peak_bytes",
-                                tolerance=options.tolerance)
-    elif cuda and report["loaded"]:
-        cmp_ = compare_estimate(est, mem["after_load_bytes"], what="allocated after load", key="weights_bytes",
+    est = _estimate(spec, settings, options)
+    if cuda and options.steps and report["loaded"] and not report["error"]:
+        cmp_ = compare_estimate(est, mem["peak_allocated_bytes"], what="peak allocated",
+                                key="allocated_peak_bytes", tolerance=options.tolerance)
+        if est.get("peak_bytes") and mem["peak_needed_bytes"]:
+            # the whole card: the estimate with its CUDA context vs reserved + outside torch
+            cmp_["needed_relative_error"] = (est["peak_bytes"] - mem["peak_needed_bytes"]) / mem["peak_needed_bytes"]
+    elif cuda and report["loaded"] and not report["error"]:
+        cmp_ = compare_estimate(est, mem["after_load_bytes"], what="allocated after load", key="weights_gpu_bytes",
                                 tolerance=options.tolerance)
     else:
-        cmp_ = {"compared": None, "relative_error": None, "within_tolerance": None, "tolerance": options.tolerance,
-                "note": "not comparable: " + ("the CPU peak is the process's RSS" if not cuda else "the model did not load")}
-    report["estimate"] = {**{k: v for k, v in est.items() if k != "report"}, **cmp_}
-    if "report" in est:
-        report["estimate"]["params"] = est["report"].get("params")
+        why = ("the CPU peak is the process's RSS" if not cuda else
+               "the run did not finish" if report["error"] else "the model did not load")
+        cmp_ = {"compared": None, "estimate_bytes": est.get("allocated_peak_bytes" if options.steps else "weights_gpu_bytes"),
+                "measured_bytes": None, "relative_error": None, "within_tolerance": None,
+                "tolerance": options.tolerance, "note": "not comparable: " + why}
+    report["estimate"] = {**est, **cmp_}
 
     if reference is not None and quant_out is not None:
         del model

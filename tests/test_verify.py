@@ -1,0 +1,304 @@
+"""qtool verify on the CPU (--device cpu): real tiny checkpoints, real conditions behind every exit code."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("bitsandbytes")
+pytest.importorskip("peft")
+
+from qtool.cli.app import main  # noqa: E402
+
+VOCAB = 128
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, torch_dtype="bfloat16",
+            tie_word_embeddings=False)
+SEQ = ["--seq-len", "24"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _save_tiny(root: Path, *, seed: int = 0, **overrides) -> Path:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**{**TINY, **overrides})).to(torch.bfloat16)
+    model.save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return _save_tiny(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def tiny_nan(tmp_path_factory) -> Path:
+    """The same tiny model with the final norm's weights set to NaN in the saved file."""
+    from safetensors.torch import load_file, save_file
+
+    root = _save_tiny(tmp_path_factory.mktemp("nan") / "tiny-nan")
+    path = root / "model.safetensors"
+    sd = load_file(path)
+    assert "model.norm.weight" in sd
+    sd["model.norm.weight"] = torch.full_like(sd["model.norm.weight"], float("nan"))
+    save_file(sd, path, metadata={"format": "pt"})
+    return root
+
+
+def _run(argv, capsys) -> tuple[int, dict | None, str]:
+    code = main(["verify", *argv])
+    out = capsys.readouterr()
+    report = json.loads(out.out) if "--json" in argv and out.out.strip() else None
+    return code, report, out.err
+
+
+def _lora_params(root: Path, rank: int) -> int:
+    """r x (in + out) for every nn.Linear except lm_head, counted on the plain 16-bit model."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(root)
+    return sum(rank * (m.in_features + m.out_features) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))
+
+
+def test_qlora_cpu_report(tiny, capsys):
+    code, r, _ = _run([str(tiny), "--device", "cpu", *SEQ, "--batch-size", "2", "--lora-rank", "4", "--json"], capsys)
+    assert code == 0
+    assert r["exit_code"] == 0
+    assert r["model"]["source"] == "checkpoint-16bit"
+    assert r["settings"]["mode"] == "qlora" and r["settings"]["seq_len"] == 24 and r["settings"]["batch_size"] == 2
+    # the quantized model really is 4-bit: peft wrapped Linear4bit layers
+    assert r["trainable_params"] == _lora_params(tiny, 4)
+    assert len(r["steps"]) == 2
+    assert all(s["loss_finite"] and s["grads_finite"] for s in r["steps"])
+    # random token ids over 128 symbols: a near-uniform model's loss is close to ln(128)
+    assert math.isfinite(r["loss"]) and abs(r["loss"] - math.log(VOCAB)) < 1.0
+    assert r["loss_finite"] is True and r["grads_finite"] is True
+    assert r["step_seconds"] > 0 and r["tokens_per_second"] == pytest.approx(48 / r["step_seconds"])
+    mem = r["memory"]
+    assert mem["metric"] == "process_rss"
+    assert set(r["phases"]) == {"after_load", "after_peft_wrap", "forward_peak", "backward_peak",
+                                "optimizer_step_peak", "after_step"}
+    assert 0 < r["phases"]["after_load"] <= mem["peak_rss_bytes"]
+    assert mem["peak_needed_bytes"] == mem["peak_rss_bytes"]
+    for pkg in ("torch", "transformers", "bitsandbytes", "peft"):
+        assert r["versions"][pkg]
+    assert r["device"]["type"] == "cpu"
+    assert r["checks"]["loads"]["passed"] and r["checks"]["finite_loss"]["passed"]
+    assert r["checks"]["fits_budget"]["passed"] is None  # no budget given
+    assert r["estimate"]["relative_error"] is None  # RSS is not comparable with a GPU estimate
+
+
+def test_budget_too_small_exits_3(tiny, tmp_path, capsys):
+    junit = tmp_path / "verify.xml"
+    code, r, err = _run([str(tiny), "--device", "cpu", *SEQ, "--steps", "1", "--max-vram", "1MB", "--json",
+                         "--junit", str(junit)], capsys)
+    assert code == 3
+    assert r["checks"]["fits_budget"]["passed"] is False
+    assert "budget" in err and "1.0 MB" in err
+    suite = ET.parse(junit).getroot()
+    assert suite.tag == "testsuite" and suite.get("failures") == "1"
+    cases = {c.get("name"): c for c in suite.iter("testcase")}
+    assert set(cases) == {"loads", "finite loss", "finite gradients", "fits budget", "estimate within tolerance"}
+    assert cases["fits budget"].find("failure") is not None
+    assert cases["finite loss"].find("failure") is None and cases["loads"].find("failure") is None
+
+
+def test_budget_large_enough_passes(tiny, capsys):
+    code, r, _ = _run([str(tiny), "--device", "cpu", *SEQ, "--steps", "1", "--max-vram", "1TB", "--json"], capsys)
+    assert code == 0 and r["checks"]["fits_budget"]["passed"] is True
+
+
+def test_nan_weights_exit_4(tiny_nan, tmp_path, capsys):
+    junit = tmp_path / "nan.xml"
+    code, r, err = _run([str(tiny_nan), "--device", "cpu", *SEQ, "--json", "--junit", str(junit)], capsys)
+    assert code == 4
+    assert r["loss_finite"] is False and r["steps"][0]["loss"] == "nan"
+    assert len(r["steps"]) == 1  # stopped: no optimizer step on NaN
+    assert "not finite" in err or "nan" in err
+    cases = {c.get("name"): c for c in ET.parse(junit).getroot().iter("testcase")}
+    assert cases["finite loss"].find("failure") is not None
+    assert cases["loads"].find("failure") is None
+
+
+def test_nan_beats_budget(tiny_nan, capsys):
+    code, _, _ = _run([str(tiny_nan), "--device", "cpu", *SEQ, "--max-vram", "1MB"], capsys)
+    assert code == 4
+
+
+def test_missing_path_exit_2(tmp_path, capsys):
+    junit = tmp_path / "missing.xml"
+    code, _, err = _run([str(tmp_path / "nope"), "--device", "cpu", "--junit", str(junit)], capsys)
+    assert code == 2
+    assert "nope" in err and "no such file" in err
+    case = ET.parse(junit).getroot().find("testcase")
+    assert case.get("name") == "loads" and case.find("failure") is not None
+
+
+def test_directory_without_weights_exit_2(tmp_path, tiny, capsys):
+    (tmp_path / "cfg-only").mkdir()
+    (tmp_path / "cfg-only" / "config.json").write_text((tiny / "config.json").read_text())
+    code, _, err = _run([str(tmp_path / "cfg-only"), "--device", "cpu"], capsys)
+    assert code == 2 and "no weight files" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_no_cuda_exit_2(tiny, capsys):
+    code, _, err = _run([str(tiny), *SEQ], capsys)
+    assert code == 2
+    assert "CUDA is not available" in err and "--device cpu" in err
+    assert err.count("\n") == 1  # one line
+
+
+def test_random_weights_from_config_and_load_only(tiny, capsys):
+    code, r, _ = _run([str(tiny / "config.json"), "--device", "cpu", "--steps", "0", "--json"], capsys)
+    assert code == 0
+    assert r["model"]["source"] == "random"
+    assert r["steps"] == [] and r["loss_finite"] is None
+    assert r["checks"]["finite_loss"]["passed"] is None and r["phases"]["after_load"] > 0
+
+
+def test_random_state_dict_matches_architecture(tiny):
+    """Every parameter of the architecture, once, with its shape; matrices differ between layers."""
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    from qtool.verify import random_state_dict
+
+    cfg = AutoConfig.from_pretrained(tiny)
+    sd = random_state_dict(LlamaForCausalLM, cfg, torch.bfloat16)
+    plain = LlamaForCausalLM(cfg)
+    expected = {n: tuple(p.shape) for n, p in plain.named_parameters()}
+    assert {n: tuple(t.shape) for n, t in sd.items()} == expected
+    q0, q1 = sd["model.layers.0.self_attn.q_proj.weight"], sd["model.layers.1.self_attn.q_proj.weight"]
+    assert not torch.equal(q0, q1)
+    assert float(q0.float().std()) == pytest.approx(cfg.initializer_range, rel=0.2)
+    assert torch.equal(sd["model.norm.weight"], torch.ones(cfg.hidden_size, dtype=torch.bfloat16))
+
+
+def test_random_weights_train_like_a_checkpoint(tiny, capsys):
+    """A config with no weights gives the same trainable structure as the saved checkpoint."""
+    code, r, _ = _run([str(tiny / "config.json"), "--device", "cpu", *SEQ, "--steps", "1", "--lora-rank", "4",
+                       "--json"], capsys)
+    assert code == 0 and r["loss_finite"] and r["grads_finite"]
+    assert r["trainable_params"] == _lora_params(tiny, 4)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw8bit", "paged_adamw8bit", "sgd"])
+def test_optimizers_on_cpu(tiny, optimizer, capsys):
+    code, r, _ = _run([str(tiny), "--device", "cpu", *SEQ, "--optimizer", optimizer, "--json"], capsys)
+    assert code == 0, r
+    assert r["settings"]["optimizer"] == optimizer and len(r["steps"]) == 2 and r["grads_finite"]
+    if optimizer == "paged_adamw8bit":
+        assert any("paged" in n for n in r["notes"])  # bitsandbytes falls back to unpaged state on CPU
+
+
+def test_inference_mode(tiny, capsys):
+    code, r, _ = _run([str(tiny), "--device", "cpu", *SEQ, "--mode", "inference", "--decode-tokens", "3",
+                       "--steps", "1", "--json"], capsys)
+    assert code == 0
+    assert set(r["phases"]) == {"after_load", "prefill_peak", "decode_peak"}
+    assert r["checks"]["finite_grads"]["passed"] is None and r["checks"]["finite_loss"]["passed"] is True
+    assert r["decode_tokens_per_second"] > 0
+
+
+def test_reference_quality(tiny, capsys):
+    code, r, _ = _run([str(tiny), "--device", "cpu", *SEQ, "--steps", "1", "--reference", str(tiny), "--json"],
+                      capsys)
+    assert code == 0
+    q = r["quality"]
+    assert q["metric"] == "kl_top1" and q["positions"] == 24
+    assert q["mean_kl"] >= 0 and q["max_kl"] >= q["mean_kl"]
+    assert 0.0 <= q["top1_agreement"] <= 1.0
+
+
+def test_reference_of_the_same_16bit_model_agrees(tiny, capsys):
+    """--mode lora keeps the weights 16-bit: against itself, KL is 0 and every top-1 token agrees."""
+    code, r, _ = _run([str(tiny), "--device", "cpu", *SEQ, "--mode", "lora", "--steps", "1", "--reference",
+                       str(tiny), "--json"], capsys)
+    assert code == 0
+    assert r["quality"]["mean_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert r["quality"]["top1_agreement"] == 1.0
+
+
+def test_reference_must_be_16bit_weights(tiny, capsys):
+    code, _, err = _run([str(tiny), "--device", "cpu", "--reference", "llama-3-8b"], capsys)
+    assert code == 2 and "16-bit weights" in err
+
+
+def test_prequantized_checkpoint(tiny, tmp_path, capsys):
+    """A bnb-4bit checkpoint saved by transformers itself loads as it is."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = AutoModelForCausalLM.from_pretrained(
+        tiny, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                     bnb_4bit_compute_dtype=torch.bfloat16), device_map={"": "cpu"})
+    q.save_pretrained(tmp_path / "tiny-bnb-4bit")
+    code, r, _ = _run([str(tmp_path / "tiny-bnb-4bit"), "--device", "cpu", *SEQ, "--lora-rank", "4", "--json"], capsys)
+    assert code == 0
+    assert r["model"]["source"] == "checkpoint-4bit"
+    assert r["model"]["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    assert r["trainable_params"] == _lora_params(tiny, 4)
+    code, _, err = _run([str(tmp_path / "tiny-bnb-4bit"), "--device", "cpu", "--mode", "full"], capsys)
+    assert code == 2 and "already 4-bit" in err
+
+
+def test_encoder_inference_and_cosine(tmp_path, capsys):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     vocab_size=VOCAB, max_position_embeddings=64)
+    BertModel(cfg).save_pretrained(tmp_path / "enc")
+    code, r, _ = _run([str(tmp_path / "enc"), "--device", "cpu", "--mode", "inference", "--seq-len", "16",
+                       "--steps", "1", "--reference", str(tmp_path / "enc"), "--json"], capsys)
+    assert code == 0
+    q = r["quality"]
+    assert q["metric"] == "cosine" and -1.0 <= q["min_cosine"] <= q["mean_cosine"] <= 1.0 + 1e-6
+    assert q["mean_cosine"] > 0.5  # 4-bit weights still point the same way
+    code, _, err = _run([str(tmp_path / "enc"), "--device", "cpu"], capsys)
+    assert code == 2 and "causal language model" in err
+
+
+def test_human_output(tiny, capsys):
+    code = main(["verify", str(tiny), "--device", "cpu", *SEQ, "--steps", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "peak RSS" in out and "finite loss" in out and "bitsandbytes" in out
+
+
+def test_bench_script_on_cpu(tmp_path):
+    """bench/verify_gpu.py's plan, subprocesses and table, on a tiny preset-like config and the CPU."""
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **TINY}
+    (tmp_path / "tiny.json").write_text(json.dumps(cfg))
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(root / "bench" / "verify_gpu.py"), "--device", "cpu", "--models", str(tmp_path / "tiny.json"),
+         "--seq-lens", "16", "--long-seq", "32", "--infer-seq", "16", "--steps", "1"],
+        env={**__import__("os").environ, "OUT": str(out), "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = sorted(p.name for p in out.glob("tiny-*.json"))
+    # qlora at 16 and 32 (the first model gets the long run), inference at 16, load-only
+    assert len(runs) == 4, runs
+    for p in out.glob("tiny-*.json"):
+        rep = json.loads(p.read_text())
+        assert rep["exit_code"] == 0 and rep["versions"]["torch"]
+    table = (out / "verify_gpu.md").read_text()
+    assert "| tiny |" in table and "load only" in table and "qlora" in table and "inference" in table
