@@ -27,7 +27,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,6 @@ from qtool.models import ModelSpec
 
 DEVICES = ("cuda", "cpu")
 QUALITY_TOKENS = 256  # tokens of the first sequence compared against --reference
-PHASES_TRAIN = ("after_load", "after_peft_wrap", "forward_peak", "backward_peak", "optimizer_step_peak", "after_step")
-PHASES_INFER = ("after_load", "prefill_peak", "decode_peak")
 
 
 @dataclass(frozen=True)
@@ -238,7 +236,7 @@ def random_state_dict(model_cls, cfg, dtype, *, seed: int = 0) -> dict:
     slack = 1 << 16
     gen = torch.Generator().manual_seed(seed)
     std = float(getattr(cfg, "initializer_range", 0.02) or 0.02)
-    pool = torch.randn((max(big, default=0) + slack,), generator=gen, dtype=torch.float32).mul_(std).to(dtype)
+    pool = torch.randn((max(big, default=0) + slack,), generator=gen, dtype=dtype).mul_(std)
     out = {}
     for i, (name, shape, pdtype) in enumerate(shapes):
         if len(shape) >= 2:
@@ -317,7 +315,7 @@ def make_batch(vocab_size: int, batch: int, seq_len: int, *, seed: int, data: Pa
 # ------------------------------------------------------------------------------------------ the runs
 
 
-def _make_optimizer(name: str, params: list, lr: float, cuda: bool):
+def _make_optimizer(name: str, params: list, lr: float):
     import torch
 
     if name == "adamw":
@@ -367,7 +365,7 @@ def _train(model, ids, settings: Settings, options: VerifyOptions, meter: Meter,
 
     params = [p for p in model.parameters() if p.requires_grad]
     report["trainable_params"] = sum(p.numel() for p in params)
-    opt = _make_optimizer(settings.run.optimizer, params, options.lr, meter.cuda)
+    opt = _make_optimizer(settings.run.optimizer, params, options.lr)
     model.train()
     steps = report["steps"]
     for step in range(1, options.steps + 1):
@@ -614,7 +612,10 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
     phases = report["phases"]
     quantize = run.mode in ("qlora", "inference")
     model = None
+    quant_out = quality_ids = None
     stage = "load"
+    if cuda and len(devices) == 1:
+        torch.cuda.set_device(devices[0])  # bitsandbytes kernels launch on the current device
     with warnings.catch_warnings():  # transformers' deprecation notices are not the user's business
         warnings.simplefilter("ignore", FutureWarning)
         try:
@@ -625,9 +626,9 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
                 model, _ = load_model(spec, source, settings, options, device_map, quantize=quantize)
             report["load_seconds"] = time.perf_counter() - t0
             gc.collect()
-            report["memory"]["load_peak_allocated_bytes"] = meter.phase_peak()  # includes 16-bit staging of one tensor
-            if cuda:
-                torch.cuda.empty_cache()
+            # the load's own peak includes 16-bit staging copies of tensors being quantized; the cache is not
+            # emptied afterwards, as a training script would not empty it either
+            report["memory"]["load_peak_allocated_bytes"] = meter.phase_peak()
             meter.peak_allocated = meter.peak_reserved = 0
             phases["after_load"] = meter.allocated()
             first = model.get_input_embeddings().weight.device
@@ -635,7 +636,6 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
             ids = make_batch(vocab, run.batch_size, run.seq_len, seed=options.seed, data=options.data,
                              tokenizer_dir=source.tokenizer_dir).to(first)
             quality_ids = ids[:1, :QUALITY_TOKENS]
-            quant_out = None
             if reference is not None:
                 stage = "quality"
                 quant_out = _quality_outputs(model, quality_ids, causal)
@@ -651,9 +651,9 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
                 else:
                     stage = "peft wrap"
                     model = wrap_for_training(model, settings)
-                    meter.reset_peak()
+                    phases["peft_wrap_peak"] = meter.phase_peak()  # fp32 casts of kept params happen here
                     phases["after_peft_wrap"] = meter.allocated()
-                    meter.phase_peak()
+                    meter.reset_peak()
                     stage = "training"
                     say(f"{run.mode}: {options.steps} step(s) of {run.batch_size}x{run.seq_len} tokens, {run.optimizer}")
                     _train(model, ids, settings, options, meter, phases, report)
@@ -813,16 +813,6 @@ class Check:
     passed: bool | None  # None: not applicable / informational and skipped
     message: str
     informational: bool = False
-    extra: dict = field(default_factory=dict)
-
-
-CHECK_TITLES = {
-    "loads": "loads",
-    "finite_loss": "finite loss",
-    "finite_grads": "finite gradients",
-    "fits_budget": "fits budget",
-    "estimate_within_tolerance": "estimate within tolerance",
-}
 
 
 def checks(report: dict, settings: Settings) -> dict[str, dict]:

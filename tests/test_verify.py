@@ -93,7 +93,7 @@ def test_qlora_cpu_report(tiny, capsys):
     assert r["step_seconds"] > 0 and r["tokens_per_second"] == pytest.approx(48 / r["step_seconds"])
     mem = r["memory"]
     assert mem["metric"] == "process_rss"
-    assert set(r["phases"]) == {"after_load", "after_peft_wrap", "forward_peak", "backward_peak",
+    assert set(r["phases"]) == {"after_load", "peft_wrap_peak", "after_peft_wrap", "forward_peak", "backward_peak",
                                 "optimizer_step_peak", "after_step"}
     assert 0 < r["phases"]["after_load"] <= mem["peak_rss_bytes"]
     assert mem["peak_needed_bytes"] == mem["peak_rss_bytes"]
