@@ -314,7 +314,10 @@ class Checkpoint:
         if index_path.is_file():
             index, files, weight_map = _read_index(index_path, root, allowed)
         else:
-            files = sorted(p for p in root.glob("*.safetensors") if p.is_file())
+            # As transformers: model.safetensors alone when present (repos also ship e.g. consolidated.safetensors
+            # in another layout); otherwise every *.safetensors, for hand-made sharded folders without an index.
+            single = root / "model.safetensors"
+            files = [single] if single.is_file() else sorted(p for p in root.glob("*.safetensors") if p.is_file())
             for p in files:
                 if p.is_symlink():
                     _check_inside(p, allowed, root)
@@ -393,9 +396,12 @@ class Checkpoint:
             return self._pickled[name].to(device)
         handle = self._handle(info.file, str(device))
         try:
-            return handle.get_tensor(name)
+            tensor = handle.get_tensor(name)
         except Exception as exc:  # safetensors raises its own error types
             raise WeightsError(f"cannot read tensor {name!r}: {_short(exc, 160)}", path=info.file) from None
+        if tuple(tensor.shape) != info.shape or tensor.dtype != torch_dtype(info.dtype):
+            raise WeightsError(f"tensor {name!r} changed since the checkpoint was opened", path=info.file)
+        return tensor
 
     def _handle(self, path: Path, device: str):
         key = (path, device)
@@ -432,6 +438,8 @@ class Checkpoint:
             return "an unknown method"
         if any(name.endswith(_BNB_SUFFIXES) for name in self.tensors):
             return "bitsandbytes"
+        if any(name.endswith((".qweight", ".qzeros")) for name in self.tensors):
+            return "GPTQ/AWQ"
         return None
 
     def is_prequantized(self) -> bool:

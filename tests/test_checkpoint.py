@@ -322,7 +322,8 @@ def test_valid_hand_written_file_with_padding_and_empty_tensor(tmp_path):
 
 def test_tensor_in_two_files(tmp_path):
     d = make_dir(tmp_path)
-    save_file({"lm_head.weight": torch.zeros(1)}, d / "extra.safetensors")
+    (d / "model.safetensors").rename(d / "part-a.safetensors")  # no model.safetensors: every file is read
+    save_file({"lm_head.weight": torch.zeros(1)}, d / "part-b.safetensors")
     with pytest.raises(WeightsError, match="appears in both"):
         Checkpoint.open(d)
 
@@ -530,3 +531,27 @@ def test_gaps_and_trailing_bytes_are_refused_like_safetensors_does(tmp_path):
     h = read_safetensors_header(ok)  # out-of-order entries that tile the data are fine
     assert (h.tensors["a"].start, h.tensors["b"].start) == (h.data_start, h.data_start + 2)
     assert h.data_start == ok.stat().st_size - 4
+
+
+def test_model_safetensors_wins_over_other_files_as_in_transformers(tmp_path):
+    d = make_dir(tmp_path)
+    save_file({"layers.0.attention.wq.weight": torch.zeros(2, 2)}, d / "consolidated.safetensors")
+    ck = Checkpoint.open(d)
+    assert ck.files == [d / "model.safetensors"] and "layers.0.attention.wq.weight" not in ck.tensors
+
+
+def test_gptq_keys_are_prequantized(tmp_path):
+    d = tmp_path / "gptq"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(CONFIG))
+    save_file({"l.qweight": torch.zeros(2, 2, dtype=torch.int32), "l.qzeros": torch.zeros(1, 2, dtype=torch.int32)},
+              d / "model.safetensors")
+    assert Checkpoint.open(d).prequantized_method() == "GPTQ/AWQ"
+
+
+def test_file_replaced_after_open_is_detected(tmp_path):
+    d = make_dir(tmp_path)
+    ck = Checkpoint.open(d)
+    save_file({"lm_head.weight": torch.zeros(3, 3)}, d / "model.safetensors")
+    with pytest.raises(WeightsError):
+        ck.read("lm_head.weight")
