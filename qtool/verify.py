@@ -636,6 +636,8 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
             ids = make_batch(vocab, run.batch_size, run.seq_len, seed=options.seed, data=options.data,
                              tokenizer_dir=source.tokenizer_dir).to(first)
             quality_ids = ids[:1, :QUALITY_TOKENS]
+            report["inputs"] = {"source": f"text file {options.data}" if options.data else "random token ids",
+                                "shape": list(ids.shape), "first_ids": ids[0, :8].tolist()}
             if reference is not None:
                 stage = "quality"
                 quant_out = _quality_outputs(model, quality_ids, causal)

