@@ -427,6 +427,34 @@ def quantize_tensor(t, *, settings: QuantSettings):
     return parts
 
 
+def read_tensor(ckpt, name: str):
+    """One tensor into a fresh CPU buffer with pread (not through a memory map, whose touched pages would
+    stay in this process's RSS until the whole file had been mapped in); pickle checkpoints use ckpt.read."""
+    import torch
+
+    from qtool.checkpoint import torch_dtype
+
+    info = ckpt.tensors[name]
+    if getattr(ckpt, "format", "safetensors") != "safetensors" or info.start < 0:
+        return ckpt.read(name)
+    nbytes = info.end - info.start
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    view = memoryview(buf.numpy()).cast("B")
+    fd = os.open(info.file, os.O_RDONLY)
+    try:
+        done = 0
+        while done < nbytes:
+            n = os.preadv(fd, [view[done:]], info.start + done)
+            if n <= 0:
+                raise WeightsError(f"unexpected end of file reading tensor {name!r}", path=info.file)
+            done += n
+    finally:
+        os.close(fd)
+    if nbytes == 0:
+        return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+    return buf.view(torch_dtype(info.dtype)).reshape(info.shape)
+
+
 def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -511,12 +539,12 @@ def run_quantization(
             for out_name, idx, suffix in plan.slots:
                 t = plan.tensors[idx]
                 if t.action == KEEP:
-                    value = ckpt.read(t.source).to(getattr(torch, t.dtype))
+                    value = read_tensor(ckpt, t.source).to(getattr(torch, t.dtype))
                     writer.add(out_name, value)
                     del value
                     done += t.source_bytes
                 elif suffix == "":
-                    w = ckpt.read(t.source, device="cpu").to(dev, getattr(torch, t.dtype))
+                    w = read_tensor(ckpt, t.source).to(dev, getattr(torch, t.dtype))
                     if t.transpose:
                         w = w.T
                     parts = quantize_tensor(w, settings=plan.settings)
