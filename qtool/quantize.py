@@ -455,6 +455,41 @@ def read_tensor(ckpt, name: str):
     return buf.view(torch_dtype(info.dtype)).reshape(info.shape)
 
 
+class _ReadAhead:
+    """Reads tensors in a known order, one ahead of the consumer, on a background thread (pread releases
+    the GIL), so disk reads overlap quantization. Holds at most two tensors."""
+
+    def __init__(self, ckpt, plan: QuantizePlan, order: list[int]):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.ckpt, self.plan, self.order = ckpt, plan, order
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qtool-read")
+        self.pos = 0
+        self.pending = None
+        self._submit()
+
+    def _submit(self) -> None:
+        if self.pos < len(self.order):
+            idx = self.order[self.pos]
+            self.pending = (idx, self.pool.submit(read_tensor, self.ckpt, self.plan.tensors[idx].source))
+            self.pos += 1
+        else:
+            self.pending = None
+
+    def take(self, idx: int):
+        if self.pending is None or self.pending[0] != idx:  # cannot happen with the plan's own order
+            return read_tensor(self.ckpt, self.plan.tensors[idx].source)
+        value = self.pending[1].result()
+        self._submit()
+        return value
+
+    def close(self) -> None:
+        if self.pending is not None:
+            self.pending[1].cancel()
+        self.pool.shutdown(wait=True)
+        self.pending = None
+
+
 def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -536,30 +571,35 @@ def run_quantization(
         writer = ShardWriter(tmp, max_shard_size=max_shard_size)
         try:
             cache: dict[int, dict] = {}  # quantized tensor index -> parts not yet written
-            for out_name, idx, suffix in plan.slots:
-                t = plan.tensors[idx]
-                if t.action == KEEP:
-                    value = read_tensor(ckpt, t.source).to(getattr(torch, t.dtype))
-                    writer.add(out_name, value)
-                    del value
-                    done += t.source_bytes
-                elif suffix == "":
-                    w = read_tensor(ckpt, t.source).to(dev, getattr(torch, t.dtype))
-                    if t.transpose:
-                        w = w.T
-                    parts = quantize_tensor(w, settings=plan.settings)
-                    del w
-                    parts = {k: v.cpu() for k, v in parts.items()}
-                    writer.add(out_name, parts.pop(""))
-                    cache[idx] = parts
-                    done += t.source_bytes
-                else:
-                    parts = cache[idx]
-                    writer.add(out_name, parts.pop(suffix))
-                    if not parts:
-                        del cache[idx]
-                if on_progress is not None:
-                    on_progress(done, total, t.source)
+            reads = [idx for _, idx, suffix in plan.slots if suffix == ""]  # one read per tensor, in order
+            ahead = _ReadAhead(ckpt, plan, reads)  # the next tensor is read while this one is quantized
+            try:
+                for out_name, idx, suffix in plan.slots:
+                    t = plan.tensors[idx]
+                    if t.action == KEEP:
+                        value = ahead.take(idx).to(getattr(torch, t.dtype))
+                        writer.add(out_name, value)
+                        del value
+                        done += t.source_bytes
+                    elif suffix == "":
+                        w = ahead.take(idx).to(dev, getattr(torch, t.dtype))
+                        if t.transpose:
+                            w = w.T
+                        parts = quantize_tensor(w, settings=plan.settings)
+                        del w
+                        parts = {k: v.cpu() for k, v in parts.items()}
+                        writer.add(out_name, parts.pop(""))
+                        cache[idx] = parts
+                        done += t.source_bytes
+                    else:
+                        parts = cache[idx]
+                        writer.add(out_name, parts.pop(suffix))
+                        if not parts:
+                            del cache[idx]
+                    if on_progress is not None:
+                        on_progress(done, total, t.source)
+            finally:
+                ahead.close()
             result = writer.finish()
         except BaseException:
             writer.abort()
