@@ -1,20 +1,25 @@
 """GPU memory model: pure arithmetic, one named function per term, no torch.
 
-`memory_breakdown(...)` returns component -> bytes for the moment of the peak, so a report can show
-it term by term and a GPU measurement can calibrate each term separately (the constants below are
-the knobs; none is per-model). Recipe per mode:
+`memory_breakdown(...)` returns component -> bytes at the moment of the peak, so a report can show it
+term by term and a GPU measurement can check each term separately. The constants below are physical
+counts (how many tensors of a given shape are alive), fitted once on measured per-phase peaks of
+`qtool verify` (docs/benchmarks.md); none is per-model. Recipe per mode:
 
-  inference  weights (GPU bytes of the chosen format) + KV cache + forward activations of one layer
-             + logits (batch x seq x vocab) + one dequantized weight + cuBLAS workspace + CUDA context
+  inference  weights (GPU bytes of the chosen format) + KV cache + one layer's forward tensors
+             + last-token logits (generate uses logits_to_keep=1) + one dequantized weight
+             + cuBLAS workspace + CUDA context
   qlora      4-bit weights + kept params upcast to fp32 (prepare_model_for_kbit_training) + LoRA A/B
-             (fp32) + their grads + optimizer states + activations + loss-phase or layer-phase
-             transients + workspace + context
+             (fp32) + their grads + optimizer states + workspace + context, plus the dynamic peak
   lora       as qlora with 16-bit base weights and no fp32 upcast
-  full       16-bit weights + grads + optimizer states + activations + transients + workspace + context
+  full       16-bit weights + grads + optimizer states + workspace + context, plus the dynamic peak
 
-Peak of a training step = everything static + checkpointed activations + the larger of
-  loss phase:  logits + log_softmax output + two logits-sized fp32 grads (cross_entropy backward)
-  layer phase: one layer's activations recomputed in backward + their grads + one dequantized weight
+Dynamic peak of a training step (second step: grads and optimizer states already exist)
+  = checkpointed layer inputs + the larger of
+  loss phase:  logits + log_softmax output (fp32) + its grad (fp32) + hidden-state grads
+  layer phase: logits (still referenced) + hidden-state grads + one dequantized weight + the larger of
+               attention backward (SDPA's math kernel materialises B x H x S x S scores when it
+               cannot use flash/efficient kernels: fp32 inputs with grouped-query attention) and
+               MLP backward of the recomputed layer.
 """
 
 from __future__ import annotations
@@ -25,19 +30,27 @@ from dataclasses import dataclass
 GiB = 1024**3
 MiB = 1024**2
 
-CUDA_CONTEXT_BYTES = 512 * MiB  # CUDA context + kernels: GPU memory torch's allocator never sees
-CUBLAS_WORKSPACE_BYTES = 32 * MiB  # torch's cuBLAS(Lt) workspace on sm90 (":4096:8"), allocator-owned
+CUDA_CONTEXT_BYTES = 736 * MiB  # CUDA context + cuBLAS/bitsandbytes kernels, outside torch's allocator
+# (measured 0.68-0.73 GiB on H100/H200 with CUDA 13 once a 4-bit matmul and a backward have run)
+CUBLAS_WORKSPACE_BYTES = 32 * MiB  # torch's cuBLAS(Lt) workspace on sm90, allocator-owned
 
 OUTSIDE_ALLOCATOR = ("cuda_context", "optimizer_states_paged")  # on the GPU, not in memory_allocated()
 
-# Tensors a Llama-style decoder layer keeps for backward, in units of batch x seq x (dim) x act bytes.
-# Attention: norm in/out, q/k/v/o inputs & outputs, rotary q/k, SDPA out; MLP: gate, up, act(gate),
-# act*up (down's input). Grads of one layer in backward take about the same again (GRAD_FACTOR).
-LAYER_HIDDEN_TENSORS = 10  # hidden-sized tensors per layer
-LAYER_KV_TENSORS = 6  # k/v-sized tensors (k, v, rotary k, repeat_kv'd k/v for SDPA count as hidden-sized/heads)
-LAYER_MLP_TENSORS = 4  # intermediate-sized tensors (gate, up, act(gate), act*up)
-GRAD_FACTOR = 1.0  # grads of one layer's activations alive during its backward, relative to the layer
-LOSS_GRAD_COPIES = 2  # nll_loss backward grad + log_softmax backward grad, both B x S x V fp32
+# Without gradient checkpointing every layer keeps its activations for backward; in units of
+# batch x seq x (dim) x act bytes: norm in/out, q/k/v/o inputs & outputs, rotary q/k, SDPA out (hidden),
+# k/v (kv), gate, up, act(gate), act*up (intermediate).
+LAYER_HIDDEN_TENSORS = 10
+LAYER_KV_TENSORS = 6
+LAYER_MLP_TENSORS = 4
+# Inference (no grad): inside one layer the MLP's gate, up and act(gate) coexist with the residual.
+INFER_MLP_TENSORS = 3
+INFER_HIDDEN_TENSORS = 1
+# Training, recomputed layer in backward:
+HIDDEN_GRAD_TENSORS = 2  # grad of a layer's output and of its input, B x S x hidden
+MLP_BACKWARD_TENSORS = 6  # gate, up, act(gate), act*up saved + two of their grads, B x S x inter
+ATTN_BACKWARD_TENSORS = 6  # flash/efficient SDPA: q, k, v, out + grads, B x S x hidden
+ATTN_SCORE_COPIES = 3.5  # math SDPA backward: scores/probs saved + grads, B x H x S x S (fitted 3.55)
+LOSS_FP32_TENSORS = 2  # cross_entropy: log_softmax output (saved) + the grad flowing back, B x S x V fp32
 
 OPTIMIZER_BYTES_PER_PARAM = {
     "adamw": 8.0,  # exp_avg + exp_avg_sq in fp32 (trainable params are fp32)
@@ -142,6 +155,21 @@ class MemoryInputs:
     weight_bytes: int = 2  # itemsize of 16-bit weights in lora/full modes
 
 
+def math_attention(d: Dims, act_bytes: int) -> bool:
+    """Whether SDPA falls back to its math kernel (materialising the S x S scores).
+
+    Flash attention needs 16-bit inputs; the memory-efficient kernel takes fp32 but not grouped-query
+    attention (enable_gqa), which transformers uses when kv_heads < heads. QLoRA's fp32 upcast of the norms
+    makes the attention inputs fp32, so a GQA model in QLoRA runs the math kernel.
+    """
+    return act_bytes == 4 and d.kv_heads < d.heads
+
+
+def attention_scores_bytes(d: Dims, batch: int, seq: int, act_bytes: int) -> int:
+    # math SDPA backward: probabilities saved in forward + their grad + the scores' grad
+    return int(ATTN_SCORE_COPIES * batch * d.heads * seq * seq * act_bytes)
+
+
 def memory_breakdown(m: MemoryInputs) -> dict[str, int]:
     """component -> bytes at the peak. The sum is the peak (see peak_bytes)."""
     d, b, s, c = m.dims, m.batch, m.seq, m.compute_bytes
@@ -149,8 +177,10 @@ def memory_breakdown(m: MemoryInputs) -> dict[str, int]:
     if m.mode == "inference":
         out["weights"] = m.quant_weights_gpu
         out["kv_cache"] = kv_cache_bytes(d, b, s, c)
-        out["activations"] = layer_activation_bytes(d, b, s, c)  # one layer's forward tensors at a time
-        out["logits"] = logits_bytes(d, b, s, c)  # lm_head output in the compute dtype
+        # one layer at a time under no_grad: the MLP's wide tensors dominate
+        out["activations"] = b * s * (INFER_MLP_TENSORS * d.intermediate * d.experts_per_token
+                                      + INFER_HIDDEN_TENSORS * d.hidden) * c
+        out["logits"] = logits_bytes(d, b, 1, 4)  # generate keeps the last position only, upcast to fp32
         out["dequant_buffer"] = m.largest_linear * c  # bnb dequantizes one weight to compute dtype
         out["cublas_workspace"] = CUBLAS_WORKSPACE_BYTES
         out["cuda_context"] = CUDA_CONTEXT_BYTES
@@ -164,10 +194,7 @@ def memory_breakdown(m: MemoryInputs) -> dict[str, int]:
         # ... and fp32 norm weights turn the residual stream fp32 (Linear4bit casts outputs back)
         act = 4
         logit_bytes = 4  # lm_head is fp32 too
-    elif m.mode == "lora":
-        out["weights"] = m.plain_weights_gpu
-        act, logit_bytes = c, c
-    else:  # full
+    else:  # lora, full: 16-bit weights, 16-bit activations
         out["weights"] = m.plain_weights_gpu
         act, logit_bytes = c, c
 
@@ -183,33 +210,36 @@ def memory_breakdown(m: MemoryInputs) -> dict[str, int]:
         # paged optimizers live in managed memory: on the GPU, but not in torch's allocator
         key = "optimizer_states_paged" if m.optimizer.startswith("paged_") else "optimizer_states"
         out[key] = optimizer_bytes(m.lora_params, m.optimizer)
+    out["cublas_workspace"] = CUBLAS_WORKSPACE_BYTES
 
     if m.gradient_checkpointing:
         out["activation_checkpoints"] = checkpoint_bytes(d, b, s, act)
-        saved_layers = 0
     else:
-        saved_layers = d.layers
-        out["activations"] = saved_layers * layer_activation_bytes(d, b, s, act)
+        out["activations"] = d.layers * layer_activation_bytes(d, b, s, act)
 
     logits = logits_bytes(d, b, s, logit_bytes)
+    hidden_grads = HIDDEN_GRAD_TENSORS * b * s * d.hidden * act
     loss_phase = {
         "logits": logits,  # kept alive by the model output
-        # ForCausalLMLoss: logits.float() copy when logits are 16-bit (freed with log_softmax's input)
+        # ForCausalLMLoss upcasts 16-bit logits to fp32 first (freed once log_softmax has run)
         "logits_fp32_copy": logits_bytes(d, b, s, 4) if logit_bytes != 4 else 0,
-        "loss_log_softmax": logits_bytes(d, b, s, 4),  # cross_entropy saves log_softmax output (fp32)
-        "loss_grads": LOSS_GRAD_COPIES * logits_bytes(d, b, s, 4),  # backward through nll + log_softmax
+        "loss_softmax_and_grad": LOSS_FP32_TENSORS * logits_bytes(d, b, s, 4),
+        "hidden_grads": hidden_grads,
     }
-    layer = layer_activation_bytes(d, b, s, act)
+    if math_attention(d, act):
+        attention = attention_scores_bytes(d, b, s, act)
+    else:
+        attention = ATTN_BACKWARD_TENSORS * b * s * d.hidden * act
+    mlp = MLP_BACKWARD_TENSORS * b * s * d.intermediate * d.experts_per_token * act
     layer_phase = {
         "logits": logits,  # still referenced by the output while layers run backward
-        # recompute of one layer (checkpointing) or nothing extra (already saved), + its grads
-        "layer_recompute": layer if m.gradient_checkpointing else 0,
-        "layer_grads": int(GRAD_FACTOR * layer),
+        "hidden_grads": hidden_grads,
+        # one layer recomputed (checkpointing) and run backward: attention or MLP, whichever is larger
+        "attention_backward" if attention >= mlp else "mlp_backward": max(attention, mlp),
         "dequant_buffer": m.largest_linear * c if m.mode == "qlora" else 0,
     }
     phase = loss_phase if sum(loss_phase.values()) >= sum(layer_phase.values()) else layer_phase
     out.update({k: v for k, v in phase.items() if v})
-    out["cublas_workspace"] = CUBLAS_WORKSPACE_BYTES
     out["cuda_context"] = CUDA_CONTEXT_BYTES
     return out
 
