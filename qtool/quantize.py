@@ -457,7 +457,10 @@ def read_tensor(ckpt, name: str):
 
 class _ReadAhead:
     """Reads tensors in a known order, one ahead of the consumer, on a background thread (pread releases
-    the GIL), so disk reads overlap quantization. Holds at most two tensors."""
+    the GIL), so disk reads overlap quantization. Holds at most one extra tensor, and only a small one
+    (<= PREFETCH_MAX_BYTES): the peak stays at a few times the largest tensor."""
+
+    PREFETCH_MAX_BYTES = 512 * 2**20
 
     def __init__(self, ckpt, plan: QuantizePlan, order: list[int]):
         from concurrent.futures import ThreadPoolExecutor
@@ -469,7 +472,7 @@ class _ReadAhead:
         self._submit()
 
     def _submit(self) -> None:
-        if self.pos < len(self.order):
+        if self.pos < len(self.order) and self.plan.tensors[self.order[self.pos]].source_bytes <= self.PREFETCH_MAX_BYTES:
             idx = self.order[self.pos]
             self.pending = (idx, self.pool.submit(read_tensor, self.ckpt, self.plan.tensors[idx].source))
             self.pos += 1
@@ -477,8 +480,12 @@ class _ReadAhead:
             self.pending = None
 
     def take(self, idx: int):
-        if self.pending is None or self.pending[0] != idx:  # cannot happen with the plan's own order
-            return read_tensor(self.ckpt, self.plan.tensors[idx].source)
+        if self.pending is None or self.pending[0] != idx:  # a large tensor: read it now
+            if self.pending is None and self.pos < len(self.order) and self.order[self.pos] == idx:
+                self.pos += 1
+            value = read_tensor(self.ckpt, self.plan.tensors[idx].source)
+            self._submit()
+            return value
         value = self.pending[1].result()
         self._submit()
         return value
