@@ -23,10 +23,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def plan(models: list[str], seq_lens: list[int], long_seq: int | None, infer_seq: int | None) -> list[dict]:
+def plan(models: list[str], seq_lens: list[int], long_seq: int | None, infer_seq: int | None,
+         load_only: bool = True) -> list[dict]:
     runs = []
     first = models[0]
-    runs.append({"model": first, "mode": "qlora", "seq": min(seq_lens), "steps": 0, "label": "load only"})
+    if load_only:
+        runs.append({"model": first, "mode": "qlora", "seq": min(seq_lens), "steps": 0, "label": "load only"})
     for i, m in enumerate(models):
         seqs = list(seq_lens) + ([long_seq] if long_seq and i == 0 else [])
         for s in seqs:
@@ -47,6 +49,7 @@ def run_one(run: dict, args, out: Path) -> dict:
            "--mode", run["mode"], "--seq-len", str(run["seq"]), "--batch-size", "1", "--steps", str(steps)]
     if args.optimizer:
         cmd += ["--optimizer", args.optimizer]
+    cmd += args.extra.split()  # later options win: e.g. "--batch-size 4 --lora-rank 64"
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
@@ -118,11 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--optimizer", default=None)
     ap.add_argument("--timeout", type=int, default=240, help="seconds per run")
+    ap.add_argument("--extra", default="", help="more `qtool verify` options for every run (later ones win)")
+    ap.add_argument("--no-load-only", action="store_true", help="skip the load-only run")
+    ap.add_argument("--tag", default="", help="suffix for run ids and labels, e.g. -b4-r64")
     args = ap.parse_args(argv)
     out = Path(os.environ.get("OUT") or "./out")
     out.mkdir(parents=True, exist_ok=True)
     runs = plan(args.models.split(","), [int(s) for s in args.seq_lens.split(",")], args.long_seq or None,
-                args.infer_seq or None)
+                args.infer_seq or None, load_only=not args.no_load_only)
+    for run in runs:
+        run["label"] += args.tag
     rows = []
     t0 = time.perf_counter()
     for i, run in enumerate(runs, 1):

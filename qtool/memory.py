@@ -15,8 +15,9 @@ counts (how many tensors of a given shape are alive), fitted once on measured pe
 
 Dynamic peak of a training step (second step: grads and optimizer states already exist)
   = checkpointed layer inputs + the larger of
-  loss phase:  logits + log_softmax output (fp32) + its grad (fp32) + hidden-state grads
-  layer phase: logits (still referenced) + hidden-state grads + one dequantized weight + the larger of
+  loss phase:  logits + log_softmax output (fp32) + its grad (fp32, and a 16-bit copy for 16-bit
+               logits) + hidden-state grads
+  layer phase: hidden-state grads + one dequantized weight + the larger of
                attention backward (SDPA's math kernel materialises B x H x S x S scores when it
                cannot use flash/efficient kernels: fp32 inputs with grouped-query attention) and
                MLP backward of the recomputed layer.
@@ -47,9 +48,9 @@ INFER_MLP_TENSORS = 3
 INFER_HIDDEN_TENSORS = 1
 # Training, recomputed layer in backward:
 HIDDEN_GRAD_TENSORS = 2  # grad of a layer's output and of its input, B x S x hidden
-MLP_BACKWARD_TENSORS = 6  # gate, up, act(gate), act*up saved + two of their grads, B x S x inter
+MLP_BACKWARD_TENSORS = 9  # gate, up, act(gate), act*up saved, LoRA branch outputs, and their grads, B x S x inter
 ATTN_BACKWARD_TENSORS = 6  # flash/efficient SDPA: q, k, v, out + grads, B x S x hidden
-ATTN_SCORE_COPIES = 3.5  # math SDPA backward: scores/probs saved + grads, B x H x S x S (fitted 3.55)
+ATTN_SCORE_COPIES = 4  # math SDPA backward: probs saved + recomputed scores + two grads, B x H x S x S
 LOSS_FP32_TENSORS = 2  # cross_entropy: log_softmax output (saved) + the grad flowing back, B x S x V fp32
 
 OPTIMIZER_BYTES_PER_PARAM = {
@@ -221,8 +222,9 @@ def memory_breakdown(m: MemoryInputs) -> dict[str, int]:
     hidden_grads = HIDDEN_GRAD_TENSORS * b * s * d.hidden * act
     loss_phase = {
         "logits": logits,  # kept alive by the model output
-        # ForCausalLMLoss upcasts 16-bit logits to fp32 first (freed once log_softmax has run)
-        "logits_fp32_copy": logits_bytes(d, b, s, 4) if logit_bytes != 4 else 0,
+        # ForCausalLMLoss upcasts 16-bit logits to fp32 (freed once log_softmax has run); the grad that
+        # flows back into 16-bit logits is cast down again
+        "logits_grad_16bit": logits if logit_bytes != 4 else 0,
         "loss_softmax_and_grad": LOSS_FP32_TENSORS * logits_bytes(d, b, s, 4),
         "hidden_grads": hidden_grads,
     }
@@ -231,8 +233,7 @@ def memory_breakdown(m: MemoryInputs) -> dict[str, int]:
     else:
         attention = ATTN_BACKWARD_TENSORS * b * s * d.hidden * act
     mlp = MLP_BACKWARD_TENSORS * b * s * d.intermediate * d.experts_per_token * act
-    layer_phase = {
-        "logits": logits,  # still referenced by the output while layers run backward
+    layer_phase = {  # logits and the loss' tensors are freed once lm_head's backward has run
         "hidden_grads": hidden_grads,
         # one layer recomputed (checkpointing) and run backward: attention or MLP, whichever is larger
         "attention_backward" if attention >= mlp else "mlp_backward": max(attention, mlp),
