@@ -194,11 +194,26 @@ def memory_modes():
 
 
 def test_qlora_logits_term_fp32():
-    d = memory.Dims(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=96, vocab=1000)
+    # a large vocabulary, so the loss phase (logits alive) is the peak, not the attention backward
+    d = memory.Dims(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=96, vocab=50_000)
     m = memory.MemoryInputs(dims=d, mode="qlora", batch=2, seq=512, total_params=10**6, kept_params=10**5,
                             quant_weights_gpu=10**6, plain_weights_gpu=2 * 10**6, kept_weights_gpu=2 * 10**5,
                             lora_params=1000, largest_linear=64 * 96)
     b = memory.memory_breakdown(m)
-    assert b["logits"] == 2 * 512 * 1000 * 4  # lm_head is fp32 after prepare_model_for_kbit_training
+    assert b["logits"] == 2 * 512 * 50_000 * 4  # lm_head is fp32 after prepare_model_for_kbit_training
+    assert b["loss_softmax_and_grad"] == 2 * b["logits"]  # log_softmax output + its grad, fp32
     assert b["kept_fp32"] == 4 * 10**5
     assert memory.peak_bytes(b) == sum(b.values())
+
+
+def test_math_attention_dominates_long_gqa_sequences_in_qlora():
+    """fp32 activations + GQA: SDPA's math kernel holds B x H x S x S scores, which win at long sequences."""
+    d = memory.Dims(hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=128256)
+    kw = dict(total_params=8 * 10**9, kept_params=10**9, quant_weights_gpu=5 * 2**30, plain_weights_gpu=16 * 2**30,
+              kept_weights_gpu=2 * 2**30, lora_params=42 * 10**6, largest_linear=4096 * 14336)
+    short = memory.memory_breakdown(memory.MemoryInputs(dims=d, mode="qlora", batch=1, seq=512, **kw))
+    long = memory.memory_breakdown(memory.MemoryInputs(dims=d, mode="qlora", batch=1, seq=8192, **kw))
+    assert "logits" in short and "attention_backward" not in short
+    assert long["attention_backward"] == 4 * 32 * 8192 * 8192 * 4
+    mha = memory.Dims(hidden=4096, layers=32, heads=32, kv_heads=32, head_dim=128, intermediate=11008, vocab=32000)
+    assert not memory.math_attention(mha, 4) and memory.math_attention(d, 4) and not memory.math_attention(d, 2)
