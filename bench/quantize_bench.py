@@ -79,7 +79,8 @@ m.save_pretrained(out)
 
 def measure(cmd: list[str]) -> dict:
     """Run one child; wall time and its own peak RSS (ru_maxrss of exactly this child)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TQDM_DISABLE="1")
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path, TQDM_DISABLE="1")
     start = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
