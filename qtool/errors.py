@@ -62,3 +62,9 @@ class Interrupted(QtoolError):
     """Ctrl-C / SIGINT: whatever was being written has been removed."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+class OutputError(QtoolError):
+    """The output could not be written: disk full, quota exceeded, file-size limit. Nothing is left behind."""
+
+    exit_code = EXIT_INTERNAL

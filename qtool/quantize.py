@@ -571,6 +571,23 @@ def run_quantization(
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
     ckpt = ckpt or Checkpoint.open(plan.source)
+    try:
+        return _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_code, on_progress)
+    except OSError as exc:
+        from qtool.writer import output_error
+
+        err = output_error(exc, destination)
+        if err is None:
+            raise
+        raise err from exc
+
+
+def _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_code, on_progress) -> QuantizeResult:
+    import torch
+
+    from qtool.modelcard import model_card
+    from qtool.writer import ShardWriter, staging_dir, write_index
+
     start = time.monotonic()
     total = plan.input_bytes
     done = 0

@@ -16,6 +16,7 @@ a tensor larger than the limit gets its own shard) and named like transformers' 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qtool.errors import BadInput, WeightsError
+from qtool.errors import BadInput, OutputError, WeightsError
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -41,6 +42,32 @@ def st_dtype(tdtype) -> str:
     return {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8",
             torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL",
             torch.float64: "F64"}[tdtype]
+
+
+_DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+              errno.EFBIG: "file too large (file-size limit reached)"}
+
+
+def output_error(exc: BaseException, destination: Path) -> OutputError | None:
+    """A full disk, quota or file-size limit while writing -> one clear line naming the file; else None.
+
+    Every file is written in the staging folder, which is gone by now: name it as it would have been
+    in the destination."""
+    if not isinstance(exc, OSError) or exc.errno not in _DISK_FULL:
+        return None
+    where = Path(destination) / Path(exc.filename).name if exc.filename else "the output"
+    return OutputError(f"{_DISK_FULL[exc.errno]} writing {where}; nothing was left at {destination}")
+
+
+@contextlib.contextmanager
+def naming_file(path: Path) -> Iterator[None]:
+    """Attach the file name to an OSError from a write (file.write and os.pwrite leave it empty)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
 
 
 def staging_name(dest: Path) -> str:
@@ -160,7 +187,8 @@ class ShardWriter:
     def _write(self, shard: _Shard, name: str, t, nbytes: int) -> None:
         offset = shard.file.tell()
         if nbytes:
-            shard.file.write(t.reshape(-1).view(__import__("torch").uint8).numpy().data)
+            with naming_file(self.dir / "model*.safetensors"):  # the final name is known only at finish
+                shard.file.write(t.reshape(-1).view(__import__("torch").uint8).numpy().data)
         shard.entries.append(_Entry(name, st_dtype(t.dtype), tuple(t.shape), offset, nbytes))
         shard.size += nbytes
         self.bytes_written += nbytes
@@ -190,7 +218,7 @@ class ShardWriter:
         by_name = {e.name: e for e in shard.entries}
         if len(by_name) != len(shard.entries):
             raise WeightsError("duplicate tensor name in one shard", path=final)
-        with open(shard.data_path, "rb") as src, open(final, "wb") as dst:
+        with naming_file(final), open(shard.data_path, "rb") as src, open(final, "wb") as dst:
             dst.write(header)
             for name, *_ in ordered:
                 e = by_name[name]

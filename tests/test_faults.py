@@ -392,13 +392,11 @@ def test_full_disk_while_writing_leaves_nothing(ckpt, tmp_path):
                           preexec_fn=limit_file_size, timeout=300)
     line = one_error_line(proc.stderr)
     assert proc.returncode != 0
-    assert "File too large" in line, line
+    assert "file too large" in line, line
     assert not dest.exists()
     assert not [p.name for p in tmp_path.iterdir() if ".qtool-" in p.name]
 
 
-@pytest.mark.xfail(strict=True, reason="quantize reports a failed write as 'internal error' (exit 1): "
-                                       "writer should raise a QtoolError naming the destination")
 def test_full_disk_message_is_not_an_internal_error(ckpt, tmp_path):
     dest = tmp_path / "out"
 
@@ -411,3 +409,8 @@ def test_full_disk_message_is_not_an_internal_error(ckpt, tmp_path):
                           preexec_fn=limit_file_size, timeout=300)
     line = one_error_line(proc.stderr)
     assert "internal error" not in line and "out" in line, line
+    assert proc.returncode == 1
+    assert line.startswith(f"qtool: error: file too large (file-size limit reached) writing {dest}/model"), line
+    assert line.endswith(f"; nothing was left at {dest}"), line
+    assert not dest.exists()
+    assert not [p.name for p in tmp_path.iterdir() if ".qtool-" in p.name]
