@@ -40,9 +40,10 @@ OUTSIDE_ALLOCATOR = ("cuda_context", "optimizer_states_paged")  # on the GPU, no
 # Without gradient checkpointing every layer keeps its activations for backward; in units of
 # batch x seq x (dim) x act bytes: norm in/out, q/k/v/o inputs & outputs, rotary q/k, SDPA out (hidden),
 # k/v (kv), gate, up, act(gate), act*up (intermediate).
-LAYER_HIDDEN_TENSORS = 10
-LAYER_KV_TENSORS = 6
+LAYER_HIDDEN_TENSORS = 7  # fitted on Llama-3-8B QLoRA without checkpointing (docs/benchmarks.md)
+LAYER_KV_TENSORS = 2
 LAYER_MLP_TENSORS = 4
+LAYER_SCORE_TENSORS = 1  # where attention materialises scores: the probabilities, B x H x S x S
 # Inference (no grad): inside one layer the MLP's gate, up and act(gate) coexist with the residual.
 INFER_MLP_TENSORS = 3
 INFER_HIDDEN_TENSORS = 1
@@ -73,6 +74,9 @@ class Dims:
     intermediate: int
     vocab: int
     experts_per_token: int = 1  # MoE: each token runs through top-k experts' MLPs
+    sliding_window: int | None = None  # local attention window (Mistral), None when unused
+    attn_softcapping: bool = False  # Gemma-2: attention logits soft-capped, so eager attention (no SDPA)
+    logit_softcapping: bool = False  # Gemma-2: final logits soft-capped (tanh), one more B x S x V tensor
 
     @property
     def kv_dim(self) -> int:
@@ -97,7 +101,11 @@ def dims_from_config(cfg: Mapping) -> Dims:
     inter = int(_first(text, "intermediate_size", "n_inner", "ffn_dim", default=0) or 4 * hidden)
     vocab = int(_first(text, "vocab_size", default=0))
     top_k = int(_first(text, "num_experts_per_tok", "moe_topk", default=1))
-    return Dims(hidden, layers, heads, kv_heads, head_dim, inter, vocab, top_k)
+    window = text.get("sliding_window") if text.get("use_sliding_window", True) is not False else None
+    return Dims(hidden, layers, heads, kv_heads, head_dim, inter, vocab, top_k,
+                sliding_window=int(window) if window else None,
+                attn_softcapping=text.get("attn_logit_softcapping") is not None,
+                logit_softcapping=text.get("final_logit_softcapping") is not None)
 
 
 # --- one function per term -------------------------------------------------------------------
@@ -156,14 +164,19 @@ class MemoryInputs:
     weight_bytes: int = 2  # itemsize of 16-bit weights in lora/full modes
 
 
-def math_attention(d: Dims, act_bytes: int) -> bool:
-    """Whether SDPA falls back to its math kernel (materialising the S x S scores).
+def math_attention(d: Dims, act_bytes: int, seq: int) -> bool:
+    """Whether attention materialises the S x S scores (SDPA's math kernel, or eager attention).
 
     Flash attention needs 16-bit inputs; the memory-efficient kernel takes fp32 but not grouped-query
-    attention (enable_gqa), which transformers uses when kv_heads < heads. QLoRA's fp32 upcast of the norms
-    makes the attention inputs fp32, so a GQA model in QLoRA runs the math kernel.
+    attention (enable_gqa), which transformers uses when kv_heads < heads and no explicit mask is needed.
+    QLoRA's fp32 upcast of the norms makes attention inputs fp32, so a GQA model in QLoRA runs the math
+    kernel -- unless a sliding window shorter than the sequence forces an explicit mask, when transformers
+    repeats K/V and the memory-efficient kernel takes over. Soft-capped attention (Gemma-2) runs eager.
     """
-    return act_bytes == 4 and d.kv_heads < d.heads
+    if d.attn_softcapping:
+        return True
+    masked = d.sliding_window is not None and seq >= d.sliding_window
+    return act_bytes == 4 and d.kv_heads < d.heads and not masked
 
 
 def attention_scores_bytes(d: Dims, batch: int, seq: int, act_bytes: int) -> int:
@@ -216,7 +229,10 @@ def memory_breakdown(m: MemoryInputs) -> dict[str, int]:
     if m.gradient_checkpointing:
         out["activation_checkpoints"] = checkpoint_bytes(d, b, s, act)
     else:
-        out["activations"] = d.layers * layer_activation_bytes(d, b, s, act)
+        per_layer = layer_activation_bytes(d, b, s, act)
+        if math_attention(d, act, s):
+            per_layer += LAYER_SCORE_TENSORS * b * d.heads * s * s * act
+        out["activations"] = d.layers * per_layer
 
     logits = logits_bytes(d, b, s, logit_bytes)
     hidden_grads = HIDDEN_GRAD_TENSORS * b * s * d.hidden * act
@@ -226,9 +242,10 @@ def memory_breakdown(m: MemoryInputs) -> dict[str, int]:
         # flows back into 16-bit logits is cast down again
         "logits_grad_16bit": logits if logit_bytes != 4 else 0,
         "loss_softmax_and_grad": LOSS_FP32_TENSORS * logits_bytes(d, b, s, 4),
+        "logits_softcap": logits if d.logit_softcapping else 0,  # tanh(logits / cap) saved for backward
         "hidden_grads": hidden_grads,
     }
-    if math_attention(d, act):
+    if math_attention(d, act, s):
         attention = attention_scores_bytes(d, b, s, act)
     else:
         attention = ATTN_BACKWARD_TENSORS * b * s * d.hidden * act

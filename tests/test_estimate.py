@@ -216,4 +216,7 @@ def test_math_attention_dominates_long_gqa_sequences_in_qlora():
     assert "logits" in short and "attention_backward" not in short
     assert long["attention_backward"] == 4 * 32 * 8192 * 8192 * 4
     mha = memory.Dims(hidden=4096, layers=32, heads=32, kv_heads=32, head_dim=128, intermediate=11008, vocab=32000)
-    assert not memory.math_attention(mha, 4) and memory.math_attention(d, 4) and not memory.math_attention(d, 2)
+    assert not memory.math_attention(mha, 4, 2048) and memory.math_attention(d, 4, 2048)
+    assert not memory.math_attention(d, 2, 2048)  # 16-bit: flash attention
+    windowed = memory.Dims(**{**d.__dict__, 'sliding_window': 4096})
+    assert memory.math_attention(windowed, 4, 2048) and not memory.math_attention(windowed, 4, 8192)
