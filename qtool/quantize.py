@@ -19,6 +19,7 @@ tests/test_quantize.py against `from_pretrained(quantization_config=...)` + `sav
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -77,6 +78,7 @@ class QuantizePlan:
     warnings: list[str] = field(default_factory=list)
     total_parameters: int = 0  # what save_pretrained puts in the index metadata
     header_bytes: int = 0  # safetensors header estimate (one shard)
+    timings: dict = field(default_factory=dict)  # seconds: process start -> planning, imports, planning
 
     @property
     def input_bytes(self) -> int:
@@ -94,11 +96,12 @@ class QuantizePlan:
     def peak_host_bytes(self, device: str) -> int:
         """Rough bound on the extra host memory the stream needs: a few copies of the largest tensor.
 
-        Read (mmap) + cast + transposed/contiguous copy + packed output on CPU; on CUDA the work copies
-        live on the GPU. The process baseline (Python + torch, ~0.5 GB) comes on top.
+        The read-ahead arena (qtool.streamio: two of the largest tensors on CUDA, pinned; one on CPU) plus,
+        on CPU, the cast + transposed/contiguous copy + packed output; on CUDA the work copies live on the
+        GPU. The process baseline (Python + torch, ~0.5 GB) comes on top.
         """
         big = max((max(t.source_bytes, t.out_bytes) for t in self.tensors), default=0)
-        return (1 if device == "cuda" else 3) * big
+        return (2 if device == "cuda" else 3) * big
 
     def counts(self) -> dict:
         q = [t for t in self.tensors if t.action == QUANTIZE]
@@ -206,6 +209,10 @@ def plan_quantization(
     ckpt=None,
 ) -> QuantizePlan:
     """Everything the run will do, decided before any byte is written. Raises on any mismatch."""
+    from qtool.streamio import process_age
+
+    timings = {"startup": process_age()}  # interpreter start, CLI, up to planning
+    t0 = time.perf_counter()
     import torch
     from transformers.core_model_loading import (
         WeightConverter, WeightRenaming, build_glob_alternation, dot_natural_key, rename_source_key,
@@ -216,6 +223,8 @@ def plan_quantization(
     from qtool.checkpoint import Checkpoint
     from qtool.meta import build_plan, hf_config
 
+    timings["imports"] = time.perf_counter() - t0  # torch + transformers, when not yet imported
+    t0 = time.perf_counter()
     source = Path(source)
     ckpt = ckpt or Checkpoint.open(source, allow_pickle=allow_pickle)
     config = ckpt.config or {}
@@ -374,7 +383,7 @@ def plan_quantization(
         source=source, source_name=source_name or source.resolve().name, revision=revision, config=config,
         settings=settings, model_plan=model_plan, architecture=type(model).__name__, model_dtype=_tname(dtype),
         tensors=tensors, slots=slots, dropped=dropped, warnings=warnings, total_parameters=total_parameters,
-        header_bytes=header_bytes,
+        header_bytes=header_bytes, timings={**timings, "plan": time.perf_counter() - t0},
     )
 
 
@@ -393,6 +402,8 @@ class QuantizeResult:
     device: str
     quantized: int
     kept: int
+    stage_seconds: dict = field(default_factory=dict)  # where the time went (see qtool.streamio)
+    single_pass: bool = True  # False: a shard boundary depended on blob lengths, written twice
 
     def to_dict(self) -> dict:
         d = self.__dict__.copy()
@@ -425,76 +436,6 @@ def quantize_tensor(t, *, settings: QuantSettings):
     parts = {"": packed}
     parts.update({"." + k: v for k, v in state.as_dict(packed=True).items()})
     return parts
-
-
-def read_tensor(ckpt, name: str):
-    """One tensor into a fresh CPU buffer with pread (not through a memory map, whose touched pages would
-    stay in this process's RSS until the whole file had been mapped in); pickle checkpoints use ckpt.read."""
-    import torch
-
-    from qtool.checkpoint import torch_dtype
-
-    info = ckpt.tensors[name]
-    if getattr(ckpt, "format", "safetensors") != "safetensors" or info.start < 0:
-        return ckpt.read(name)
-    nbytes = info.end - info.start
-    buf = torch.empty(nbytes, dtype=torch.uint8)
-    view = memoryview(buf.numpy()).cast("B")
-    fd = os.open(info.file, os.O_RDONLY)
-    try:
-        done = 0
-        while done < nbytes:
-            n = os.preadv(fd, [view[done:]], info.start + done)
-            if n <= 0:
-                raise WeightsError(f"unexpected end of file reading tensor {name!r}", path=info.file)
-            done += n
-    finally:
-        os.close(fd)
-    if nbytes == 0:
-        return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
-    return buf.view(torch_dtype(info.dtype)).reshape(info.shape)
-
-
-class _ReadAhead:
-    """Reads tensors in a known order, one ahead of the consumer, on a background thread (pread releases
-    the GIL), so disk reads overlap quantization. Holds at most one extra tensor, and only a small one
-    (<= PREFETCH_MAX_BYTES): the peak stays at a few times the largest tensor."""
-
-    PREFETCH_MAX_BYTES = 512 * 2**20
-
-    def __init__(self, ckpt, plan: QuantizePlan, order: list[int]):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.ckpt, self.plan, self.order = ckpt, plan, order
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qtool-read")
-        self.pos = 0
-        self.pending = None
-        self._submit()
-
-    def _submit(self) -> None:
-        if self.pos < len(self.order) and self.plan.tensors[self.order[self.pos]].source_bytes <= self.PREFETCH_MAX_BYTES:
-            idx = self.order[self.pos]
-            self.pending = (idx, self.pool.submit(read_tensor, self.ckpt, self.plan.tensors[idx].source))
-            self.pos += 1
-        else:
-            self.pending = None
-
-    def take(self, idx: int):
-        if self.pending is None or self.pending[0] != idx:  # a large tensor: read it now
-            if self.pending is None and self.pos < len(self.order) and self.order[self.pos] == idx:
-                self.pos += 1
-            value = read_tensor(self.ckpt, self.plan.tensors[idx].source)
-            self._submit()
-            return value
-        value = self.pending[1].result()
-        self._submit()
-        return value
-
-    def close(self) -> None:
-        if self.pending is not None:
-            self.pending[1].cancel()
-        self.pool.shutdown(wait=True)
-        self.pending = None
 
 
 def _peak_rss() -> int:
@@ -582,65 +523,161 @@ def run_quantization(
         raise err from exc
 
 
+def entry_specs(plan: QuantizePlan) -> list:
+    """Every output tensor in state-dict order with its exact size, or a size range for quant-state blobs."""
+    from qtool import formats
+    from qtool.writer import ST_DTYPES, EntrySpec
+
+    fmt = formats.FORMATS[formats.format_key(plan.settings.quant_type, plan.settings.double_quant)]
+    specs, parts_of = [], {}
+    for name, idx, suffix in plan.slots:
+        t = plan.tensors[idx]
+        if t.action == KEEP:
+            specs.append(EntrySpec(name, ST_DTYPES[t.dtype], tuple(t.shape), t.out_bytes, t.out_bytes))
+            continue
+        if idx not in parts_of:
+            parts = formats.saved_parts(formats.quantized_parts(
+                t.shape, fmt, blocksize=plan.settings.blocksize, dtype=t.dtype,
+                quant_storage=plan.settings.quant_storage, offset=0.0))
+            parts_of[idx] = {p.suffix.removeprefix(".weight"): p for p in parts}
+        p = parts_of[idx][suffix]
+        if suffix.startswith(".quant_state."):
+            # the double-quant offset is a float in the JSON: json.dumps gives 3 ("0.0") to 24 characters
+            n = p.nbytes - 3 if plan.settings.double_quant else p.nbytes
+            hi = n + 24 if plan.settings.double_quant else n
+            specs.append(EntrySpec(name, "U8", None, n + 3 if plan.settings.double_quant else n, hi))
+        else:
+            specs.append(EntrySpec(name, ST_DTYPES[p.dtype], tuple(p.shape), p.nbytes, p.nbytes))
+    return specs
+
+
+def _arena_bytes(plan: QuantizePlan, dev: str) -> int:
+    """Read-ahead budget: on CUDA two of the largest tensors (one being used, the next arriving); on CPU,
+    where quantizing is the slow part, one (plus a little for the small tensors around it)."""
+    big = plan.largest_tensor_bytes
+    return 2 * big if dev == "cuda" else big + min(big, 64 * 2**20)
+
+
 def _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_code, on_progress) -> QuantizeResult:
     import torch
 
     from qtool.modelcard import model_card
-    from qtool.writer import ShardWriter, staging_dir, write_index
+    from qtool.streamio import BackgroundWriter, Reader, StageClock
+    from qtool.writer import LayoutWriter, ShardWriter, split_shards, staging_dir, write_index
 
+    clock = StageClock()
+    for k, v in plan.timings.items():
+        clock.add(k, v)
     start = time.monotonic()
+    with clock("import_bitsandbytes"):
+        import bitsandbytes.functional  # noqa: F401
+    if dev == "cuda":
+        with clock("cuda_init"):
+            torch.zeros(1, device="cuda")
+            torch.cuda.synchronize()
+    specs = entry_specs(plan)
+    shards = split_shards(specs, max_shard_size)
+    slots_of: dict[int, list[tuple[str, str]]] = {}
+    for name, idx, suffix in plan.slots:
+        slots_of.setdefault(idx, []).append((name, suffix))
+    if shards is not None:  # one pass, in name order: each file is written once, front to back
+        order = sorted(slots_of, key=lambda i: plan.tensors[i].name)
+    else:  # a shard boundary depends on blob lengths: state-dict order, assembled at the end
+        order = [idx for _, idx, suffix in plan.slots if suffix == ""]
     total = plan.input_bytes
     done = 0
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
+    def process(idx: int):
+        """Read, cast, quantize one tensor -> ({suffix: CPU tensor}, lease of the arena block still in use)."""
+        t = plan.tensors[idx]
+        with clock("read_wait"):
+            src, lease = reader.take(t.source)
+        dtype = getattr(torch, t.dtype)
+        if t.action == KEEP:
+            with clock("cast"):
+                value = src.to(dtype)
+            if value is not src:
+                lease.release()
+                lease = None
+            return {"": value}, lease
+        if dev == "cuda":
+            with clock("h2d"):
+                w = src.to(dev, dtype)
+                sync()
+            lease.release()
+        else:
+            with clock("cast"):
+                w = src.to(dtype)
+        if t.transpose:
+            w = w.T
+        with clock("quantize"):
+            parts = quantize_tensor(w, settings=plan.settings)
+            sync()
+        del w
+        lease.release()
+        with clock("d2h"):
+            parts = {k: v.cpu() for k, v in parts.items()}
+        return parts, None
+
     with staging_dir(destination, force=force) as tmp:
-        writer = ShardWriter(tmp, max_shard_size=max_shard_size)
+        sink = (LayoutWriter(tmp, specs, shards) if shards is not None
+                else ShardWriter(tmp, max_shard_size=max_shard_size))
+        reader = writer = None
         try:
-            cache: dict[int, dict] = {}  # quantized tensor index -> parts not yet written
-            reads = [idx for _, idx, suffix in plan.slots if suffix == ""]  # one read per tensor, in order
-            ahead = _ReadAhead(ckpt, plan, reads)  # the next tensor is read while this one is quantized
-            try:
+            reader = Reader(ckpt, [plan.tensors[i].source for i in order], arena_bytes=_arena_bytes(plan, dev),
+                            pin=dev == "cuda", clock=clock)
+            writer = BackgroundWriter(sink, max_bytes=max(plan.largest_tensor_bytes, 256 * 2**20), clock=clock)
+            if shards is not None:
+                for idx in order:
+                    parts, lease = process(idx)
+                    writer.submit([(name, parts[suffix]) for name, suffix in slots_of[idx]], lease)
+                    done += plan.tensors[idx].source_bytes
+                    if on_progress is not None:
+                        on_progress(done, total, plan.tensors[idx].source)
+            else:
+                cache: dict[int, dict] = {}  # quantized tensor index -> parts not yet written
                 for out_name, idx, suffix in plan.slots:
-                    t = plan.tensors[idx]
-                    if t.action == KEEP:
-                        value = ahead.take(idx).to(getattr(torch, t.dtype))
-                        writer.add(out_name, value)
-                        del value
-                        done += t.source_bytes
-                    elif suffix == "":
-                        w = ahead.take(idx).to(dev, getattr(torch, t.dtype))
-                        if t.transpose:
-                            w = w.T
-                        parts = quantize_tensor(w, settings=plan.settings)
-                        del w
-                        parts = {k: v.cpu() for k, v in parts.items()}
-                        writer.add(out_name, parts.pop(""))
-                        cache[idx] = parts
-                        done += t.source_bytes
+                    if suffix == "":
+                        parts, lease = process(idx)
+                        writer.submit([(out_name, parts.pop(""))], lease)
+                        if parts:
+                            cache[idx] = parts
+                        done += plan.tensors[idx].source_bytes
                     else:
-                        parts = cache[idx]
-                        writer.add(out_name, parts.pop(suffix))
-                        if not parts:
+                        writer.submit([(out_name, cache[idx].pop(suffix))])
+                        if not cache[idx]:
                             del cache[idx]
                     if on_progress is not None:
-                        on_progress(done, total, t.source)
-            finally:
-                ahead.close()
-            result = writer.finish()
+                        on_progress(done, total, plan.tensors[idx].source)
+            writer.drain()
+            with clock("finish_shards"):
+                result = sink.finish()
         except BaseException:
-            writer.abort()
+            for part in (writer, reader):
+                if part is not None:
+                    with contextlib.suppress(Exception):
+                        part.close()
+            sink.abort()
             raise
-        if len(result["files"]) > 1:
-            write_index(tmp, result["weight_map"],
-                        {"total_parameters": plan.total_parameters, "total_size": result["total_size"]})
-        write_config(plan, tmp, trust_remote_code=trust_remote_code)
-        copy_small_files(plan.source, tmp, plan)
+        writer.close()
+        reader.close()
+        with clock("config_and_small_files"):
+            if len(result["files"]) > 1:
+                write_index(tmp, result["weight_map"],
+                            {"total_parameters": plan.total_parameters, "total_size": result["total_size"]})
+            write_config(plan, tmp, trust_remote_code=trust_remote_code)
+            copy_small_files(plan.source, tmp, plan)
         output_bytes = sum((tmp / f).stat().st_size for f in result["files"])
         seconds = time.monotonic() - start
+        clock.add("run", seconds)
         res = QuantizeResult(
             destination=destination, files=result["files"], input_bytes=total, output_bytes=output_bytes,
             seconds=seconds, peak_rss_bytes=_peak_rss(),
             peak_gpu_bytes=torch.cuda.max_memory_allocated() if dev == "cuda" else None, device=dev,
             quantized=sum(1 for t in plan.tensors if t.action == QUANTIZE),
             kept=sum(1 for t in plan.tensors if t.action == KEEP),
+            stage_seconds=clock.rounded(), single_pass=shards is not None,
         )
         (tmp / "README.md").write_text(model_card(plan, res), encoding="utf-8")
     return res

@@ -5,12 +5,22 @@ Nothing is written at the destination until everything succeeded: `staging_dir` 
 staging directory is removed and the destination is untouched (with --force, an existing destination
 is replaced only after success).
 
-`ShardWriter` takes tensors one at a time in state-dict order and never holds a shard in memory:
-each tensor's bytes are appended to a per-shard data file as they arrive; when a shard closes, the
-safetensors header is computed (safetensors' own layout: dtype rank descending, then name; JSON with
-no spaces, padded with spaces to 8 bytes) and the final file is assembled by copying byte ranges.
-Shards are split exactly like huggingface_hub's split_torch_state_dict_into_shards (greedy, in order;
-a tensor larger than the limit gets its own shard) and named like transformers' save_pretrained.
+`LayoutWriter` writes each shard once, straight into its final file. Shard membership is decided
+up front exactly like huggingface_hub's split_torch_state_dict_into_shards (greedy in state-dict
+order; a tensor larger than the limit gets its own shard), and each file's layout is safetensors'
+own: dtype rank descending, then name. Every size is known from shapes except the quant-state JSON
+blobs (U8, a data-dependent float inside), and U8 sorts last: tensors before the first blob still to
+come have known offsets and are pwritten where they go; the caller sends tensors in name order so
+the U8 region fills front to back (anything that arrives early waits in memory until its offset is
+known). The header goes first but its length is known only at the end: room for the worst case
+(every blob at its longest) is reserved and the final JSON is padded to it with spaces (safetensors
+accepts trailing whitespace; the length stays a multiple of 8). Files thus differ from
+save_pretrained's only in header whitespace; names, dtypes, shapes and bytes are identical.
+
+When a shard boundary would depend on the unknown blob lengths (a cumulative size within a few
+bytes of the limit), `split_shards` says so and the caller falls back to `ShardWriter`, which takes
+tensors in state-dict order, appends them to a per-shard data file and assembles each final file
+by copying byte ranges at the end (the output is written twice, but the split is always exact).
 """
 
 from __future__ import annotations
@@ -34,6 +44,9 @@ INDEX_NAME = "model.safetensors.index.json"
 _DTYPE_RANK = {"BOOL": 0, "U8": 4, "I8": 5, "F8_E5M2": 6, "F8_E4M3": 7, "I16": 9, "U16": 10, "F16": 11, "BF16": 12,
                "I32": 13, "U32": 14, "F32": 15, "F64": 16, "I64": 17, "U64": 18}
 _COPY_CHUNK = 64 * 2**20
+_WRITE_CHUNK = 1 << 30  # pwrite writes at most ~2 GiB per call
+ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "uint8": "U8", "int8": "I8", "int16": "I16",
+             "int32": "I32", "int64": "I64", "bool": "BOOL", "float64": "F64"}
 
 
 def st_dtype(tdtype) -> str:
@@ -253,6 +266,180 @@ def _copy_range(src, dst, offset: int, nbytes: int) -> None:
         done += len(chunk)
     if done != nbytes:
         raise WeightsError("short copy while assembling a shard", path=src.name)
+
+
+@dataclass(frozen=True)
+class EntrySpec:
+    """One tensor of the output as planned: its byte size is exact (lo == hi) or a range (a JSON blob)."""
+
+    name: str
+    dtype: str  # safetensors dtype, e.g. "BF16"
+    shape: tuple[int, ...] | None  # None: a 1-D blob whose length is known once it is written
+    lo: int
+    hi: int
+
+
+def split_shards(specs: list[EntrySpec], max_shard_size: int) -> list[list[int]] | None:
+    """huggingface_hub's greedy split over `specs` (state-dict order) -> shards as lists of indices, or
+    None when a decision depends on sizes still unknown (a running total within a few bytes of the limit)."""
+    shards: list[list[int]] = []
+    cur: list[int] = []
+    lo = hi = 0
+    for i, e in enumerate(specs):
+        if e.lo > max_shard_size:
+            shards.append([i])
+            continue
+        if e.hi > max_shard_size:
+            return None
+        if cur and lo + e.lo > max_shard_size:
+            shards.append(cur)
+            cur, lo, hi = [], 0, 0
+        elif cur and hi + e.hi > max_shard_size:
+            return None
+        cur.append(i)
+        lo, hi = lo + e.lo, hi + e.hi
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+def shard_names(n: int) -> list[str]:
+    return [WEIGHTS_NAME] if n <= 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def _tensor_bytes(t) -> memoryview:
+    import torch
+
+    return memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        n = os.pwrite(fd, data[done: done + _WRITE_CHUNK], offset + done)
+        if n <= 0:
+            raise OSError(errno.EIO, "short write")
+        done += n
+
+
+class _Layout:
+    """One output file: its entries in data order, their offsets as they become known."""
+
+    def __init__(self, path: Path, specs: list[EntrySpec], metadata: dict | None):
+        self.path = path
+        self.specs = sorted(specs, key=lambda e: (-_DTYPE_RANK[e.dtype], e.name))
+        self.index = {e.name: k for k, e in enumerate(self.specs)}
+        if len(self.index) != len(self.specs):
+            raise WeightsError("duplicate tensor name in one shard", path=path)
+        self.metadata = metadata
+        self.sizes: list[int | None] = [e.lo if e.lo == e.hi else None for e in self.specs]
+        self.shapes: list[tuple | None] = [e.shape for e in self.specs]
+        self.offsets: list[int | None] = [None] * len(self.specs)
+        self.written = [False] * len(self.specs)
+        self.pending: dict[int, object] = {}  # arrived before its offset was known
+        self.resolved = 0  # offsets[:resolved] are known
+        self.end = 0  # data bytes in offsets[:resolved]
+        worst = [(e.name, e.dtype, e.shape if e.shape is not None else (e.hi,), e.hi) for e in self.specs]
+        self.header_room = len(safetensors_header(worst, metadata)[0]) - 8  # a multiple of 8
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._resolve()
+
+    def _resolve(self) -> None:
+        while self.resolved < len(self.specs) and self.sizes[self.resolved] is not None:
+            k = self.resolved
+            self.offsets[k] = self.end
+            self.end += self.sizes[k]
+            self.resolved += 1
+            if k in self.pending:
+                self._write(k, self.pending.pop(k))
+
+    def _write(self, k: int, t) -> None:
+        if self.sizes[k]:
+            with naming_file(self.path):
+                _pwrite_all(self.fd, _tensor_bytes(t), 8 + self.header_room + self.offsets[k])
+        self.written[k] = True
+
+    def add(self, name: str, t) -> None:
+        k = self.index[name]
+        e = self.specs[k]
+        nbytes = t.numel() * t.element_size()
+        if self.written[k] or k in self.pending:
+            raise WeightsError(f"tensor {name} written twice", path=self.path)
+        if e.shape is None:
+            if not e.lo <= nbytes <= e.hi:  # the reserved header would not fit: a planning bug
+                raise RuntimeError(f"{name}: {nbytes} bytes, planned {e.lo}..{e.hi}")
+            self.sizes[k], self.shapes[k] = nbytes, (nbytes,)
+        elif nbytes != self.sizes[k] or tuple(t.shape) != tuple(e.shape) or ST_DTYPES[_tname(t.dtype)] != e.dtype:
+            raise RuntimeError(f"{name}: got {t.dtype} {tuple(t.shape)}, planned {e.dtype} {e.shape}")
+        if k < self.resolved:
+            self._write(k, t)
+        else:
+            self.pending[k] = t
+            self._resolve()
+
+    def finish(self) -> int:
+        missing = [e.name for e, w in zip(self.specs, self.written) if not w]
+        if missing:
+            raise RuntimeError(f"{len(missing)} planned tensors never written, e.g. {missing[0]}")
+        head: dict = {} if self.metadata is None else {"__metadata__": self.metadata}
+        for e, shape, off, n in zip(self.specs, self.shapes, self.offsets, self.sizes):
+            head[e.name] = {"dtype": e.dtype, "shape": list(shape), "data_offsets": [off, off + n]}
+        text = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > self.header_room:
+            raise RuntimeError(f"header of {self.path.name} outgrew its reserved {self.header_room} bytes")
+        text += b" " * (self.header_room - len(text))
+        with naming_file(self.path):
+            _pwrite_all(self.fd, memoryview(struct.pack("<Q", len(text)) + text), 0)
+            os.ftruncate(self.fd, 8 + self.header_room + self.end)
+            os.close(self.fd)
+        self.fd = -1
+        return self.end
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+
+
+def _tname(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class LayoutWriter:
+    """Writes planned shards once, in place. `add` in any order (name order keeps memory flat), then `finish`."""
+
+    def __init__(self, directory: Path, specs: list[EntrySpec], shards: list[list[int]], *,
+                 metadata: dict | None = None):
+        self.dir = Path(directory)
+        self.metadata = metadata if metadata is not None else {"format": "pt"}
+        shards = shards or [[]]  # an empty model: one file with an empty header, like safetensors
+        self.names = shard_names(len(shards))
+        self.layouts: list[_Layout] = []
+        self.where: dict[str, _Layout] = {}
+        self.weight_map: dict[str, str] = {}
+        try:
+            for fname, members in zip(self.names, shards):
+                layout = _Layout(self.dir / fname, [specs[i] for i in members], self.metadata)
+                self.layouts.append(layout)
+                for i in members:
+                    self.where[specs[i].name] = layout
+                    self.weight_map[specs[i].name] = fname
+        except BaseException:
+            self.abort()
+            raise
+        self.total_size = 0
+
+    def add(self, name: str, tensor) -> None:
+        self.where[name].add(name, tensor)
+
+    def finish(self) -> dict:
+        self.total_size = sum(layout.finish() for layout in self.layouts)
+        return {"files": list(self.names), "weight_map": dict(self.weight_map), "total_size": self.total_size}
+
+    def abort(self) -> None:
+        for layout in self.layouts:
+            layout.close()
 
 
 def write_index(directory: Path, weight_map: dict[str, str], metadata: dict) -> None:

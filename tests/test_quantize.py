@@ -114,8 +114,27 @@ def test_llama_matches_transformers(sources, tmp_path, dtype, qt, dq):
     _quantize(src, tmp_path / "ours", s)
     _oracle_model(src, "llama", s).save_pretrained(tmp_path / "oracle")
     _assert_same_checkpoint(tmp_path / "ours", tmp_path / "oracle")
-    # save_pretrained's files are safetensors' own serialization: ours are byte-identical
-    assert (tmp_path / "ours/model.safetensors").read_bytes() == (tmp_path / "oracle/model.safetensors").read_bytes()
+    _assert_same_file_but_header_spaces(tmp_path / "ours/model.safetensors", tmp_path / "oracle/model.safetensors")
+
+
+def _split_file(path: Path) -> tuple[int, dict, bytes]:
+    import struct
+
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    return n, json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def _assert_same_file_but_header_spaces(ours: Path, oracle: Path) -> None:
+    """Ours is written in place with room reserved for the header: the same JSON (padded with more spaces,
+    still a multiple of 8) and the very same data bytes as safetensors' own serialization."""
+    na, ha, da = _split_file(ours)
+    nb, hb, db = _split_file(oracle)
+    assert na % 8 == 0 and na >= nb
+    assert ha == hb
+    assert list(ha) == list(hb)  # same key order too
+    assert da == db
+    assert ours.read_bytes()[8:8 + na].rstrip(b" ") == oracle.read_bytes()[8:8 + nb].rstrip(b" ")
 
 
 @pytest.mark.parametrize("arch,dtype,qt,dq", [
@@ -159,16 +178,54 @@ def test_output_loads_and_gives_oracle_logits(sources, tmp_path, arch):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_sharding_matches_save_pretrained(sources, tmp_path):
+def _ambiguous_shard_size(plan) -> int:
+    """A max_shard_size where a shard boundary depends on the quant-state blob lengths."""
+    from qtool.quantize import entry_specs
+    from qtool.writer import split_shards
+
+    specs = entry_specs(plan)
+    return next(m for m in range(40_000, 80_000, 7) if split_shards(specs, m) is None)
+
+
+@pytest.mark.parametrize("single_pass", [True, False])
+def test_sharding_matches_save_pretrained(sources, tmp_path, single_pass):
     src = sources("llama", "bf16")
     s = _settings()
-    _quantize(src, tmp_path / "ours", s, max_shard_size=60_000)
-    _oracle_model(src, "llama", s).save_pretrained(tmp_path / "oracle", max_shard_size=60_000)
+    size = 60_000 if single_pass else _ambiguous_shard_size(plan_quantization(src, s))
+    _, res = _quantize(src, tmp_path / "ours", s, max_shard_size=size)
+    assert res.single_pass is single_pass
+    _oracle_model(src, "llama", s).save_pretrained(tmp_path / "oracle", max_shard_size=size)
     _assert_same_checkpoint(tmp_path / "ours", tmp_path / "oracle")
     assert len(list((tmp_path / "ours").glob("*.safetensors"))) > 2
     ia = json.loads((tmp_path / "ours/model.safetensors.index.json").read_text())
     ib = json.loads((tmp_path / "oracle/model.safetensors.index.json").read_text())
     assert ia == ib
+    for f in (tmp_path / "oracle").glob("*.safetensors"):
+        if single_pass:
+            _assert_same_file_but_header_spaces(tmp_path / "ours" / f.name, f)
+        else:  # assembled at the end: safetensors' own bytes
+            assert (tmp_path / "ours" / f.name).read_bytes() == f.read_bytes()
+
+
+def test_split_shards_is_huggingface_hubs_split():
+    """Exact sizes: the same shards as huggingface_hub's split; a boundary within the unknown range: None."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    from qtool.writer import EntrySpec, split_shards
+
+    gen = torch.Generator().manual_seed(1)
+    sizes = [int(x) for x in torch.randint(1, 400, (60,), generator=gen)] + [900, 5, 1200, 7]
+    sd = {f"t{i:03d}": torch.zeros(n, dtype=torch.uint8) for i, n in enumerate(sizes)}
+    specs = [EntrySpec(k, "U8", (v.numel(),), v.numel(), v.numel()) for k, v in sd.items()]
+    for limit in (1, 100, 399, 400, 1000, 1199, 5000, 10**9):
+        ours = split_shards(specs, limit)
+        theirs = split_torch_state_dict_into_shards(sd, max_shard_size=limit)
+        names = list(sd)
+        assert [[names[i] for i in shard] for shard in ours] == [list(f) for f in theirs.filename_to_tensors.values()]
+    fuzzy = [EntrySpec("a", "U8", (50,), 50, 50), EntrySpec("b", "U8", None, 40, 60), EntrySpec("c", "U8", (5,), 5, 5)]
+    assert split_shards(fuzzy, 200) == [[0, 1, 2]]
+    assert split_shards(fuzzy, 89) == [[0], [1, 2]]  # 50 + 40 > 89: b starts a shard whatever its length
+    assert split_shards(fuzzy, 100) is None  # 50 + (40..60) may or may not exceed 100
 
 
 def test_checkpoint_buffers_dropped_like_transformers(sources, tmp_path):
