@@ -59,9 +59,9 @@ def model_card(plan, result) -> str:
         "## How to load",
         "",
         "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f"from transformers import {auto_class(plan.architecture)}, AutoTokenizer",
         "",
-        'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder", device_map="auto")',
+        f'model = {auto_class(plan.architecture)}.from_pretrained("path/to/this/folder", device_map="auto")',
         'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
         "```",
         "",
@@ -70,3 +70,13 @@ def model_card(plan, result) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def auto_class(architecture: str) -> str:
+    """The transformers Auto class a user loads this architecture with."""
+    for suffix, cls in (("ForCausalLM", "AutoModelForCausalLM"), ("LMHeadModel", "AutoModelForCausalLM"),
+                        ("ForConditionalGeneration", "AutoModelForSeq2SeqLM"), ("ForMaskedLM", "AutoModelForMaskedLM"),
+                        ("ForSequenceClassification", "AutoModelForSequenceClassification")):
+        if architecture.endswith(suffix):
+            return cls
+    return "AutoModel"

@@ -156,4 +156,6 @@ def render_result(console, plan, result) -> None:
     console.print(f"  time: {result.seconds:.1f} s ({format_bytes(r['throughput_bytes_per_s'])}/s) on {result.device}")
     gpu = f", GPU peak {format_bytes(result.peak_gpu_bytes)}" if result.peak_gpu_bytes is not None else ""
     console.print(f"  peak host RSS: {format_bytes(result.peak_rss_bytes)}{gpu}")
-    console.print(f"  load it: AutoModelForCausalLM.from_pretrained({str(result.destination)!r})")
+    from qtool.modelcard import auto_class
+
+    console.print(f"  load it: {auto_class(plan.architecture)}.from_pretrained({str(result.destination)!r})")
