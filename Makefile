@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: venv demo test bench clean help
+.PHONY: venv demo test bench preflight clean help
 
 help:
 	@echo "make demo   set up .venv, then run qtool on its built-in examples"
@@ -34,6 +34,16 @@ demo: venv
 
 test: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# CI pre-flight: plan on any machine; measure where CUDA is (README: "CI pre-flight recipe").
+MODEL ?= llama-3-8b
+SEQ ?= 2048
+VRAM ?= 24GB
+preflight: venv
+	$(VENV)/bin/qtool estimate $(MODEL) --seq-len $(SEQ) --vram $(VRAM)
+	if $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
+	  $(VENV)/bin/qtool verify $(MODEL) --seq-len $(SEQ) --max-vram $(VRAM) --junit report.xml; \
+	else echo "no CUDA here: skipped qtool verify"; fi
 
 bench: venv
 	$(PY) bench/estimate_speed.py
