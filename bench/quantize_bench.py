@@ -9,7 +9,8 @@ Each side runs in its own subprocess; its peak RSS comes from os.wait4's rusage 
   python bench/quantize_bench.py --device cuda --io-floor   # on a GPU machine, with the I/O floor
 
 Goals: qtool's peak RSS at most half of transformers', growing < 10% from 2 to 6 layers; wall time no
-worse than transformers'.
+worse than transformers'. On CUDA: qtool's wall within 1.2x of the I/O floor (whole process, and without
+the interpreter/import/CUDA-init overhead that the report's stage_seconds measures).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
     "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
@@ -92,53 +94,117 @@ def measure(cmd: list[str]) -> dict:
     return {"wall_s": round(wall, 2), "peak_rss_bytes": usage.ru_maxrss * 1024, "stdout": out.decode()}
 
 
-def io_floor(src: Path, out_bytes: int, workdir: Path) -> dict:
-    """Time to read the input files and write an output-sized file (what no quantizer can beat)."""
-    start = time.monotonic()
-    with open(src / "model.safetensors", "rb") as f:
-        while f.read(64 * 2**20):
+def _read_single(path: Path) -> None:
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(64 * 2**20)
+        while f.readinto(buf):
             pass
-    read_s = time.monotonic() - start
+
+
+def _read_parallel(path: Path) -> int:
+    """The read qtool does: chunked pread on qtool.streamio.read_threads() threads into one reused buffer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qtool.streamio import CHUNK_BYTES, read_threads
+
+    size = path.stat().st_size
+    threads = read_threads()
+    window = CHUNK_BYTES * threads * 4
+    buf = bytearray(window)
+    view = memoryview(buf)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            for base in range(0, size, window):
+                jobs = [pool.submit(os.preadv, fd, [view[a: a + CHUNK_BYTES]], base + a)
+                        for a in range(0, min(window, size - base), CHUNK_BYTES)]
+                for j in jobs:
+                    j.result()
+    finally:
+        os.close(fd)
+    return threads
+
+
+def io_floor(src: Path, out_bytes: int, workdir: Path) -> dict:
+    """What no quantizer can beat: read the input (single-threaded, and with qtool's parallel pread) and
+    write an output-sized file with fsync. Files are read twice first so both reads see the page cache."""
+    f = src / "model.safetensors"
+    _read_single(f)
+    start = time.monotonic()
+    _read_single(f)
+    read_single_s = time.monotonic() - start
+    start = time.monotonic()
+    threads = _read_parallel(f)
+    read_parallel_s = time.monotonic() - start
     target = workdir / "io-floor.bin"
     block = b"\0" * (64 * 2**20)
     start = time.monotonic()
-    with open(target, "wb") as f:
+    with open(target, "wb") as out:
         left = out_bytes
         while left > 0:
-            f.write(block[: min(left, len(block))])
+            out.write(block[: min(left, len(block))])
             left -= len(block)
-        f.flush()
-        os.fsync(f.fileno())
+        out.flush()
+        write_nosync_s = time.monotonic() - start
+        os.fsync(out.fileno())
     write_s = time.monotonic() - start
     target.unlink()
-    return {"read_s": round(read_s, 2), "write_s": round(write_s, 2), "total_s": round(read_s + write_s, 2)}
+    best = min(read_single_s, read_parallel_s)
+    return {"read_single_s": round(read_single_s, 2), "read_parallel_s": round(read_parallel_s, 2),
+            "read_threads": threads, "write_s": round(write_s, 2), "write_no_fsync_s": round(write_nosync_s, 2),
+            "total_s": round(best + write_s, 2), "total_single_s": round(read_single_s + write_s, 2)}
 
 
-def run(layers: int, device: str, workdir: Path, with_io_floor: bool) -> dict:
+# stages before the streaming starts that are not quantization work: interpreter, CLI, imports, CUDA context
+_OVERHEAD = ("startup", "imports", "import_bitsandbytes", "cuda_init")
+
+
+def _in_child(what: str, *args) -> dict:
+    """Run make_checkpoint / io_floor in a child: Linux children inherit the parent's peak RSS at fork
+    (ru_maxrss), so the bench process itself must never grow, or every later measurement is inflated."""
+    out = measure([sys.executable, str(Path(__file__).resolve()), "--child", what, *map(str, args)])
+    return json.loads(out["stdout"])
+
+
+def run(layers: int, device: str, workdir: Path, with_io_floor: bool, skip_transformers: bool = False) -> dict:
     src = workdir / f"llama3-8b-shaped-{layers}l"
     if not (src / "model.safetensors").is_file():
-        make_checkpoint(src, layers)
+        _in_child("make", src, layers)
     in_bytes = (src / "model.safetensors").stat().st_size
     q_out, t_out = workdir / f"q-{layers}", workdir / f"t-{layers}"
     for d in (q_out, t_out):
         shutil.rmtree(d, ignore_errors=True)
     q = measure([sys.executable, "-m", "qtool", "quantize", str(src), "-o", str(q_out), "--device", device, "--json"])
     report = json.loads(q.pop("stdout"))
-    t = measure([sys.executable, "-c", TRANSFORMERS_CHILD, str(src), str(t_out), device])
-    t.pop("stdout")
+    t = None
+    if not skip_transformers:
+        t = measure([sys.executable, "-c", TRANSFORMERS_CHILD, str(src), str(t_out), device])
+        t.pop("stdout")
     out_bytes = sum(p.stat().st_size for p in q_out.glob("*.safetensors"))
-    t_bytes = sum(p.stat().st_size for p in t_out.glob("*.safetensors"))
+    t_bytes = sum(p.stat().st_size for p in t_out.glob("*.safetensors")) if t else None
+    stages = report.get("stage_seconds", {})
+    q["stage_seconds"] = stages
+    q["overhead_s"] = round(sum(stages.get(k, 0.0) for k in _OVERHEAD), 2)
+    q["wall_excl_overhead_s"] = round(q["wall_s"] - q["overhead_s"], 2)
+    q["single_pass"] = report.get("single_pass")
     row = {"layers": layers, "device": device, "input_bytes": in_bytes, "output_bytes": out_bytes,
            "transformers_output_bytes": t_bytes, "qtool": q, "transformers": t,
            "qtool_reported_peak_rss": report.get("peak_rss_bytes"), "qtool_peak_gpu": report.get("peak_gpu_bytes")}
     if with_io_floor:
-        row["io_floor"] = io_floor(src, out_bytes, workdir)
+        row["io_floor"] = _in_child("floor", src, out_bytes, workdir)
     for d in (q_out, t_out):
         shutil.rmtree(d, ignore_errors=True)
     return row
 
 
 def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        what, *a = sys.argv[2:]
+        if what == "make":
+            print(json.dumps({"bytes": make_checkpoint(Path(a[0]), int(a[1]))}))
+        else:
+            print(json.dumps(io_floor(Path(a[0]), int(a[1]), Path(a[2]))))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, nargs="*", default=[2, 6])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -146,32 +212,46 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the generated source checkpoints")
     ap.add_argument("--io-floor", action="store_true", help="also time reading the input and writing the output size")
     ap.add_argument("--json", type=Path, default=None, help="write the rows here too")
+    ap.add_argument("--skip-transformers", action="store_true", help="time qtool (and the floor) only")
     args = ap.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="qtool-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     rows = []
     try:
         for n in args.layers:
-            row = run(n, args.device, workdir, args.io_floor)
+            row = run(n, args.device, workdir, args.io_floor, args.skip_transformers)
             rows.append(row)
-            gb = 1e9
-            q, t = row["qtool"], row["transformers"]
-            print(f"{n:>2} layers  in {row['input_bytes'] / gb:6.2f} GB -> out {row['output_bytes'] / gb:5.2f} GB | "
-                  f"qtool {q['wall_s']:7.1f} s  {q['peak_rss_bytes'] / gb:5.2f} GB RSS | "
-                  f"transformers {t['wall_s']:7.1f} s  {t['peak_rss_bytes'] / gb:5.2f} GB RSS"
-                  + (f" | I/O floor {row['io_floor']['total_s']} s" if "io_floor" in row else ""), flush=True)
+            print_row(row)
         if len(rows) >= 2:
             a, b = rows[0]["qtool"]["peak_rss_bytes"], rows[-1]["qtool"]["peak_rss_bytes"]
             print(f"qtool RSS growth {rows[0]['layers']} -> {rows[-1]['layers']} layers: {100 * (b / a - 1):+.1f}%")
         for r in rows:
-            print(f"{r['layers']} layers: qtool/transformers RSS = "
-                  f"{r['qtool']['peak_rss_bytes'] / r['transformers']['peak_rss_bytes']:.2f}, "
-                  f"wall = {r['qtool']['wall_s'] / r['transformers']['wall_s']:.2f}")
+            if r["transformers"]:
+                print(f"{r['layers']} layers: qtool/transformers RSS = "
+                      f"{r['qtool']['peak_rss_bytes'] / r['transformers']['peak_rss_bytes']:.2f}, "
+                      f"wall = {r['qtool']['wall_s'] / r['transformers']['wall_s']:.2f}")
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2))
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def print_row(row: dict) -> None:
+    gb = 1e9
+    q, t, n = row["qtool"], row["transformers"], row["layers"]
+    print(f"{n:>2} layers  in {row['input_bytes'] / gb:6.2f} GB -> out {row['output_bytes'] / gb:5.2f} GB | "
+          f"qtool {q['wall_s']:7.1f} s ({q['wall_excl_overhead_s']:.1f} s without {q['overhead_s']:.1f} s "
+          f"startup/imports/CUDA init)  {q['peak_rss_bytes'] / gb:5.2f} GB RSS"
+          + (f" | transformers {t['wall_s']:7.1f} s  {t['peak_rss_bytes'] / gb:5.2f} GB RSS" if t else ""), flush=True)
+    if "io_floor" in row:
+        f = row["io_floor"]
+        print(f"   I/O floor {f['total_s']} s = best read {min(f['read_single_s'], f['read_parallel_s'])} s "
+              f"(1 thread {f['read_single_s']} s, {f['read_threads']} threads {f['read_parallel_s']} s) + write+fsync "
+              f"{f['write_s']} s (no fsync {f['write_no_fsync_s']} s); qtool/floor = {q['wall_s'] / f['total_s']:.2f} "
+              f"({q['wall_excl_overhead_s'] / f['total_s']:.2f} without overhead); single-thread floor "
+              f"{f['total_single_s']} s")
+    print("   qtool stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in q["stage_seconds"].items()), flush=True)
 
 
 if __name__ == "__main__":
