@@ -551,11 +551,21 @@ def entry_specs(plan: QuantizePlan) -> list:
     return specs
 
 
-def _arena_bytes(plan: QuantizePlan, dev: str) -> int:
-    """Read-ahead budget: on CUDA two of the largest tensors (one being used, the next arriving); on CPU,
-    where quantizing is the slow part, one (plus a little for the small tensors around it)."""
-    big = plan.largest_tensor_bytes
+def _arena_bytes(big: int, dev: str) -> int:
+    """Read-ahead budget for tensors of at most `big` bytes: on CUDA two (one being used, the next
+    arriving); on CPU, where quantizing is the slow part, one plus a little for the small ones around it."""
     return 2 * big if dev == "cuda" else big + min(big, 64 * 2**20)
+
+
+def _copyable(plan: QuantizePlan, ckpt, sink, idx: int) -> bool:
+    """A kept tensor whose bytes do not change goes file to file (copy_file_range), never through memory."""
+    from qtool.writer import ST_DTYPES
+
+    t = plan.tensors[idx]
+    info = ckpt.tensors.get(t.source)
+    return (t.action == KEEP and getattr(ckpt, "format", "safetensors") == "safetensors" and info is not None
+            and info.start >= 0 and ST_DTYPES.get(t.dtype) == info.dtype and hasattr(sink, "can_copy")
+            and sink.can_copy(t.name))
 
 
 def _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_code, on_progress) -> QuantizeResult:
@@ -625,11 +635,21 @@ def _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_co
                 else ShardWriter(tmp, max_shard_size=max_shard_size))
         reader = writer = None
         try:
-            reader = Reader(ckpt, [plan.tensors[i].source for i in order], arena_bytes=_arena_bytes(plan, dev),
+            copies = {i for i in order if _copyable(plan, ckpt, sink, i)}
+            reads = [i for i in order if i not in copies]
+            big = max((plan.tensors[i].source_bytes for i in reads), default=0)
+            reader = Reader(ckpt, [plan.tensors[i].source for i in reads], arena_bytes=_arena_bytes(big, dev),
                             pin=dev == "cuda", clock=clock)
-            writer = BackgroundWriter(sink, max_bytes=max(plan.largest_tensor_bytes, 256 * 2**20), clock=clock)
+            writer = BackgroundWriter(sink, max_bytes=max(big, 256 * 2**20), clock=clock)
             if shards is not None:
                 for idx in order:
+                    if idx in copies:
+                        info = ckpt.tensors[plan.tensors[idx].source]
+                        writer.submit_copy(plan.tensors[idx].name, info.file, info.start, info.end - info.start)
+                        done += plan.tensors[idx].source_bytes
+                        if on_progress is not None:
+                            on_progress(done, total, plan.tensors[idx].source)
+                        continue
                     parts, lease = process(idx)
                     writer.submit([(name, parts[suffix]) for name, suffix in slots_of[idx]], lease)
                     done += plan.tensors[idx].source_bytes

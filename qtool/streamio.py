@@ -254,6 +254,19 @@ class BackgroundWriter:
         self.jobs.append((self.pool.submit(self._run, items, lease), nbytes))
         self.queued += nbytes
 
+    def submit_copy(self, name: str, src_path, src_offset: int, nbytes: int) -> None:
+        """A kept tensor straight from the source file into its place (no host memory)."""
+        self._reap(block=False)
+
+        def job():
+            t0 = time.perf_counter()
+            try:
+                self.sink.copy(name, src_path, src_offset, nbytes)
+            finally:
+                self.clock.add("write_copy", time.perf_counter() - t0)
+
+        self.jobs.append((self.pool.submit(job), 0))
+
     def drain(self) -> None:
         with self.clock("write_wait"):
             while self.jobs:

@@ -377,6 +377,15 @@ class _Layout:
             self.pending[k] = t
             self._resolve()
 
+    def copy(self, name: str, src_path, src_offset: int, nbytes: int) -> None:
+        """Put a tensor's bytes straight from a source file (a kept tensor whose dtype does not change)."""
+        k = self.index[name]
+        if k >= self.resolved or self.sizes[k] != nbytes or self.written[k]:
+            raise RuntimeError(f"{name}: cannot copy {nbytes} bytes to an unplanned or unresolved entry")
+        with naming_file(self.path):
+            _copy_between(src_path, src_offset, self.fd, 8 + self.header_room + self.offsets[k], nbytes)
+        self.written[k] = True
+
     def finish(self) -> int:
         missing = [e.name for e, w in zip(self.specs, self.written) if not w]
         if missing:
@@ -400,6 +409,29 @@ class _Layout:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
             self.fd = -1
+
+
+def _copy_between(src_path, src_offset: int, dst_fd: int, dst_offset: int, nbytes: int) -> None:
+    """copy_file_range (no trip through user space; a reflink on some filesystems), else pread + pwrite."""
+    fd = os.open(src_path, os.O_RDONLY)
+    try:
+        done = 0
+        if hasattr(os, "copy_file_range"):
+            with contextlib.suppress(OSError):
+                while done < nbytes:
+                    n = os.copy_file_range(fd, dst_fd, min(nbytes - done, _WRITE_CHUNK), src_offset + done,
+                                           dst_offset + done)
+                    if n <= 0:
+                        break
+                    done += n
+        while done < nbytes:
+            chunk = os.pread(fd, min(_COPY_CHUNK, nbytes - done), src_offset + done)
+            if not chunk:
+                raise WeightsError("unexpected end of file copying a tensor", path=src_path)
+            _pwrite_all(dst_fd, memoryview(chunk), dst_offset + done)
+            done += len(chunk)
+    finally:
+        os.close(fd)
 
 
 def _tname(dtype) -> str:
@@ -432,6 +464,14 @@ class LayoutWriter:
 
     def add(self, name: str, tensor) -> None:
         self.where[name].add(name, tensor)
+
+    def can_copy(self, name: str) -> bool:
+        """True when `name`'s offset is known now (it stays known): `copy` may put it in place."""
+        layout = self.where[name]
+        return layout.index[name] < layout.resolved
+
+    def copy(self, name: str, src_path, src_offset: int, nbytes: int) -> None:
+        self.where[name].copy(name, src_path, src_offset, nbytes)
 
     def finish(self) -> dict:
         self.total_size = sum(layout.finish() for layout in self.layouts)
