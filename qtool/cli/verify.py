@@ -76,7 +76,7 @@ def verify(
     decode_tokens: DecodeOpt = 4,
     data: DataOpt = None,
     reference: ReferenceOpt = None,
-    tolerance: ToleranceOpt = 0.15,
+    tolerance: ToleranceOpt = 0.05,
     revision: o.RevisionOpt = None,
     trust_remote_code: o.TrustRemoteCodeOpt = False,
     junit: JunitOpt = None,
