@@ -6,11 +6,15 @@
    key renaming/conversion rules, and fail on anything missing, unexpected or mis-shaped before a byte
    is written. The result lists every output tensor in the order `save_pretrained` would write it.
    `--dry-run` prints this plan; the real run executes the same object.
-2. Stream (`run_quantization`): for each planned tensor: read it (mmap), cast to the load dtype,
-   transpose Conv1D weights, quantize with bitsandbytes exactly as `Params4bit._quantize` does, hand
-   the packed weight and its `QuantState.as_dict(packed=True)` to the shard writer, free it.
-3. Write: config.json with `quantization_config`, shards (+ index), small files, README.md, all in a
-   staging directory renamed into place on success (`qtool.writer`).
+2. Stream (`run_quantization`): tensors go in name order (the order of the U8 region of each output
+   file). Each is pread in parallel chunks into a reused read-ahead arena (qtool.streamio), cast to
+   the load dtype, Conv1D weights transposed, quantized with bitsandbytes exactly as
+   `Params4bit._quantize` does, and its packed weight + `QuantState.as_dict(packed=True)` handed to a
+   background writer. Kept tensors whose bytes do not change are copied file to file. Seconds per
+   stage are returned as `stage_seconds`.
+3. Write: each shard once, in place (`qtool.writer.LayoutWriter`; the two-pass `ShardWriter` when a
+   shard boundary depends on blob lengths), config.json with `quantization_config`, index, small
+   files, README.md, all in a staging directory renamed into place on success.
 
 What "exactly as transformers" means here was read from transformers 5 (core_model_loading.py,
 integrations/bitsandbytes.py, modeling_utils.save_pretrained) and is checked tensor for tensor by
