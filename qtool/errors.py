@@ -68,3 +68,9 @@ class OutputError(QtoolError):
     """The output could not be written: disk full, quota exceeded, file-size limit. Nothing is left behind."""
 
     exit_code = EXIT_INTERNAL
+
+
+class Terminated(Interrupted):
+    """SIGTERM (a job scheduler, `kill`): cleaned up like Ctrl-C; 128 + 15 as shells report it."""
+
+    exit_code = 143

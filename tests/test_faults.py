@@ -356,7 +356,9 @@ def mid_ckpt(tmp_path_factory) -> Path:
     return d
 
 
-def test_sigint_during_quantize_leaves_nothing_and_exits_130(mid_ckpt, tmp_path):
+@pytest.mark.parametrize("sig,code,message", [(signal.SIGINT, 130, "interrupted"),
+                                               (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_signal_during_quantize_leaves_nothing(mid_ckpt, tmp_path, sig, code, message):
     dest = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "qtool", "quantize", str(mid_ckpt), "--out", str(dest),
                              "--device", "cpu"], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
@@ -371,10 +373,10 @@ def test_sigint_during_quantize_leaves_nothing_and_exits_130(mid_ckpt, tmp_path)
         time.sleep(0.02)
     assert proc.poll() is None, "quantize finished before it could be interrupted: " + proc.communicate()[1]
     assert staging, "no staging folder appeared"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert one_error_line(err) == "qtool: error: interrupted"
+    assert proc.returncode == code, err
+    assert one_error_line(err) == f"qtool: error: {message}"
     assert not dest.exists()
     assert not [p.name for p in tmp_path.iterdir() if ".qtool-" in p.name]
 

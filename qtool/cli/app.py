@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
+import threading
 from typing import Annotated, Optional
 
 import typer
 
 from qtool import __version__
-from qtool.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, Interrupted, QtoolError
+from qtool.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, Interrupted, QtoolError, Terminated
 
 HELP = """Fit large language models onto the GPUs you have.
 
@@ -87,12 +89,20 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+def _on_sigterm(signum, frame) -> None:
+    # raised in the main thread wherever it is, so staging directories unwind exactly as for Ctrl-C
+    raise Terminated("terminated (SIGTERM)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point. The only place that turns exceptions into messages and exit codes.
 
     Typer runs in standalone mode: it reports usage errors itself (exit 2) and ends with SystemExit;
     our own errors and anything unexpected propagate out of it and are mapped here.
     """
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app(args=argv, prog_name="qtool")
         code = 0
@@ -108,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         if _debug():
             raise
         code = _fail(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", EXIT_INTERNAL)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if argv is None:
         sys.exit(code)
     return code
