@@ -146,6 +146,9 @@ class Meter:
         self.cuda = devices[0].type == "cuda"
         self.peak_allocated = 0
         self.peak_reserved = 0
+        # per device, max over phases (each phase resets torch's counters)
+        self.device_peak_allocated = [0] * len(devices)
+        self.device_peak_reserved = [0] * len(devices)
 
     def sync(self) -> None:
         if self.cuda:
@@ -177,9 +180,14 @@ class Meter:
             self.peak_allocated = max(self.peak_allocated, peak)
             return peak
         self.sync()
-        peak = sum(torch.cuda.max_memory_allocated(d) for d in self.devices)
+        allocated = [torch.cuda.max_memory_allocated(d) for d in self.devices]
+        reserved = [torch.cuda.max_memory_reserved(d) for d in self.devices]
+        for i, (a, r) in enumerate(zip(allocated, reserved)):
+            self.device_peak_allocated[i] = max(self.device_peak_allocated[i], a)
+            self.device_peak_reserved[i] = max(self.device_peak_reserved[i], r)
+        peak = sum(allocated)
         self.peak_allocated = max(self.peak_allocated, peak)
-        self.peak_reserved = max(self.peak_reserved, sum(torch.cuda.max_memory_reserved(d) for d in self.devices))
+        self.peak_reserved = max(self.peak_reserved, sum(reserved))
         return peak
 
     def per_device(self) -> list[dict]:
@@ -188,13 +196,14 @@ class Meter:
         if not self.cuda:
             return []
         out = []
-        for d in self.devices:
+        for i, d in enumerate(self.devices):
             free, total = torch.cuda.mem_get_info(d)
             reserved = torch.cuda.memory_reserved(d)
             out.append({
                 "device": str(d), "name": torch.cuda.get_device_name(d), "total_bytes": total,
-                "peak_allocated_bytes": torch.cuda.max_memory_allocated(d),
-                "peak_reserved_bytes": torch.cuda.max_memory_reserved(d),
+                # max over the run's phases (the load's transient peak is reported separately)
+                "peak_allocated_bytes": max(self.device_peak_allocated[i], torch.cuda.max_memory_allocated(d)),
+                "peak_reserved_bytes": max(self.device_peak_reserved[i], torch.cuda.max_memory_reserved(d)),
                 # what the CUDA context, cuBLAS workspaces and other processes hold outside torch's allocator
                 "outside_torch_bytes": max(0, total - free - reserved),
             })
