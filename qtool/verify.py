@@ -499,10 +499,8 @@ def _estimate(spec: ModelSpec, settings: Settings, options: VerifyOptions) -> di
     """qtool estimate's numbers for the same settings, reduced to what a measurement can check:
     allocated_peak_bytes (the peak less what lives outside torch's allocator), peak_bytes (everything,
     CUDA context included) and the GPU bytes of the loaded weights."""
-    try:
-        from qtool.estimate import estimate_report
-    except ImportError as exc:
-        return {"error": f"qtool.estimate unavailable: {exc}"}
+    from qtool.estimate import estimate_report
+
     try:
         rep = estimate_report(spec, settings, trust_remote_code=options.trust_remote_code)
     except QtoolError as exc:
