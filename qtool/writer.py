@@ -88,7 +88,7 @@ def staging_name(dest: Path) -> str:
 
 
 def check_destination(dest: Path, *, force: bool, source: Path | None = None) -> None:
-    """Refuse what we must not overwrite, before any work is done."""
+    """Refuse what we must not overwrite, or cannot write, before any work is done."""
     dest = Path(dest)
     if dest.exists() or dest.is_symlink():
         if not force:
@@ -101,29 +101,102 @@ def check_destination(dest: Path, *, force: bool, source: Path | None = None) ->
             raise BadInput(f"destination is inside the source checkpoint {source}", path=dest)
         if dst in src.parents:
             raise BadInput(f"destination contains the source checkpoint {source}", path=dest)
+    _check_parent(dest)
+
+
+def _parent(dest: Path) -> Path:
+    return dest.parent if str(dest.parent) else Path(".")
+
+
+def _missing_parents(dest: Path) -> tuple[Path, list[Path]]:
+    """(nearest existing ancestor of dest, the folders above dest that do not exist yet, outermost first).
+    Raises BadInput when an ancestor exists but is not a directory."""
+    missing: list[Path] = []
+    p = _parent(dest)
+    while not p.exists():
+        if p.is_symlink():  # a dangling link: mkdir would fail on it
+            raise BadInput(f"cannot create the destination: {p} is a broken symlink", path=dest)
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        raise BadInput(f"cannot create the destination: parent {p} is not a directory", path=dest)
+    return p, missing[::-1]
+
+
+def _folder_error(exc: OSError, dest: Path, where: Path) -> BadInput | OutputError:
+    """mkdir/mkdtemp failing beside the destination -> one line naming the folder."""
+    if exc.errno == errno.ENOTDIR:
+        return BadInput(f"cannot create the destination: a parent of it is not a directory ({where})", path=dest)
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return BadInput(f"cannot create the destination: {where} is not writable ({exc.strerror})", path=dest)
+    return OutputError(f"cannot create the destination in {where}: {exc.strerror or exc}", path=dest)
+
+
+def _check_parent(dest: Path) -> None:
+    """The destination's folder (or the nearest one that exists) must take a new subfolder: try it."""
+    existing, _ = _missing_parents(dest)
+    try:
+        probe = tempfile.mkdtemp(prefix=staging_name(dest), dir=existing)
+    except OSError as exc:
+        raise _folder_error(exc, dest, existing) from None
+    with contextlib.suppress(OSError):
+        os.rmdir(probe)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
 def staging_dir(dest: Path, *, force: bool = False) -> Iterator[Path]:
-    """Yield a fresh directory beside `dest`; on success it becomes `dest`, on any failure it vanishes."""
+    """Yield a fresh directory beside `dest`; on success it becomes `dest`, on any failure it vanishes
+    (and so do the parent folders created for it)."""
     dest = Path(dest)
-    parent = dest.parent if str(dest.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=staging_name(dest), dir=parent))
+    parent = _parent(dest)
+    _, created = _missing_parents(dest)
     try:
-        yield tmp
-        if dest.exists():
-            if not force:
-                raise BadInput("destination appeared while writing", path=dest)
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.qtool-old-", dir=parent))
-            os.rename(dest, old / "d")
-            os.rename(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dest)
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=staging_name(dest), dir=parent))
+        except OSError as exc:
+            raise _folder_error(exc, dest, parent) from None
+        try:
+            yield tmp
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a folder made by mkdir would not be
+            _move_into_place(tmp, dest, parent, force)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for folder in reversed(created):  # innermost first; only if still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
+
+
+def _move_into_place(tmp: Path, dest: Path, parent: Path, force: bool) -> None:
+    if not dest.exists():
+        os.rename(tmp, dest)
+        return
+    if not force:
+        raise BadInput("destination appeared while writing", path=dest)
+    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.qtool-old-", dir=parent))
+    try:
+        os.rename(dest, old / "d")
+        try:
+            os.rename(tmp, dest)
+        except BaseException:
+            os.rename(old / "d", dest)  # put the previous output back
+            raise
+    except BaseException:
+        with contextlib.suppress(OSError):
+            old.rmdir()  # empty unless the old output could not be put back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass

@@ -179,6 +179,40 @@ def test_destination_inside_the_source(capsys, ckpt, where):
     assert sorted(p.name for p in ckpt.iterdir()) == before
 
 
+
+def test_destination_parent_is_a_file(capsys, ckpt, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for dest in (afile / "out", afile / "sub" / "out"):
+        assert_bad_input(capsys, "quantize", ckpt, "-o", dest, "--device", "cpu", names=afile,
+                         match="not a directory")
+    assert afile.read_text() == "mine"
+    assert not [p for p in tmp_path.iterdir() if ".qtool-" in p.name]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_destination_folder_cannot_be_created(capsys, ckpt, tmp_path):
+    line = assert_bad_input(capsys, "quantize", ckpt, "-o", "/proc/qout", "--device", "cpu", names="/proc",
+                            match="cannot create the destination", code=1)
+    assert "internal error" not in line
+    line = assert_bad_input(capsys, "quantize", ckpt, "-o", "/proc/new/qout", "--device", "cpu", names="/proc",
+                            match="cannot create the destination", code=1)
+    assert not Path("/proc/new").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_destination_parent_not_writable(capsys, ckpt, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        assert_bad_input(capsys, "quantize", ckpt, "-o", ro / "a" / "out", "--device", "cpu", names=ro,
+                         match="not writable")
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
+
+
 # --- weights -------------------------------------------------------------------------------------
 
 def test_truncated_safetensors(capsys, ckpt, tmp_path):

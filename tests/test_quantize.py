@@ -7,8 +7,11 @@ the same config.json, and load with a stock from_pretrained into a model giving 
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -295,6 +298,9 @@ def test_existing_destination_refused_then_force_replaces(sources, tmp_path):
     assert (dest / "old.txt").read_text() == "old"
     run_quantization(plan, dest, device="cpu", force=True)
     assert not (dest / "old.txt").exists() and (dest / "model.safetensors").is_file()
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o777 & ~mask  # as mkdir would make it, not mkdtemp's 0700
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -358,3 +364,72 @@ def test_cli_dry_run_uses_the_same_plan_and_writes_nothing(sources, tmp_path, ca
     card = (tmp_path / "o2/README.md").read_text()
     assert "nf4" in card and "from_pretrained" in card and "hf_" not in card
     assert main(["quantize", str(src), "-o", str(dest)]) == 2  # exists now
+
+
+# ----------------------------------------------------------------------------------- staging folder
+
+
+def test_destination_parent_that_is_a_file_is_refused_before_any_work(tmp_path):
+    from qtool.writer import check_destination
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for dest in (afile / "out", afile / "sub" / "out"):
+        with pytest.raises(BadInput, match="not a directory") as info:
+            check_destination(dest, force=False)
+        assert str(afile) in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_staging_dir_output_mode_follows_umask_and_keeps_created_parents(tmp_path):
+    from qtool.writer import staging_dir
+
+    dest = tmp_path / "a" / "b" / "out"
+    old = os.umask(0o027)
+    try:
+        with staging_dir(dest) as tmp:
+            (tmp / "f").write_text("x")
+    finally:
+        os.umask(old)
+    assert (dest / "f").read_text() == "x"
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o750  # not mkdtemp's 0700
+    assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == ["out"]
+
+
+def test_staging_dir_failure_removes_the_parents_it_created(tmp_path):
+    from qtool.writer import staging_dir
+
+    (tmp_path / "keep").mkdir()
+    dest = tmp_path / "keep" / "new" / "deeper" / "out"
+    with pytest.raises(RuntimeError, match="boom"):
+        with staging_dir(dest) as tmp:
+            (tmp / "f").write_text("x")
+            raise RuntimeError("boom")
+    assert [p.name for p in tmp_path.iterdir()] == ["keep"]
+    assert list((tmp_path / "keep").iterdir()) == []
+
+
+def test_force_puts_the_old_destination_back_when_the_final_rename_fails(tmp_path, monkeypatch):
+    from qtool.writer import staging_dir
+
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "old.txt").write_text("previous run")
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if ".qtool-tmp-" in Path(src).name:  # the new output moving into place
+            raise OSError(errno.EXDEV, "Invalid cross-device link", str(src))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError):
+        with staging_dir(dest, force=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no .qtool-old-*, no .qtool-tmp-*
+    assert [p.name for p in dest.iterdir()] == ["old.txt"]
+    monkeypatch.setattr(os, "rename", real_rename)
+    with staging_dir(dest, force=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in dest.iterdir()] == ["new.txt"]
