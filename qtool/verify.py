@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import math
+import re
 import resource
 import sys
 import time
@@ -219,14 +220,13 @@ def _torch_dtype(name: str):
     return getattr(torch, name)
 
 
-def _kept_dtype(spec_config: dict, settings: Settings):
-    """dtype of tensors that are not quantized: the setting, else the config's own, else the compute dtype."""
-    name = settings.quant.dtype
-    if name == "auto":
-        name = spec_config.get("torch_dtype") or spec_config.get("dtype") or settings.quant.compute_dtype
-        if name not in ("bfloat16", "float16", "float32"):
-            name = settings.quant.compute_dtype
-    return _torch_dtype(name)
+def _kept_dtype(spec: ModelSpec, settings: Settings):
+    """dtype of tensors that are not quantized: qtool estimate's rule (qtool.estimate.kept_dtype), so the
+    estimate and the measurement describe the same model. The loads pass it explicitly: transformers'
+    dtype="auto" would take the weights' dtype when config.json names none, where the estimate assumes float32."""
+    from qtool.estimate import kept_dtype
+
+    return _torch_dtype(kept_dtype(spec, settings))
 
 
 def random_state_dict(model_cls, cfg, dtype, *, seed: int = 0) -> dict:
@@ -274,22 +274,19 @@ def load_model(spec: ModelSpec, source: Source, settings: Settings, options: Ver
 
     cfg = hf_config(spec.config, source=spec.config_path or spec.ref, trust_remote_code=options.trust_remote_code)
     cls = model_class(cfg)
-    kwargs: dict[str, Any] = {"device_map": device_map, "trust_remote_code": options.trust_remote_code}
+    kwargs: dict[str, Any] = {"device_map": device_map, "trust_remote_code": options.trust_remote_code,
+                              "dtype": _kept_dtype(spec, settings)}
     if source.kind == "checkpoint-4bit":
-        return cls.from_pretrained(source.path, dtype="auto", **kwargs), cls
+        return cls.from_pretrained(source.path, **kwargs), cls
     if quantize:
         kwargs["quantization_config"] = settings.quant.bnb_config()
     if source.kind == "random":
-        dtype = _kept_dtype(spec.config, settings)
-        state = random_state_dict(cls, cfg, dtype, seed=options.seed)
+        state = random_state_dict(cls, cfg, kwargs["dtype"], seed=options.seed)
         try:
-            return cls.from_pretrained(None, config=cfg, state_dict=state, dtype=dtype, **kwargs), cls
+            return cls.from_pretrained(None, config=cfg, state_dict=state, **kwargs), cls
         finally:
             del state
-    dtype = "auto" if settings.quant.dtype == "auto" else _torch_dtype(settings.quant.dtype)
-    if not quantize and dtype == "auto":
-        dtype = _kept_dtype(spec.config, settings)
-    return cls.from_pretrained(path or source.path, dtype=dtype, **kwargs), cls
+    return cls.from_pretrained(path or source.path, **kwargs), cls
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -612,6 +609,7 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
         "versions": versions(),
         "steps": [], "phases": {}, "memory": {}, "loss": None, "loss_finite": None, "grads_finite": None,
         "step_seconds": None, "tokens_per_second": None, "quality": None, "error": None, "notes": [],
+        "steps_requested": options.steps,
     }
     if not cuda and run.optimizer == "paged_adamw8bit" and run.mode != "inference":
         report["notes"].append("paged_adamw8bit on CPU: bitsandbytes keeps the 8-bit state in ordinary (unpaged) "
@@ -632,6 +630,10 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
             with _quiet_transformers():
                 model, _ = load_model(spec, source, settings, options, device_map, quantize=quantize)
             report["load_seconds"] = time.perf_counter() - t0
+            report["model"]["kept_dtype"] = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+            if settings.quant.dtype == "auto" and not (spec.config.get("dtype") or spec.config.get("torch_dtype")):
+                report["notes"].append(f"config.json names no dtype: unquantized tensors loaded in "
+                                       f"{report['model']['kept_dtype']}, as qtool estimate assumes (--dtype to change)")
             gc.collect()
             # the load's own peak includes 16-bit staging copies of tensors being quantized; the cache is not
             # emptied afterwards, as a training script would not empty it either
@@ -673,9 +675,10 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
             if stage == "load":
                 raise WeightsError(f"cannot load: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
                                    path=source.path or spec.ref) from exc
-            report["error"] = {"stage": stage, "kind": type(exc).__name__, "message": str(exc).splitlines()[0] if str(exc) else ""}
             if not _numerical(exc):
-                raise
+                raise  # a bug or an unsupported model, not a verdict: exit 1 with the message
+            report["error"] = {"stage": stage, "kind": type(exc).__name__, "numerical": True,
+                               "message": str(exc).splitlines()[0] if str(exc) else ""}
         finally:
             report["loaded"] = model is not None
 
@@ -727,10 +730,13 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
     return report
 
 
+_NAN_INF = re.compile(r"\b(nan|inf)\b", re.IGNORECASE)
+
+
 def _numerical(exc: BaseException) -> bool:
-    """Errors a broken (NaN/inf) model can raise inside kernels, e.g. sampling or argmax on NaN."""
-    text = str(exc).lower()
-    return "nan" in text or "inf" in text
+    """Errors a broken (NaN/inf) model can raise inside kernels, e.g. sampling or argmax on NaN.
+    Whole words only: "information" or "inference" in a message says nothing about NaN."""
+    return _NAN_INF.search(str(exc)) is not None
 
 
 def _has_bitsandbytes() -> bool:
@@ -838,16 +844,25 @@ def checks(report: dict, settings: Settings) -> dict[str, dict]:
         out["loads"] = Check("loads", True, f"loaded in {report.get('load_seconds', 0):.1f}s ({report['model']['description']})")
 
     inference = settings.run.mode == "inference"
-    if report["loss_finite"] is None:
-        why = "out of memory before a step finished" if oom else "no steps run (--steps 0)"
-        out["finite_loss"] = Check("finite_loss", None, why)
-    elif report["loss_finite"]:
-        out["finite_loss"] = Check("finite_loss", True, "outputs finite" if inference else f"loss {report['loss']:.4f}")
-    else:
+    numerical = bool(err) and not oom  # a kernel refused NaN/inf (only such errors are recorded, others raise)
+    if report["loss_finite"] is False:
         out["finite_loss"] = Check("finite_loss", False, "outputs are not finite" if inference
                                    else f"loss is {report['loss']}")
+    elif numerical:
+        out["finite_loss"] = Check("finite_loss", False, f"{err.get('kind')} during {err.get('stage')}: "
+                                   f"{err.get('message', '')}")
+    elif report["loss_finite"]:
+        out["finite_loss"] = Check("finite_loss", True, "outputs finite" if inference else f"loss {report['loss']:.4f}")
+    elif oom:
+        out["finite_loss"] = Check("finite_loss", None, "out of memory before a step finished")
+    elif not report.get("steps_requested"):
+        out["finite_loss"] = Check("finite_loss", None, "no steps run (--steps 0)")
+    else:
+        out["finite_loss"] = Check("finite_loss", None, "no step finished")
     if inference:
         out["finite_grads"] = Check("finite_grads", None, "not applicable to inference")
+    elif report["grads_finite"] is None and numerical:
+        out["finite_grads"] = Check("finite_grads", None, "the run stopped on a NaN/inf error before gradients were checked")
     elif report["grads_finite"] is None:
         out["finite_grads"] = Check("finite_grads", None, "no backward pass ran")
     else:

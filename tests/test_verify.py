@@ -333,3 +333,67 @@ def test_bench_script_on_cpu(tmp_path):
         assert rep["exit_code"] == 0 and rep["versions"]["torch"]
     table = (out / "verify_gpu.md").read_text()
     assert "| tiny |" in table and "load only" in table and "qlora" in table and "inference" in table
+
+
+# ------------------------------------------------------------------ review fixes
+
+
+def test_numerical_error_words():
+    """Only NaN/inf as whole words mark a kernel's refusal as numerical."""
+    from qtool.verify import _numerical
+
+    assert _numerical(RuntimeError("probability tensor contains either `inf`, `nan` or element < 0"))
+    assert _numerical(ValueError("Input contains NaN."))
+    assert _numerical(RuntimeError("value is -inf"))
+    assert not _numerical(RuntimeError("not enough information to infer the shape"))
+    assert not _numerical(ValueError("inference mode tensors cannot be saved for backward"))
+    assert not _numerical(RuntimeError("mat1 and mat2 shapes cannot be multiplied (24x64 and 96x64)"))
+
+
+def test_numerical_error_fails_finite_loss_exit_4(tiny, capsys):
+    """A NaN/inf error raised during the run (recorded as report['error']) fails finite_loss: exit 4."""
+    from qtool.config import resolve_settings
+    from qtool.verify import checks, outcome
+
+    code, r, _ = _run([str(tiny), "--device", "cpu", *SEQ, "--steps", "0", "--json"], capsys)
+    assert code == 0 and r["checks"]["finite_loss"]["message"] == "no steps run (--steps 0)"
+    # what run_verify records when a kernel raises on NaN in the middle of training
+    r.update(steps_requested=2, error={"stage": "training", "kind": "RuntimeError", "numerical": True,
+                                       "message": "probability tensor contains either `inf`, `nan` or element < 0"})
+    settings = resolve_settings({}, env={}, cwd=Path(r["model"]["path"]))
+    r["checks"] = checks(r, settings)
+    assert r["checks"]["finite_loss"]["passed"] is False
+    assert "training" in r["checks"]["finite_loss"]["message"] and "--steps 0" not in r["checks"]["finite_loss"]["message"]
+    err = outcome(r)
+    assert err is not None and err.exit_code == 4
+    # steps asked for, none finished, no error: not "--steps 0"
+    r.update(error=None)
+    r["checks"] = checks(r, settings)
+    assert r["checks"]["finite_loss"]["passed"] is None and "--steps 0" not in r["checks"]["finite_loss"]["message"]
+
+
+def _strip_dtype(root: Path) -> Path:
+    cfg = json.loads((root / "config.json").read_text())
+    for key in ("dtype", "torch_dtype"):
+        cfg.pop(key, None)
+    (root / "config.json").write_text(json.dumps(cfg))
+    return root
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "config"])
+def test_kept_dtype_matches_estimate(tmp_path, source, capsys):
+    """config.json without a dtype: unquantized tensors load as float32 (torch's default dtype), which is what
+    qtool estimate counts, for a bf16 checkpoint and for random weights alike; --dtype overrides both."""
+    from qtool.estimate import estimate_report
+    from qtool.config import resolve_settings
+    from qtool.models import resolve_model
+
+    root = _strip_dtype(_save_tiny(tmp_path / "no-dtype"))
+    ref = str(root if source == "checkpoint" else root / "config.json")
+    code, r, _ = _run([ref, "--device", "cpu", "--steps", "0", "--json"], capsys)
+    assert code == 0
+    est = estimate_report(resolve_model(ref), resolve_settings({}, env={}, cwd=tmp_path))
+    assert r["model"]["kept_dtype"] == est["kept"]["dtype"] == str(torch.get_default_dtype()).removeprefix("torch.")
+    assert any("names no dtype" in n for n in r["notes"])
+    code, r, _ = _run([ref, "--device", "cpu", "--steps", "0", "--dtype", "bf16", "--json"], capsys)
+    assert code == 0 and r["model"]["kept_dtype"] == "bfloat16"
