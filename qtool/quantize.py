@@ -24,8 +24,6 @@ tests/test_quantize.py against `from_pretrained(quantization_config=...)` + `sav
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import re
 import resource
 import shutil
@@ -34,7 +32,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qtool import __version__
 from qtool.config import QuantSettings
 from qtool.errors import BadInput, ConfigError, DeviceError, WeightsError
 from qtool.plan import KEEP, QUANTIZE, REASON_CONV1D, REASON_FUSED, ModelPlan
@@ -507,8 +504,7 @@ def run_quantization(
     import torch
 
     from qtool.checkpoint import Checkpoint
-    from qtool.modelcard import model_card
-    from qtool.writer import ShardWriter, check_destination, staging_dir, write_index
+    from qtool.writer import check_destination, output_error
 
     destination = Path(destination)
     check_destination(destination, force=force, source=plan.source)
@@ -519,8 +515,6 @@ def run_quantization(
     try:
         return _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_code, on_progress)
     except OSError as exc:
-        from qtool.writer import output_error
-
         err = output_error(exc, destination)
         if err is None:
             raise

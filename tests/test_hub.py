@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 from conftest import HUB_ALLOWED_TOKEN, HUB_OTHER_TOKEN
 

@@ -21,7 +21,7 @@ pytest.importorskip("bitsandbytes")
 torch.set_num_threads(1)
 
 from qtool.config import QuantSettings  # noqa: E402
-from qtool.errors import BadInput, QtoolError, WeightsError  # noqa: E402
+from qtool.errors import BadInput, WeightsError  # noqa: E402
 from qtool.quantize import plan_quantization, run_quantization  # noqa: E402
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

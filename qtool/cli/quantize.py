@@ -65,7 +65,7 @@ def quantize(
     from qtool.cli.output import Output
     from qtool.checkpoint import Checkpoint
     from qtool.quantize import (
-        DEFAULT_MAX_SHARD_SIZE, default_destination, pick_device, plan_quantization, resolve_source, run_quantization,
+        DEFAULT_MAX_SHARD_SIZE, default_destination, pick_device, plan_quantization, resolve_source,
     )
     from qtool.sizes import parse_size
     from qtool.writer import check_destination
