@@ -20,6 +20,11 @@ _SIZE_RE = re.compile(r"^(?P<n>\d+(?:\.\d+)?)\s*[bB]$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
+def is_hub_id(text: str) -> bool:
+    """'org/name' as the hub spells repository ids; never a path ('./x/y', '/x/y', '~/x')."""
+    return not text.startswith((".", "/", "~")) and _HUB_ID_RE.match(text) is not None
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     ref: str  # as typed

@@ -44,7 +44,6 @@ _OWN_FILES = {"config.json", "README.md", "model.safetensors.index.json", "pytor
 _SMALL_FILE_LIMIT = 50 * 2**20
 # Buffers some checkpoints carry that current transformers recomputes and drops on load (unexpected keys).
 _DROPPABLE_BUFFERS = re.compile(r"(\.rotary_emb\.inv_freq|\.inv_freq|\.attn\.bias|\.attn\.masked_bias|\.position_ids)$")
-_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
 @dataclass(frozen=True)
@@ -142,12 +141,14 @@ def settings_dict(s: QuantSettings) -> dict:
 
 def resolve_source(ref: str, *, revision: str | None = None, progress: bool = False) -> tuple[Path, str, str | None]:
     """A local checkpoint directory, or a hub id downloaded with qtool.hub. -> (dir, display name, revision)."""
+    from qtool.models import is_hub_id
+
     path = Path(ref).expanduser()
     if path.exists():
         if not path.is_dir():
             raise BadInput("expected a checkpoint directory (config.json + *.safetensors)", path=path)
         return path, path.resolve().name, revision
-    if _HUB_ID_RE.match(ref) and not ref.startswith((".", "/", "~")):
+    if is_hub_id(ref):
         from qtool import hub
 
         folder, sha = hub.download_checkpoint(ref, revision=revision, progress=progress)
