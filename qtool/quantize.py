@@ -174,11 +174,11 @@ def _load_dtype(config: dict, ckpt, hf_cfg, setting: str):
         dt = getattr(torch, dt, None)
     if isinstance(dt, torch.dtype):
         return dt
-    from qtool.checkpoint import torch_dtype
+    from qtool.checkpoint import is_float_dtype, torch_dtype
 
     first = sorted((n, t) for n, t in ckpt.tensors.items() if t.file == ckpt.files[0])
     for _, t in first:
-        if t.dtype in ("F16", "BF16", "F32", "F64"):
+        if is_float_dtype(t.dtype):
             return torch_dtype(t.dtype)
     return torch.float32
 
@@ -194,10 +194,6 @@ def _meta_model(hf_cfg, dtype, source):
             return cls._from_config(hf_cfg, dtype=dtype)
     except Exception as exc:  # transformers raises many types for configs it cannot build
         raise ConfigError(f"cannot build {cls.__name__} from config.json: {exc}", path=source) from exc
-
-
-def _tname(dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def plan_quantization(
@@ -222,8 +218,9 @@ def plan_quantization(
     from transformers.conversion_mapping import get_model_conversion_mapping
 
     from qtool import formats
-    from qtool.checkpoint import Checkpoint
+    from qtool.checkpoint import Checkpoint, is_float_dtype
     from qtool.meta import build_plan, hf_config
+    from qtool.writer import dtype_name
 
     timings["imports"] = time.perf_counter() - t0  # torch + transformers, when not yet imported
     t0 = time.perf_counter()
@@ -331,7 +328,7 @@ def plan_quantization(
             if tuple(info.shape) != tuple(meta_t.shape):
                 raise WeightsError(f"tensor {srcs[0]} has shape {list(info.shape)}, config.json expects "
                                    f"{list(meta_t.shape)}", path=info.file)
-        if quantize and ckpt.tensors[srcs[0]].dtype not in ("F16", "BF16", "F32", "F64"):
+        if quantize and not is_float_dtype(ckpt.tensors[srcs[0]].dtype):
             raise WeightsError(f"tensor {srcs[0]} is {ckpt.tensors[srcs[0]].dtype}, not a float: cannot quantize",
                                path=ckpt.tensors[srcs[0]].file)
         total_parameters += meta_t.numel()
@@ -340,11 +337,11 @@ def plan_quantization(
             info = ckpt.tensors[src]
             if quantize:
                 parts = formats.quantized_parts(tuple(meta_t.shape), fmt, blocksize=settings.blocksize,
-                                                dtype=_tname(cast), quant_storage=settings.quant_storage)
+                                                dtype=dtype_name(cast), quant_storage=settings.quant_storage)
                 out_bytes = formats.checkpoint_bytes(parts)
             else:
                 out_bytes = info.numel * torch.empty((), dtype=cast).element_size()
-            out = OutputTensor(src, src, QUANTIZE if quantize else KEEP, reason, _tname(cast), tuple(info.shape),
+            out = OutputTensor(src, src, QUANTIZE if quantize else KEEP, reason, dtype_name(cast), tuple(info.shape),
                                info.dtype, info.nbytes, out_bytes, transpose=quantize and reason == REASON_CONV1D)
             tensors.append(out)
             idx = len(tensors) - 1
@@ -383,7 +380,7 @@ def plan_quantization(
         warnings = [w for w in warnings if "fused MoE expert tensors" not in w]
     return QuantizePlan(
         source=source, source_name=source_name or source.resolve().name, revision=revision, config=config,
-        settings=settings, model_plan=model_plan, architecture=type(model).__name__, model_dtype=_tname(dtype),
+        settings=settings, model_plan=model_plan, architecture=type(model).__name__, model_dtype=dtype_name(dtype),
         tensors=tensors, slots=slots, dropped=dropped, warnings=warnings, total_parameters=total_parameters,
         header_bytes=header_bytes, timings={**timings, "plan": time.perf_counter() - t0},
     )

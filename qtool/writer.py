@@ -49,12 +49,14 @@ ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "uint8": "U
              "int32": "I32", "int64": "I64", "bool": "BOOL", "float64": "F64"}
 
 
-def st_dtype(tdtype) -> str:
-    import torch
+def dtype_name(tdtype) -> str:
+    """'bfloat16' for torch.bfloat16: the key of ST_DTYPES and the name torch uses for getattr."""
+    return str(tdtype).removeprefix("torch.")
 
-    return {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8",
-            torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL",
-            torch.float64: "F64"}[tdtype]
+
+def st_dtype(tdtype) -> str:
+    """The safetensors dtype ('BF16') of a torch dtype."""
+    return ST_DTYPES[dtype_name(tdtype)]
 
 
 _DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
@@ -442,7 +444,7 @@ class _Layout:
             if not e.lo <= nbytes <= e.hi:  # the reserved header would not fit: a planning bug
                 raise RuntimeError(f"{name}: {nbytes} bytes, planned {e.lo}..{e.hi}")
             self.sizes[k], self.shapes[k] = nbytes, (nbytes,)
-        elif nbytes != self.sizes[k] or tuple(t.shape) != tuple(e.shape) or ST_DTYPES[_tname(t.dtype)] != e.dtype:
+        elif nbytes != self.sizes[k] or tuple(t.shape) != tuple(e.shape) or st_dtype(t.dtype) != e.dtype:
             raise RuntimeError(f"{name}: got {t.dtype} {tuple(t.shape)}, planned {e.dtype} {e.shape}")
         if k < self.resolved:
             self._write(k, t)
@@ -505,10 +507,6 @@ def _copy_between(src_path, src_offset: int, dst_fd: int, dst_offset: int, nbyte
             done += len(chunk)
     finally:
         os.close(fd)
-
-
-def _tname(dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 class LayoutWriter:
