@@ -292,8 +292,7 @@ class ShardWriter:
         if not self.shards:  # an empty model: one empty file, like safetensors would write
             self.shards.append(_Shard(self.dir / ".empty.data"))
             self.shards[0].data_path.write_bytes(b"")
-        n = len(self.shards)
-        names = [WEIGHTS_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        names = shard_names(len(self.shards))
         weight_map = {}
         for shard, fname in zip(self.shards, names):
             self._assemble(shard, self.dir / fname)
