@@ -85,7 +85,10 @@ def _size(v: Any, key: str) -> int | None:
         if isinstance(v, str) and v.strip() == "":
             raise ConfigError(f"invalid {key} '': expected a size such as 24GB")
         return None
-    return parse_size(v, what=key)
+    n = parse_size(v, what=key)
+    if n < 2**20:  # '--vram 24' is 24 bytes: surely 24GB was meant
+        raise ConfigError(f"invalid {key} {v!r}: {n} bytes is not a memory budget (give a unit: 24GB, 24GiB)")
+    return n
 
 
 def _gpu(v: Any, key: str) -> str:
@@ -208,21 +211,36 @@ def _read_project_file(config_file: Path | None, cwd: Path) -> tuple[dict, Path 
         if not path.is_file():
             raise ConfigError("config file not found", path=path)
         data = _load_toml(path)
-        return data.get("tool", {}).get("qtool", data) if path.name == "pyproject.toml" else data, path
+        if path.name == "pyproject.toml":
+            section = _tool_section(data, path)
+            if section is None:
+                raise ConfigError("no [tool.qtool] section", path=path)
+            return section, path
+        return data, path
     if (cwd / "qtool.toml").is_file():
         return _load_toml(cwd / "qtool.toml"), cwd / "qtool.toml"
     if (cwd / "pyproject.toml").is_file():
-        section = _load_toml(cwd / "pyproject.toml").get("tool", {}).get("qtool")
+        section = _tool_section(_load_toml(cwd / "pyproject.toml"), cwd / "pyproject.toml")
         if section is not None:
             return section, cwd / "pyproject.toml"
     return {}, None
+
+
+def _tool_section(data: dict, path: Path) -> dict | None:
+    """[tool.qtool] of a pyproject.toml, or None when there is none."""
+    tool = data.get("tool")
+    if tool is None:
+        return None
+    if not isinstance(tool, dict) or not isinstance(tool.get("qtool", {}), dict):
+        raise ConfigError("[tool] / [tool.qtool] must be tables", path=path)
+    return tool.get("qtool")
 
 
 def _load_toml(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"invalid TOML: {exc}", path=path) from None
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror}", path=path) from None
@@ -293,9 +311,15 @@ def resolve_settings(
             values[key.name] = key.default
             sources[key.name] = "default"
 
-    budget = values["vram"]
-    if budget is None and values["gpu"] is not None:
+    # --vram and --gpu both set the budget: the one from the higher-precedence layer wins
+    rank = {label.split(" ")[0]: i for i, (label, _) in enumerate(layers)} | {"default": len(layers)}
+    vram_rank, gpu_rank = rank[sources["vram"].split(" ")[0]], rank[sources["gpu"].split(" ")[0]]
+    if values["vram"] is not None and values["gpu"] is not None and vram_rank == gpu_rank:
+        raise ConfigError(f"both vram ({sources['vram']}) and gpu ({sources['gpu']}) give the budget: set one")
+    if values["gpu"] is not None and (values["vram"] is None or gpu_rank < vram_rank):
         budget = parse_size(presets.find_gpu(values["gpu"])["vram"])
+    else:
+        budget = values["vram"]
     quant = QuantSettings(**{k: values[k] for k in QuantSettings.__dataclass_fields__})
     run = RunSettings(
         **{k: values[k] for k in RunSettings.__dataclass_fields__ if k in values and k != "gpu"},

@@ -71,7 +71,13 @@ def estimate_report(spec: ModelSpec, settings: Settings, *, trust_remote_code: b
     linears = lora_linears(cached.linears, run.lora_targets)
     lora = memory.lora_param_count(linears, run.lora_rank) if run.mode in ("qlora", "lora") else 0
     largest = max((g.numel for g in plan.groups if g.action == QUANTIZE), default=0)
-    dims = memory.dims_from_config(spec.config)
+    config = spec.config
+    if cached.source == "meta":  # complete missing fields with transformers' defaults, as the plan did
+        from qtool.meta import hf_config
+
+        config = hf_config(spec.config, source=spec.config_path or spec.name,
+                           trust_remote_code=trust_remote_code).to_dict()
+    dims = memory.dims_from_config(config)
     inputs = memory.MemoryInputs(
         dims=dims, mode=run.mode, batch=run.batch_size, seq=run.seq_len, total_params=total,
         kept_params=kept_params, quant_weights_gpu=weights[chosen].gpu, plain_weights_gpu=weights[plain_key].gpu,

@@ -28,6 +28,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from qtool.errors import ConfigError
+
 GiB = 1024**3
 MiB = 1024**2
 
@@ -91,19 +93,30 @@ def _first(cfg: Mapping, *keys, default=None):
 
 
 def dims_from_config(cfg: Mapping) -> Dims:
-    """Llama/Mistral/Qwen/Gemma names, with GPT-2/OPT/Phi aliases."""
+    """Llama/Mistral/Qwen/Gemma names, with GPT-2/OPT/Phi aliases. Raises ConfigError for values that are
+    not positive integers (a config with missing fields should first be completed by transformers' config
+    class: see qtool.estimate)."""
     text = cfg.get("text_config") if isinstance(cfg.get("text_config"), Mapping) else cfg
-    hidden = int(_first(text, "hidden_size", "n_embd", "d_model", default=0))
-    layers = int(_first(text, "num_hidden_layers", "n_layer", "num_layers", default=0))
-    heads = int(_first(text, "num_attention_heads", "n_head", default=1))
-    kv_heads = int(_first(text, "num_key_value_heads", "multi_query_group_num", default=heads))
-    head_dim = int(_first(text, "head_dim", default=0) or hidden // max(heads, 1))
-    inter = int(_first(text, "intermediate_size", "n_inner", "ffn_dim", default=0) or 4 * hidden)
-    vocab = int(_first(text, "vocab_size", default=0))
-    top_k = int(_first(text, "num_experts_per_tok", "moe_topk", default=1))
-    window = text.get("sliding_window") if text.get("use_sliding_window", True) is not False else None
+
+    def size(*keys, default=None, minimum=1):
+        value = _first(text, *keys, default=default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"config.json: {keys[0]} must be an integer >= {minimum}, not {value!r}")
+        return value
+
+    hidden = size("hidden_size", "n_embd", "d_model")
+    layers = size("num_hidden_layers", "n_layer", "num_layers")
+    heads = size("num_attention_heads", "n_head")
+    kv_heads = size("num_key_value_heads", "multi_query_group_num", default=heads)
+    head_dim = _first(text, "head_dim") and size("head_dim") or hidden // heads
+    inter = _first(text, "intermediate_size", "n_inner", "ffn_dim") and size("intermediate_size", "n_inner", "ffn_dim") or 4 * hidden
+    vocab = size("vocab_size")
+    top_k = size("num_experts_per_tok", "moe_topk", default=1)
+    window = None
+    if text.get("use_sliding_window", True) is not False and text.get("sliding_window") is not None:
+        window = size("sliding_window")
     return Dims(hidden, layers, heads, kv_heads, head_dim, inter, vocab, top_k,
-                sliding_window=int(window) if window else None,
+                sliding_window=window,
                 attn_softcapping=text.get("attn_logit_softcapping") is not None,
                 logit_softcapping=text.get("final_logit_softcapping") is not None)
 

@@ -1,6 +1,7 @@
 """Instantiate an architecture on the meta device (no memory, no weights) and build its tensor plan.
 
-The quantize/keep rule is transformers' own (`replace_with_bnb_linear` + `get_keys_to_not_convert`),
+The quantize/keep rule is transformers' own (`HfQuantizer.get_modules_to_not_convert` + `should_convert_module`
++ the Linear/Conv1D test of `replace_with_bnb_linear`),
 called here rather than re-implemented, so qtool and `from_pretrained(quantization_config=...)`
 cannot drift apart.
 """
@@ -25,18 +26,40 @@ def hf_config(config: dict, *, source: object = "config.json", trust_remote_code
     model_type = config.get("model_type")
     if not model_type:
         raise ConfigError("no 'model_type' in config.json", path=source)
-    if "auto_map" in config and not trust_remote_code and model_type not in CONFIG_MAPPING:
-        raise ConfigError(
-            f"model_type {model_type!r} needs remote code (auto_map in config.json)",
-            path=source, hint="pass --trust-remote-code if you trust this repository",
-        )
+    if "auto_map" in config and model_type not in CONFIG_MAPPING:
+        if not trust_remote_code:
+            raise ConfigError(
+                f"model_type {model_type!r} needs remote code (auto_map in config.json)",
+                path=source, hint="pass --trust-remote-code if you trust this repository",
+            )
+        return _remote_config(source)
     if model_type not in CONFIG_MAPPING:
         raise ConfigError(f"unknown model_type {model_type!r} (not in transformers' CONFIG_MAPPING)", path=source)
     kwargs = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version", "quantization_config")}
     try:
         return AutoConfig.for_model(model_type, **kwargs)
-    except (TypeError, ValueError, KeyError, AttributeError) as exc:
-        raise ConfigError(f"invalid config.json: {exc}", path=source) from exc
+    except Exception as exc:  # transformers 5 validates fields with its own exception types
+        raise ConfigError(f"invalid config.json: {_first_line(exc)}", path=source) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _remote_config(source: object):
+    """--trust-remote-code: the repository's own config class, from its Python files beside config.json."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    path = Path(str(source))
+    if path.name != "config.json" or not path.is_file():
+        raise ConfigError("remote code needs the repository's files: pass a local checkpoint directory", path=source)
+    try:
+        return AutoConfig.from_pretrained(str(path.parent), trust_remote_code=True)
+    except Exception as exc:
+        raise ConfigError(f"cannot load the repository's config code: {_first_line(exc)}", path=source) from exc
 
 
 def model_class(cfg):
@@ -44,6 +67,14 @@ def model_class(cfg):
     import transformers
     from transformers import AutoModel, AutoModelForCausalLM
 
+    auto_map = getattr(cfg, "auto_map", None) or {}
+    if auto_map and type(cfg).__module__.startswith("transformers_modules"):  # --trust-remote-code
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        ref = auto_map.get("AutoModelForCausalLM") or auto_map.get("AutoModel")
+        if ref is None:
+            raise ConfigError("auto_map in config.json names no AutoModelForCausalLM or AutoModel class")
+        return get_class_from_dynamic_module(ref, cfg._name_or_path)
     for arch in cfg.architectures or []:
         cls = getattr(transformers, arch, None)
         if cls is not None:
@@ -87,12 +118,10 @@ def build_plan(
     """One TensorPlan per parameter of the architecture, tied parameters counted once."""
     import torch.nn as nn
     from transformers.pytorch_utils import Conv1D
-    from transformers.quantizers.base import get_keys_to_not_convert
     from transformers.quantizers.quantizers_utils import should_convert_module
 
     model = model if model is not None else meta_model(config, source=source, trust_remote_code=trust_remote_code)
     not_convert = modules_to_not_convert(model, skip_modules)
-    auto_skip = set(get_keys_to_not_convert(model))
     user_skip = list(skip_modules or [])
     fp32_modules = list(model._keep_in_fp32_modules or [])
 
@@ -139,7 +168,6 @@ def build_plan(
             f"{len(fused)} fused MoE expert tensors ({n:,} parameters, {format_bytes(2 * n)} in 16-bit) "
             f"cannot be quantized by bitsandbytes and stay 16-bit, e.g. {fused[0].name}"
         )
-    del auto_skip  # kept for readability of the rule above; reasons come from should_convert_module
     return ModelPlan(
         model_type=config.get("model_type", ""),
         architecture=type(model).__name__,

@@ -58,7 +58,10 @@ def approximate_config(n_params: float) -> dict:
             err = abs(total - n_params) / n_params
             if best is None or err < best[0]:
                 best = (err, layers, hidden, heads, kv, inter)
-    _, layers, hidden, heads, kv, inter = best
+    err, layers, hidden, heads, kv, inter = best
+    if err > 0.10:
+        raise ConfigError(f"no preset for {n_params / 1e9:g}b, and no dense Llama-style shape (vocab {vocab:,}) "
+                          "comes within 10% of it: pass the model's config.json")
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -105,8 +108,8 @@ def resolve_model(ref: str, *, revision: str | None = None) -> ModelSpec:
         return ModelSpec(ref, "preset", key, presets.load_model_preset(key), preset=key,
                          config_path=presets.model_presets()[key])
     m = _SIZE_RE.match(text)
-    if m:
-        shorthand = presets.shorthands().get(key)
+    shorthand = presets.shorthands().get(key)
+    if m or shorthand:  # '70b', and shorthands that are not plain sizes ('8x7b')
         if shorthand:
             return ModelSpec(ref, "shorthand", shorthand, presets.load_model_preset(shorthand), preset=shorthand,
                              config_path=presets.model_presets()[shorthand])

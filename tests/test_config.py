@@ -124,3 +124,72 @@ def test_cli_bad_input_is_one_line_exit_2(capsys):
     err = capsys.readouterr().err
     assert err.startswith("qtool: error: unknown model 'nope-model'") and err.count("\n") == 1
     assert "Traceback" not in err
+
+
+def test_gpu_flag_beats_vram_from_a_file_and_same_level_conflict_is_an_error(tmp_path):
+    (tmp_path / "qtool.toml").write_text('vram = "24GB"\n')
+    s = resolve_settings({"gpu": "h100"}, env={}, cwd=tmp_path)
+    assert s.run.budget_bytes == 80 * 2**30  # the flag wins over the file, whichever key it uses
+    s = resolve_settings({}, env={"QTOOL_GPU": "rtx-4090"}, cwd=tmp_path)
+    assert s.run.budget_bytes == 24 * 2**30
+    with pytest.raises(ConfigError, match="both vram .* and gpu"):
+        resolve_settings({"gpu": "h100", "vram": "80GB"}, env={}, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("value", ["24", "0", "1000KB"])
+def test_budget_without_a_unit_is_refused(value, tmp_path):
+    with pytest.raises(ConfigError, match="not a memory budget"):
+        resolve_settings({"vram": value}, env={}, cwd=tmp_path)
+
+
+def test_project_files_that_are_not_what_they_claim(tmp_path):
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\n')
+    with pytest.raises(ConfigError, match=r"no \[tool.qtool\] section"):
+        resolve_settings({}, env={}, cwd=tmp_path, config_file=tmp_path / "pyproject.toml")
+    assert resolve_settings({}, env={}, cwd=tmp_path).config_file is None  # discovered: simply not used
+    (tmp_path / "pyproject.toml").write_text('tool = "x"\n')
+    with pytest.raises(ConfigError, match="must be tables"):
+        resolve_settings({}, env={}, cwd=tmp_path)
+    (tmp_path / "qtool.toml").write_bytes(b"\xff\xfe seq_len = 1")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        resolve_settings({}, env={}, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("fields,needle", [
+    ({"hidden_size": "abc"}, "hidden_size"),
+    ({"num_attention_heads": 0}, "division"),
+])
+def test_invalid_config_fields_are_one_line_errors(tmp_path, capsys, fields, needle):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "llama", **fields}))
+    assert main(["estimate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"qtool: error: {path}: invalid config.json") and needle in err and err.count("\n") == 1
+
+
+def test_remote_code_is_refused_unless_trusted_and_then_runs_the_repository_code(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "configuration_tiny.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass TinyConfig(LlamaConfig):\n    model_type = 'qtool_tiny'\n")
+    (repo / "modeling_tiny.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_tiny import TinyConfig\n\n\n"
+        "class TinyForCausalLM(LlamaForCausalLM):\n    config_class = TinyConfig\n")
+    dims = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=100)
+    (repo / "config.json").write_text(json.dumps({
+        "model_type": "qtool_tiny", "architectures": ["TinyForCausalLM"], **dims,
+        "auto_map": {"AutoConfig": "configuration_tiny.TinyConfig", "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"},
+    }))
+    assert main(["estimate", str(repo)]) == 2
+    assert "--trust-remote-code" in capsys.readouterr().err
+    assert main(["estimate", str(repo), "--trust-remote-code", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    # the same shapes built by transformers' own Llama on the meta device
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        expected = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(**dims)).parameters())
+    assert report["params"]["total"] == expected and report["model"]["architecture"] == "TinyForCausalLM"

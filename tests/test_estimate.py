@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from qtool.errors import ConfigError
+
 from qtool import memory
 from qtool.cli.app import main
 from qtool.config import resolve_settings
@@ -101,7 +103,7 @@ def test_analytic_plan_equals_meta_plan():
     from qtool.meta import build_plan
     from qtool.plancache import analytic_plan, linear_shapes
 
-    for n in (0.3e9, 1.5e9):
+    for n in (0.45e9, 1.5e9):
         cfg = approximate_config(n)
         fresh = build_plan(cfg)
         cached = analytic_plan(cfg)
@@ -220,3 +222,9 @@ def test_math_attention_dominates_long_gqa_sequences_in_qlora():
     assert not memory.math_attention(d, 2, 2048)  # 16-bit: flash attention
     windowed = memory.Dims(**{**d.__dict__, 'sliding_window': 4096})
     assert memory.math_attention(windowed, 4, 2048) and not memory.math_attention(windowed, 4, 8192)
+
+
+def test_sizes_no_dense_shape_fits_are_refused():
+    """0.01b would need a 128k vocabulary on a model smaller than its embeddings: say so, do not report 38x."""
+    with pytest.raises(ConfigError, match="no preset for 0.01b"):
+        approximate_config(0.01e9)
