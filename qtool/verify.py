@@ -642,6 +642,7 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
             phases["after_load"] = meter.allocated()
             first = model.get_input_embeddings().weight.device
             vocab = model.get_input_embeddings().weight.shape[0]
+            stage = "tokenizer"
             ids = make_batch(vocab, run.batch_size, run.seq_len, seed=options.seed, data=options.data,
                              tokenizer_dir=source.tokenizer_dir).to(first)
             quality_ids = ids[:1, :QUALITY_TOKENS]
@@ -671,11 +672,12 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
         except torch.cuda.OutOfMemoryError as exc:
             report["error"] = {"stage": stage, "kind": "out_of_memory", "message": str(exc).splitlines()[0]}
             meter.phase_peak()
-        except (RuntimeError, ValueError) as exc:
-            if stage == "load":
-                raise WeightsError(f"cannot load: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                                   path=source.path or spec.ref) from exc
-            if not _numerical(exc):
+        except (RuntimeError, ValueError, OSError) as exc:
+            if stage in ("load", "tokenizer"):
+                what = "cannot load the tokenizer" if stage == "tokenizer" else "cannot load"
+                raise WeightsError(f"{what}: {_first_line(exc)}", path=source.tokenizer_dir if stage == "tokenizer"
+                                   else source.path or spec.ref) from exc
+            if isinstance(exc, OSError) or not _numerical(exc):
                 raise  # a bug or an unsupported model, not a verdict: exit 1 with the message
             report["error"] = {"stage": stage, "kind": type(exc).__name__, "numerical": True,
                                "message": str(exc).splitlines()[0] if str(exc) else ""}
@@ -722,7 +724,14 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
         if cuda:
             torch.cuda.empty_cache()
         say(f"loading the reference {reference[1]} in {settings.quant.compute_dtype}")
-        report["quality"] = _reference_quality(reference, settings, options, device_map, quality_ids, quant_out, causal)
+        try:
+            report["quality"] = _reference_quality(reference, settings, options, device_map, quality_ids, quant_out,
+                                                   causal)
+        except torch.cuda.OutOfMemoryError as exc:
+            # the 16-bit reference did not fit: a budget verdict (exit 3), the run's own results stand
+            report["quality"] = {"reference": str(reference[0]), "error": f"out of memory: {_first_line(exc)}"}
+            report["error"] = report["error"] or {"stage": "reference", "kind": "out_of_memory",
+                                                  "message": f"loading --reference {reference[0]}: {_first_line(exc)}"}
 
     report["checks"] = checks(report, settings)
     err = outcome(report)
@@ -731,6 +740,11 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
 
 
 _NAN_INF = re.compile(r"\b(nan|inf)\b", re.IGNORECASE)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _numerical(exc: BaseException) -> bool:
@@ -804,9 +818,14 @@ def _reference_quality(reference, settings: Settings, options: VerifyOptions, de
     cfg = hf_config(read_config_json(root / "config.json"), source=root / "config.json",
                     trust_remote_code=options.trust_remote_code)
     cls = model_class(cfg)
-    with _quiet_transformers():
-        ref = cls.from_pretrained(root, dtype=_torch_dtype(settings.quant.compute_dtype), device_map=device_map,
-                                  trust_remote_code=options.trust_remote_code)
+    try:
+        with _quiet_transformers():
+            ref = cls.from_pretrained(root, dtype=_torch_dtype(settings.quant.compute_dtype), device_map=device_map,
+                                      trust_remote_code=options.trust_remote_code)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise WeightsError(f"--reference cannot load: {_first_line(exc)}", path=root) from exc
     try:
         if ref.get_input_embeddings().weight.shape[0] <= int(ids.max()):
             raise BadInput("--reference has a smaller vocabulary than the model: not the same model", path=root)
@@ -853,7 +872,7 @@ def checks(report: dict, settings: Settings) -> dict[str, dict]:
                                    f"{err.get('message', '')}")
     elif report["loss_finite"]:
         out["finite_loss"] = Check("finite_loss", True, "outputs finite" if inference else f"loss {report['loss']:.4f}")
-    elif oom:
+    elif oom and err.get("stage") != "reference":
         out["finite_loss"] = Check("finite_loss", None, "out of memory before a step finished")
     elif not report.get("steps_requested"):
         out["finite_loss"] = Check("finite_loss", None, "no steps run (--steps 0)")

@@ -397,3 +397,15 @@ def test_kept_dtype_matches_estimate(tmp_path, source, capsys):
     assert any("names no dtype" in n for n in r["notes"])
     code, r, _ = _run([ref, "--device", "cpu", "--steps", "0", "--dtype", "bf16", "--json"], capsys)
     assert code == 0 and r["model"]["kept_dtype"] == "bfloat16"
+
+
+def test_reference_that_cannot_load_exit_2(tiny, tmp_path, capsys):
+    """A --reference whose weights do not match its config.json: transformers refuses; one line, exit 2."""
+    ref = _save_tiny(tmp_path / "ref-mismatch")
+    cfg = json.loads((ref / "config.json").read_text())
+    cfg["intermediate_size"] = 80  # the saved MLP weights are 96 wide
+    (ref / "config.json").write_text(json.dumps(cfg))
+    code, _, err = _run([str(tiny), "--device", "cpu", *SEQ, "--steps", "1", "--reference", str(ref)], capsys)
+    assert code == 2
+    line = [ln for ln in err.splitlines() if ln.startswith("qtool: error")]
+    assert len(line) == 1 and "--reference cannot load" in line[0] and "ref-mismatch" in line[0]
