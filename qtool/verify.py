@@ -53,6 +53,7 @@ class VerifyOptions:
     tolerance: float = 0.05  # |estimate - measured| / measured, informational (measured: within 2.4%)
     seed: int = 0
     lr: float = 1e-4
+    allow_pickle: bool = False  # read .bin/.pt checkpoints (pickle can run code)
 
 
 @dataclass
@@ -82,18 +83,19 @@ def resolve_source(spec: ModelSpec, options: VerifyOptions) -> Source:
         where = f"{spec.name}@{sha[:12]}" if sha else spec.name
     else:
         root, where = Path(spec.path), str(spec.path)
-    return _checkpoint_source(root, where)
+    return _checkpoint_source(root, where, allow_pickle=options.allow_pickle)
 
 
-def _checkpoint_source(root: Path, where: str) -> Source:
+def _checkpoint_source(root: Path, where: str, *, allow_pickle: bool = False) -> Source:
     from qtool.checkpoint import Checkpoint
 
-    ckpt = Checkpoint.open(root)
-    method = ckpt.prequantized_method()
+    with Checkpoint.open(root, allow_pickle=allow_pickle) as ckpt:
+        method = ckpt.prequantized_method()
+        config = ckpt.config or {}
     tok = root if any((root / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")) else None
     if method is None:
         return Source("checkpoint-16bit", root, f"16-bit checkpoint {where}, quantized while loading", tokenizer_dir=tok)
-    qc = (ckpt.config or {}).get("quantization_config") or {}
+    qc = config.get("quantization_config") or {}
     if method != "bitsandbytes" or not qc.get("load_in_4bit", qc.get("_load_in_4bit", True)) or qc.get("load_in_8bit"):
         raise WeightsError(f"quantized with {method} {'8-bit' if qc.get('load_in_8bit') else ''}".strip()
                            + ": verify runs bnb-4bit or 16-bit checkpoints", path=root)

@@ -409,3 +409,17 @@ def test_reference_that_cannot_load_exit_2(tiny, tmp_path, capsys):
     assert code == 2
     line = [ln for ln in err.splitlines() if ln.startswith("qtool: error")]
     assert len(line) == 1 and "--reference cannot load" in line[0] and "ref-mismatch" in line[0]
+
+
+def test_pickle_checkpoint_needs_allow_pickle(tiny, tmp_path, capsys):
+    """A .bin checkpoint is refused (pickle can run code) unless --allow-pickle says it is trusted."""
+    from safetensors.torch import load_file
+
+    root = tmp_path / "tiny-bin"
+    root.mkdir()
+    (root / "config.json").write_text((tiny / "config.json").read_text())
+    torch.save(load_file(tiny / "model.safetensors"), root / "pytorch_model.bin")
+    code, _, err = _run([str(root), "--device", "cpu", "--steps", "0"], capsys)
+    assert code == 2 and "refusing pickle" in err and "--allow-pickle" in err
+    code, r, _ = _run([str(root), "--device", "cpu", "--steps", "0", "--allow-pickle", "--json"], capsys)
+    assert code == 0 and r["model"]["source"] == "checkpoint-16bit" and r["loaded"]

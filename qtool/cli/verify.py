@@ -46,6 +46,7 @@ DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Text file token
 ReferenceOpt = Annotated[Optional[str], typer.Option("--reference", help="16-bit model (dir or hub id) to compare outputs with: KL and top-1 agreement (cosine for encoders).", rich_help_panel=D, show_default=False)]
 JunitOpt = Annotated[Optional[Path], typer.Option("--junit", help="Write JUnit XML (one testcase per check) to FILE.", rich_help_panel=D, show_default=False)]
 ToleranceOpt = Annotated[float, typer.Option("--tolerance", help="Relative error allowed between estimate and measurement (informational).", rich_help_panel=D, min=0.0)]
+PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Read .bin/.pt checkpoints (pickle can run code: only if you trust it).", rich_help_panel=D)]
 DecodeOpt = Annotated[int, typer.Option("--decode-tokens", help="Decode steps after the prefill in --mode inference.", rich_help_panel=D, min=0)]
 
 
@@ -79,6 +80,7 @@ def verify(
     tolerance: ToleranceOpt = 0.05,
     revision: o.RevisionOpt = None,
     trust_remote_code: o.TrustRemoteCodeOpt = False,
+    allow_pickle: PickleOpt = False,
     junit: JunitOpt = None,
     as_json: o.JsonOpt = False,
 ) -> None:
@@ -105,7 +107,7 @@ def verify(
 
         opts = VerifyOptions(device=device, device_map=device_map, steps=steps, decode_tokens=decode_tokens,
                              data=data, reference=reference, revision=revision, trust_remote_code=trust_remote_code,
-                             tolerance=tolerance)
+                             tolerance=tolerance, allow_pickle=allow_pickle)
         # Libraries sometimes print; with --json nothing but the report may reach stdout.
         with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
             report = run_verify(spec, settings, opts, progress=out.info)
