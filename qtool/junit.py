@@ -55,12 +55,21 @@ def junit_tree(report: dict) -> ET.ElementTree:
     return ET.ElementTree(suite)
 
 
-def write_junit(report: dict, path: Path) -> None:
-    path = Path(path)
+def check_junit_path(path: Path) -> Path:
+    """--junit FILE must be writable where it is: checked before anything is loaded, and again on writing."""
+    path = Path(path).expanduser()
     if path.is_dir():
         raise BadInput("is a directory: --junit needs a file name", path=path)
-    if not path.parent.exists():
-        raise BadInput("directory does not exist", path=path.parent)
+    parent = path.parent
+    if not parent.exists():
+        raise BadInput("--junit: directory does not exist", path=parent)
+    if not parent.is_dir():
+        raise BadInput("--junit: not a directory", path=parent)
+    return path
+
+
+def write_junit(report: dict, path: Path) -> None:
+    path = check_junit_path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

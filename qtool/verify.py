@@ -102,6 +102,19 @@ def _checkpoint_source(root: Path, where: str, *, allow_pickle: bool = False) ->
     return Source("checkpoint-4bit", root, f"bnb-4bit checkpoint {where}", quantization_config=qc, tokenizer_dir=tok)
 
 
+def check_inputs(options: VerifyOptions) -> None:
+    """Exit-2 conditions about --data and --reference, checked before anything is loaded or downloaded.
+    A hub --reference is only resolved here (its config.json); its weights come after the model's."""
+    if options.data is not None:
+        data = Path(options.data).expanduser()
+        if not data.exists():
+            raise BadInput("--data: no such file", path=data)
+        if not data.is_file():
+            raise BadInput("--data: not a file (expected a text file)", path=data)
+    if options.reference:
+        _reference_spec(options)
+
+
 def check_device(options: VerifyOptions) -> None:
     """Exit-2 conditions about the device, checked before anything is loaded."""
     import torch
@@ -572,11 +585,10 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
     if settings.quant.blocksize != 64 and run.mode in ("qlora", "inference"):
         raise BadInput(f"--blocksize {settings.quant.blocksize}: transformers' loader quantizes with "
                        "bitsandbytes' default block size 64 only")
+    check_inputs(options)
     source = resolve_source(spec, options)
     if source.kind == "checkpoint-4bit" and run.mode in ("lora", "full"):
         raise BadInput(f"--mode {run.mode} trains 16-bit weights; this checkpoint is already 4-bit", path=source.path)
-    if options.data is not None and not Path(options.data).is_file():
-        raise BadInput("no such file", path=options.data)
     reference = _resolve_reference(options) if options.reference else None
 
     import torch
@@ -797,13 +809,17 @@ class _quiet_transformers:
         return False
 
 
-def _resolve_reference(options: VerifyOptions) -> tuple[Path, str]:
+def _reference_spec(options: VerifyOptions) -> ModelSpec:
     from qtool.models import resolve_model
 
     ref = resolve_model(options.reference, revision=options.revision)
     if ref.kind in ("preset", "shorthand", "approximation") or (ref.kind == "local" and Path(ref.ref).expanduser().is_file()):
         raise BadInput(f"--reference {options.reference}: needs a checkpoint with 16-bit weights, not a config")
-    src = resolve_source(ref, options)
+    return ref
+
+
+def _resolve_reference(options: VerifyOptions) -> tuple[Path, str]:
+    src = resolve_source(_reference_spec(options), options)
     if src.kind != "checkpoint-16bit":
         raise BadInput("--reference must be a 16-bit checkpoint; this one is already quantized", path=src.path)
     return src.path, src.description

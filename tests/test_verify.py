@@ -107,11 +107,11 @@ def test_qlora_cpu_report(tiny, capsys):
 
 def test_budget_too_small_exits_3(tiny, tmp_path, capsys):
     junit = tmp_path / "verify.xml"
-    code, r, err = _run([str(tiny), "--device", "cpu", *SEQ, "--steps", "1", "--max-vram", "1MB", "--json",
+    code, r, err = _run([str(tiny), "--device", "cpu", *SEQ, "--steps", "1", "--max-vram", "2MB", "--json",
                          "--junit", str(junit)], capsys)
     assert code == 3
     assert r["checks"]["fits_budget"]["passed"] is False
-    assert "budget" in err and "1.0 MB" in err
+    assert "budget" in err and "2.0 MB" in err
     suite = ET.parse(junit).getroot()
     assert suite.tag == "testsuite" and suite.get("failures") == "1"
     cases = {c.get("name"): c for c in suite.iter("testcase")}
@@ -169,7 +169,7 @@ def test_nan_weights_exit_4(tiny_nan, tmp_path, capsys):
 
 
 def test_nan_beats_budget(tiny_nan, capsys):
-    code, _, _ = _run([str(tiny_nan), "--device", "cpu", *SEQ, "--max-vram", "1MB"], capsys)
+    code, _, _ = _run([str(tiny_nan), "--device", "cpu", *SEQ, "--max-vram", "2MB"], capsys)
     assert code == 4
 
 
@@ -423,3 +423,32 @@ def test_pickle_checkpoint_needs_allow_pickle(tiny, tmp_path, capsys):
     assert code == 2 and "refusing pickle" in err and "--allow-pickle" in err
     code, r, _ = _run([str(root), "--device", "cpu", "--steps", "0", "--allow-pickle", "--json"], capsys)
     assert code == 0 and r["model"]["source"] == "checkpoint-16bit" and r["loaded"]
+
+
+def test_max_vram_name_and_gpu(tiny, capsys):
+    """--max-vram NAME is --gpu NAME; with --gpu as well they must agree; a size and --gpu together are refused."""
+    code, _, err = _run([str(tiny), "--device", "cpu", "--max-vram", "rtx-4090", "--gpu", "a100-80gb"], capsys)
+    assert code == 2 and "different GPUs" in err and "loading" not in err
+    code, r, _ = _run([str(tiny), "--device", "cpu", *SEQ, "--steps", "0", "--max-vram", "rtx-4090", "--gpu",
+                       "rtx-4090", "--json"], capsys)
+    assert code == 0 and r["settings"]["budget_bytes"] == 24 * 2**30
+    code, _, err = _run([str(tiny), "--device", "cpu", "--max-vram", "1TB", "--gpu", "rtx-4090"], capsys)
+    assert code == 2 and "set one" in err  # the config layer's rule for two budgets at the same level
+    code, _, err = _run([str(tiny), "--device", "cpu", "--max-vram", "rtx-9999"], capsys)
+    assert code == 2 and "neither a size" in err and "rtx-4090" in err
+
+
+def test_paths_checked_before_loading(tiny, tmp_path, capsys):
+    """--junit's directory, --data and --reference are checked before the model is resolved or loaded."""
+    missing_model = str(tmp_path / "no-model")
+    code, _, err = _run([missing_model, "--device", "cpu", "--junit", str(tmp_path / "nodir" / "v.xml")], capsys)
+    assert code == 2 and "nodir" in err and "directory does not exist" in err and "no-model" not in err
+    (tmp_path / "file").write_text("x")
+    code, _, err = _run([str(tiny), "--device", "cpu", "--junit", str(tmp_path / "file" / "v.xml")], capsys)
+    assert code == 2 and "not a directory" in err and "loading" not in err
+    code, _, err = _run([missing_model, "--device", "cpu", "--data", str(tmp_path / "nodata.txt")], capsys)
+    assert code == 2 and "nodata.txt" in err and "no-model" not in err
+    code, _, err = _run([str(tiny), "--device", "cpu", "--data", str(tmp_path)], capsys)
+    assert code == 2 and "not a file" in err and "loading" not in err
+    code, _, err = _run([missing_model, "--device", "cpu", "--reference", str(tmp_path / "no-ref")], capsys)
+    assert code == 2 and "no-ref" in err and "no-model" not in err

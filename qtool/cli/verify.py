@@ -37,7 +37,7 @@ Examples:
 D = "Device and run"
 
 MaxVramOpt = Annotated[Optional[str], typer.Option(
-    "--max-vram", "--vram", help="Budget: a size (24GB, 24 GiB) or a GPU from the catalogue (rtx-4090). Exit 3 if the peak exceeds it.",
+    "--max-vram", "--vram", help="Budget: a size (24GB, 24 GiB) or a GPU from the catalogue (rtx-4090). Exit 3 if the peak exceeds it. Give it or --gpu, not both (the same GPU name is fine).",
     rich_help_panel=o.R, show_default=False)]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cuda, cuda:N, or cpu (same steps; peak RSS instead of GPU memory).", rich_help_panel=D)]
 DeviceMapOpt = Annotated[Optional[str], typer.Option("--device-map", help="auto: spread over all GPUs with accelerate; per-GPU peaks are reported.", rich_help_panel=D, show_default=False)]
@@ -84,30 +84,29 @@ def verify(
     junit: JunitOpt = None,
     as_json: o.JsonOpt = False,
 ) -> None:
-    from qtool import presets
     from qtool.errors import QtoolError
     from qtool.models import resolve_model
 
     out = Output(as_json=as_json)
-    vram = None
-    if max_vram is not None:
-        if presets.find_gpu(max_vram) is not None and gpu is None:
-            gpu = max_vram  # a GPU name: its catalogue memory is the budget
-        else:
-            vram = max_vram
+    if junit is not None:
+        from qtool.junit import check_junit_path
+
+        check_junit_path(junit)  # before anything is loaded: a run must not end unable to write its verdict
     try:
+        vram, gpu = _budget_flags(max_vram, gpu)
         settings = settings_from_flags(
             config, preset=preset, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype,
             blocksize=blocksize, quant_storage=quant_storage, skip_modules=skip_modules, dtype=dtype, mode=mode,
             seq_len=seq_len, batch_size=batch_size, lora_rank=lora_rank, lora_alpha=lora_alpha,
             lora_targets=lora_targets, optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
             vram=vram, gpu=gpu)
-        spec = resolve_model(model, revision=revision)
-        from qtool.verify import VerifyOptions, run_verify
+        from qtool.verify import VerifyOptions, check_inputs, run_verify
 
         opts = VerifyOptions(device=device, device_map=device_map, steps=steps, decode_tokens=decode_tokens,
                              data=data, reference=reference, revision=revision, trust_remote_code=trust_remote_code,
                              tolerance=tolerance, allow_pickle=allow_pickle)
+        check_inputs(opts)  # --data, --reference: before the model is resolved or downloaded
+        spec = resolve_model(model, revision=revision)
         # Libraries sometimes print; with --json nothing but the report may reach stdout.
         with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
             report = run_verify(spec, settings, opts, progress=out.info)
@@ -125,6 +124,28 @@ def verify(
     err = outcome(report)
     if err is not None:
         raise err
+
+
+def _budget_flags(max_vram: str | None, gpu: str | None) -> tuple[str | None, str | None]:
+    """--max-vram is a size or a catalogue GPU name: a size goes to the config layer as `vram` (which refuses it
+    beside --gpu, as for --vram), a name as `gpu`; a name that disagrees with --gpu is an error."""
+    from qtool import presets
+    from qtool.errors import ConfigError
+
+    if max_vram is None:
+        return None, gpu
+    text = max_vram.strip()
+    if text[:1].isdigit() or text[:1] == ".":
+        return text, gpu
+    named = presets.find_gpu(text)
+    if named is None:
+        known = ", ".join(sorted({g["key"] for g in presets.gpus().values()}))
+        raise ConfigError(f"invalid --max-vram {max_vram!r}: neither a size (24GB) nor a GPU from the catalogue "
+                          f"(known: {known})")
+    other = presets.find_gpu(gpu) if gpu is not None else None
+    if other is not None and other["key"] != named["key"]:
+        raise ConfigError(f"--max-vram {max_vram} and --gpu {gpu} name different GPUs: give one of them")
+    return None, text
 
 
 def _junit_for_error(path: Path, model: str, exc) -> None:
