@@ -16,6 +16,7 @@ Failures become one-line HubErrors (exit 2):
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import re
@@ -129,7 +130,6 @@ def _chain(exc: BaseException):
 
 def _map_error(exc: BaseException, repo_id: str, revision: str | None, what: str) -> QtoolError:
     """One line for whatever huggingface_hub (or the network under it) raised."""
-    import httpx2
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -164,7 +164,7 @@ def _map_error(exc: BaseException, repo_id: str, revision: str | None, what: str
         if isinstance(e, HfHubHTTPError) and status is not None:
             return HubError(f"the hub at {endpoint} answered HTTP {status} for {what}; run again later", path=repo_id)
     for e in chain:
-        if isinstance(e, (httpx2.TransportError, ConnectionError, TimeoutError)) or "Consistency check failed" in str(e):
+        if isinstance(e, _transport_errors()) or "Consistency check failed" in str(e):
             kept = f", finished files stay in {_cache_dir()}" if what == "the checkpoint" else ""
             return HubError(f"connection to {endpoint} failed; run again to resume ({type(e).__name__}{kept})",
                             path=repo_id)
@@ -172,6 +172,20 @@ def _map_error(exc: BaseException, repo_id: str, revision: str | None, what: str
         return HubError(f"connection to {endpoint} failed; run again to resume", path=repo_id)
     first = redact(str(exc)).strip().splitlines()[0] if str(exc).strip() else ""
     return HubError(f"hub request for {what} failed: {type(exc).__name__}: {first}", path=repo_id)
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection failures under huggingface_hub: httpx2's (hub 2.x) or httpx's (hub 1.x), whichever is there.
+
+    Neither is our dependency; without them a dropped connection still surfaces as huggingface_hub's
+    LocalEntryNotFoundError (handled in _map_error) or the OS errors below."""
+    found: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module in ("httpx2", "httpx"):
+        try:
+            found.append(importlib.import_module(module).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
 
 
 def _token_present() -> bool:
@@ -229,6 +243,7 @@ def download_checkpoint(repo_id: str, *, revision: str | None = None, progress: 
 
 def _weight_selection(folder: Path) -> tuple[list[str], list[str]]:
     """Which weight files to fetch: the index's shards exactly, else every top-level *.safetensors."""
+    # Not qtool.checkpoint._read_index: it requires the shards on disk, and they are not downloaded yet.
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -240,6 +255,8 @@ def _weight_selection(folder: Path) -> tuple[list[str], list[str]]:
 
 
 def _check_weights(folder: Path, repo_id: str) -> None:
+    # Not qtool.checkpoint._read_index: its "missing shard" error names the cache path, this one the repo;
+    # shard names are validated there anyway when Checkpoint.open reads this folder next.
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
