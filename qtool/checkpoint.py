@@ -107,6 +107,27 @@ class SafetensorsHeader:
     metadata: dict[str, Any]
 
 
+_TORCH_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
+
+
+def weights_dtype(root: Path) -> str | None:
+    """The dtype `from_pretrained(dtype="auto")` falls back to when config.json names none: the first
+    float tensor (by name) of the first weight file, as a torch dtype name; None when unknown. Pure Python
+    (headers only), so `qtool estimate` can use it without importing torch."""
+    root = Path(root)
+    files = [root / "model.safetensors"] if (root / "model.safetensors").is_file() else sorted(root.glob("*.safetensors"))
+    if not files:
+        return None
+    try:
+        header = read_safetensors_header(files[0])
+    except WeightsError:
+        return None
+    for _, info in sorted(header.tensors.items()):
+        if is_float_dtype(info.dtype):
+            return _TORCH_NAMES.get(info.dtype)
+    return None
+
+
 def read_safetensors_header(path: Path) -> SafetensorsHeader:
     """Parse and validate a safetensors header without trusting any of it. Raises WeightsError."""
     path = Path(path)

@@ -30,11 +30,20 @@ _ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 def kept_dtype(spec: ModelSpec, settings: Settings) -> str:
-    """dtype="auto" means what transformers does: the config's dtype, else float32."""
+    """dtype="auto" means what transformers does: the config's dtype, else the checkpoint's weights' dtype
+    (when there are weights beside the config), else float32."""
     if settings.quant.dtype != "auto":
         return settings.quant.dtype
     cfg_dtype = spec.config.get("dtype") or spec.config.get("torch_dtype")
-    return cfg_dtype if cfg_dtype in _ITEMSIZE else "float32"
+    if cfg_dtype in _ITEMSIZE:
+        return cfg_dtype
+    if spec.path is not None:
+        from qtool.checkpoint import weights_dtype
+
+        found = weights_dtype(spec.path)
+        if found in _ITEMSIZE:
+            return found
+    return "float32"
 
 
 def lora_linears(linears: dict, targets: tuple[str, ...]) -> list[tuple[tuple[int, ...], int]]:
