@@ -391,8 +391,8 @@ def _env():
 
 @pytest.fixture(scope="module")
 def mid_ckpt(tmp_path_factory) -> Path:
-    """~22 MB of BF16 weights: a few seconds of quantizing on CPU, enough to interrupt mid-way."""
-    cfg = TINY | dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=16,
+    """~110 MB of BF16 weights: seconds of quantizing on CPU, enough to interrupt mid-way."""
+    cfg = TINY | dict(vocab_size=1024, hidden_size=512, intermediate_size=1536, num_hidden_layers=16,
                       num_attention_heads=4, num_key_value_heads=4, torch_dtype="bfloat16")
     d = tmp_path_factory.mktemp("mid") / "mid"
     d.mkdir()
@@ -408,12 +408,14 @@ def test_signal_during_quantize_leaves_nothing(mid_ckpt, tmp_path, sig, code, me
     proc = subprocess.Popen([sys.executable, "-m", "qtool", "quantize", str(mid_ckpt), "--out", str(dest),
                              "--device", "cpu"], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    # Wait until writing has begun (the staging folder beside the destination exists), then Ctrl-C.
+    # Wait until the run is under way (the staging folder beside the destination exists: quantizing has
+    # started, and a ~110 MB model keeps it busy for seconds), then send the signal.
     deadline = time.monotonic() + 300
     staging = []
     while time.monotonic() < deadline and proc.poll() is None:
         staging = [p for p in tmp_path.iterdir() if p.name.startswith(".out.qtool-tmp-")]
-        if staging and any(staging[0].iterdir()):
+        if staging:
+            time.sleep(0.3)
             break
         time.sleep(0.02)
     assert proc.poll() is None, "quantize finished before it could be interrupted: " + proc.communicate()[1]
