@@ -405,9 +405,13 @@ def mid_ckpt(tmp_path_factory) -> Path:
                                                (signal.SIGTERM, 143, "terminated (SIGTERM)")])
 def test_signal_during_quantize_leaves_nothing(mid_ckpt, tmp_path, sig, code, message):
     dest = tmp_path / "out"
+    def default_signals():  # as in a terminal: a test run started in the background inherits SIGINT ignored
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
     proc = subprocess.Popen([sys.executable, "-m", "qtool", "quantize", str(mid_ckpt), "--out", str(dest),
                              "--device", "cpu"], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
     # Wait until the run is under way (the staging folder beside the destination exists: quantizing has
     # started, and a ~110 MB model keeps it busy for seconds), then send the signal.
     deadline = time.monotonic() + 300

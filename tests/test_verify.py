@@ -382,21 +382,24 @@ def _strip_dtype(root: Path) -> Path:
 
 @pytest.mark.parametrize("source", ["checkpoint", "config"])
 def test_kept_dtype_matches_estimate(tmp_path, source, capsys):
-    """config.json without a dtype: unquantized tensors load as float32 (torch's default dtype), which is what
-    qtool estimate counts, for a bf16 checkpoint and for random weights alike; --dtype overrides both."""
-    from qtool.estimate import estimate_report
+    """config.json without a dtype: from_pretrained(dtype="auto") takes the weights' dtype; verify loads the
+    unquantized tensors in that dtype and qtool estimate counts the same, for a bf16 checkpoint and for random
+    weights from its config alike; --dtype overrides both."""
+    from transformers import AutoModelForCausalLM
+
     from qtool.config import resolve_settings
+    from qtool.estimate import estimate_report
     from qtool.models import resolve_model
 
     root = _strip_dtype(_save_tiny(tmp_path / "no-dtype"))
+    oracle = str(AutoModelForCausalLM.from_pretrained(root).model.norm.weight.dtype).removeprefix("torch.")
     ref = str(root if source == "checkpoint" else root / "config.json")
     code, r, _ = _run([ref, "--device", "cpu", "--steps", "0", "--json"], capsys)
     assert code == 0
     est = estimate_report(resolve_model(ref), resolve_settings({}, env={}, cwd=tmp_path))
-    assert r["model"]["kept_dtype"] == est["kept"]["dtype"] == str(torch.get_default_dtype()).removeprefix("torch.")
-    assert any("names no dtype" in n for n in r["notes"])
-    code, r, _ = _run([ref, "--device", "cpu", "--steps", "0", "--dtype", "bf16", "--json"], capsys)
-    assert code == 0 and r["model"]["kept_dtype"] == "bfloat16"
+    assert r["model"]["kept_dtype"] == est["kept"]["dtype"] == oracle == "bfloat16"
+    code, r, _ = _run([ref, "--device", "cpu", "--steps", "0", "--dtype", "fp32", "--json"], capsys)
+    assert code == 0 and r["model"]["kept_dtype"] == "float32"
 
 
 def test_reference_that_cannot_load_exit_2(tiny, tmp_path, capsys):
