@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,18 +99,6 @@ def _gpu(v: Any, key: str) -> str:
     return gpu["key"]
 
 
-def _budget(v: Any, key: str) -> int:
-    """A size ('24GB') or a catalogue GPU name ('rtx-4090')."""
-    if isinstance(v, str) and presets.find_gpu(v) is not None:
-        return parse_size(presets.find_gpu(v)["vram"])
-    try:
-        return parse_size(v, what=key)
-    except ConfigError:
-        if isinstance(v, str) and any(c.isalpha() for c in v) and not any(c.isdigit() for c in v[:1]):
-            return parse_size(presets.find_gpu(_gpu(v, key))["vram"])
-        raise
-
-
 @dataclass(frozen=True)
 class Key:
     name: str
@@ -157,6 +145,9 @@ class QuantSettings:
     skip_modules: tuple[str, ...] = ()
     dtype: str = "auto"
 
+    def to_dict(self) -> dict:
+        return _plain(self)
+
     def bnb_config(self):
         """The transformers BitsAndBytesConfig for these settings (imports torch/transformers)."""
         import torch
@@ -185,6 +176,9 @@ class RunSettings:
     budget_bytes: int | None = None
     gpu: str | None = None
 
+    def to_dict(self) -> dict:
+        return _plain(self)
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -193,7 +187,11 @@ class Settings:
     values: Mapping[str, Any]  # every key -> resolved value
     sources: Mapping[str, str]  # every key -> "flag --x" | "env QTOOL_X" | "file PATH" | "preset NAME" | "default"
     config_file: Path | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _plain(obj) -> dict:
+    """A settings dataclass as JSON-ready values (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(obj).items()}
 
 
 def flag_name(key: str) -> str:

@@ -119,7 +119,7 @@ class QuantizePlan:
             "revision": self.revision,
             "architecture": self.architecture,
             "dtype": self.model_dtype,
-            "settings": settings_dict(self.settings),
+            "settings": self.settings.to_dict(),
             "tensors": self.counts(),
             "parameters": self.total_parameters,
             "input_bytes": self.input_bytes,
@@ -128,12 +128,6 @@ class QuantizePlan:
             "dropped": [{"name": n, "why": w} for n, w in self.dropped],
             "warnings": list(self.warnings),
         }
-
-
-def settings_dict(s: QuantSettings) -> dict:
-    return {"quant_type": s.quant_type, "double_quant": s.double_quant, "compute_dtype": s.compute_dtype,
-            "blocksize": s.blocksize, "quant_storage": s.quant_storage, "skip_modules": list(s.skip_modules),
-            "dtype": s.dtype}
 
 
 # ----------------------------------------------------------------------------------------------- source

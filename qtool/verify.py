@@ -558,16 +558,6 @@ def versions() -> dict:
 # ------------------------------------------------------------------------------------------------ run
 
 
-def _settings_dict(settings: Settings) -> dict:
-    q, r = settings.quant, settings.run
-    return {"mode": r.mode, "seq_len": r.seq_len, "batch_size": r.batch_size, "lora_rank": r.lora_rank,
-            "lora_alpha": r.lora_alpha, "lora_targets": list(r.lora_targets), "optimizer": r.optimizer,
-            "gradient_checkpointing": r.gradient_checkpointing, "budget_bytes": r.budget_bytes, "gpu": r.gpu,
-            "quant": {"quant_type": q.quant_type, "double_quant": q.double_quant, "compute_dtype": q.compute_dtype,
-                      "blocksize": q.blocksize, "quant_storage": q.quant_storage, "skip_modules": list(q.skip_modules),
-                      "dtype": q.dtype}}
-
-
 def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
                progress: Callable[[str], None] | None = None) -> dict:
     """Load, run, measure. Returns the report; raises BadInput (exit 2) for unusable input or device.
@@ -618,7 +608,7 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
         "model": {"ref": spec.ref, "name": spec.name, "kind": spec.kind, "source": source.kind,
                   "description": source.description, "path": str(source.path) if source.path else None,
                   "architecture": cls.__name__, "quantization_config": source.quantization_config},
-        "settings": _settings_dict(settings),
+        "settings": {**settings.run.to_dict(), "quant": settings.quant.to_dict()},
         "device": _device_info(devices, cuda),
         "versions": versions(),
         "steps": [], "phases": {}, "memory": {}, "loss": None, "loss_finite": None, "grads_finite": None,
