@@ -57,19 +57,10 @@ class NotFinite(QtoolError):
     exit_code = EXIT_NOT_FINITE
 
 
-class Interrupted(QtoolError):
-    """Ctrl-C / SIGINT: whatever was being written has been removed."""
-
-    exit_code = EXIT_INTERRUPTED
-
-
 class OutputError(QtoolError):
     """The output could not be written: disk full, quota exceeded, file-size limit. Nothing is left behind."""
 
     exit_code = EXIT_INTERNAL
 
 
-class Terminated(Interrupted):
-    """SIGTERM (a job scheduler, `kill`): cleaned up like Ctrl-C; 128 + 15 as shells report it."""
-
-    exit_code = 143
+# Signals (130 SIGINT, 143 SIGTERM, 129 SIGHUP) are not QtoolErrors: see qtool.signals.Stopped.

@@ -104,7 +104,16 @@ def _hub_kwargs() -> dict:
 
 @contextlib.contextmanager
 def _progress_bars(show: bool):
-    """huggingface_hub's tqdm bars (stderr) only when asked for; restored afterwards."""
+    """huggingface_hub's tqdm bars (stderr) only when asked for; restored afterwards. They write to
+    stderr, which qtool holds back from libraries (qtool.logs), so let them through while shown."""
+    from qtool.logs import passthrough
+
+    with passthrough() if show else contextlib.nullcontext(), _bars_enabled(show):
+        yield
+
+
+@contextlib.contextmanager
+def _bars_enabled(show: bool):
     from huggingface_hub import constants
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 

@@ -273,6 +273,22 @@ def random_state_dict(model_cls, cfg, dtype, *, seed: int = 0) -> dict:
     return out
 
 
+def portable_cpu_kernels(model) -> int:
+    """Keep bitsandbytes' 4-bit layers on its portable CPU path, whatever the CPU.
+
+    On AVX512-BF16 CPUs, `Linear4bit.forward` in eval mode repacks the weight for a fused bf16 kernel
+    (`_convert_weight_packed_for_cpu`), which needs out_features % 32 == 0 and in_features % blocksize == 0
+    (an intermediate size of 96 dies with "shape '[64, 1]' is invalid"), rounds absmax to bf16 and rewrites
+    the module's weight in place. The dequantize-and-matmul path works for every shape and computes the
+    same thing on every CPU, so a CPU verify means the same on any machine. Returns the layers changed."""
+    n = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
 def _is_causal_lm(cls) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -633,6 +649,8 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
             t0 = time.perf_counter()
             with _quiet_transformers():
                 model, _ = load_model(spec, source, settings, options, device_map, quantize=quantize)
+            if not cuda:
+                portable_cpu_kernels(model)
             report["load_seconds"] = time.perf_counter() - t0
             report["model"]["kept_dtype"] = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
             if settings.quant.dtype == "auto" and not (spec.config.get("dtype") or spec.config.get("torch_dtype")):

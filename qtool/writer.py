@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qtool import signals
 from qtool.errors import BadInput, OutputError, WeightsError
 
 WEIGHTS_NAME = "model.safetensors"
@@ -166,10 +167,19 @@ def staging_dir(dest: Path, *, force: bool = False) -> Iterator[Path]:
             tmp = Path(tempfile.mkdtemp(prefix=staging_name(dest), dir=parent))
         except OSError as exc:
             raise _folder_error(exc, dest, parent) from None
+        def undo() -> None:  # what qtool.signals' watchdog runs if it must end the process from outside
+            shutil.rmtree(tmp, ignore_errors=True)
+            for folder in reversed(created):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+
         try:
-            yield tmp
-            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a folder made by mkdir would not be
-            _move_into_place(tmp, dest, parent, force)
+            with signals.cleanup(undo):
+                yield tmp
+                os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a folder made by mkdir would not be
+                with signals.commit_section():  # a signal from here on is held; once renamed, it is ignored
+                    _move_into_place(tmp, dest, parent, force)
+                    signals.mark_committed()
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-import signal
 import sys
-import threading
 from typing import Annotated, Optional
 
 import typer
 
 from qtool import __version__
-from qtool.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, Interrupted, QtoolError, Terminated
+from qtool.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, QtoolError
+from qtool.signals import Stopped
 
 HELP = """Fit large language models onto the GPUs you have.
 
@@ -48,21 +48,25 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors (or set QTOOL_DEBUG=1).")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors and what libraries print (or set QTOOL_DEBUG=1).")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show what libraries print (warnings, logs).")] = False,
 ) -> None:
     if debug:
         os.environ["QTOOL_DEBUG"] = "1"
 
 
 def _guarded(fn):
-    """Ctrl-C inside a command becomes an Interrupted error (exit 130), not click's 'Aborted!'."""
+    """A KeyboardInterrupt raised inside a command (qtool's own SIGINT handler raises Stopped) ends as
+    SIGINT does (exit 130), not as click's 'Aborted!'."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except KeyboardInterrupt:
-            raise Interrupted("interrupted") from None
+            import signal
+
+            raise Stopped(signal.SIGINT) from None
 
     return wrapper
 
@@ -83,44 +87,100 @@ def _debug() -> bool:
     return os.environ.get("QTOOL_DEBUG", "") not in ("", "0") or "--debug" in sys.argv[1:]
 
 
-def _fail(message: str, code: int) -> int:
-    sys.stderr.write(f"qtool: error: {message}\n")
-    sys.stderr.flush()
-    return code
+def _verbose(argv: list[str]) -> bool:
+    return _debug() or "--debug" in argv or any(a in ("-v", "--verbose") for a in argv)
 
 
-def _on_sigterm(signum, frame) -> None:
-    # raised in the main thread wherever it is, so staging directories unwind exactly as for Ctrl-C
-    raise Terminated("terminated (SIGTERM)")
+def _emit(line: str) -> None:
+    from qtool.logs import stderr
+
+    err = stderr()
+    try:
+        err.write(line + "\n")
+        err.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _run(argv: list[str] | None) -> tuple[int, str | None]:
+    """Run the command -> (exit code, error line or None). Tracebacks only with --debug."""
+    try:
+        rv = app(args=argv, prog_name="qtool", standalone_mode=False)
+        return (rv if isinstance(rv, int) else 0), None
+    except SystemExit as exc:
+        if isinstance(exc.__context__, BrokenPipeError):  # typer turns a closed stdout into exit 1
+            return _closed_stdout()
+        return (exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)), None
+    except Stopped as exc:
+        return exc.exit_code, exc.message
+    except (KeyboardInterrupt, typer.Abort):
+        return EXIT_INTERRUPTED, "interrupted"
+    except BrokenPipeError:
+        return _closed_stdout()
+    except QtoolError as exc:
+        if _debug():
+            raise
+        return exc.exit_code, str(exc)
+    except Exception as exc:
+        usage = _usage_error(exc)
+        if usage is not None:
+            return usage
+        if _debug():
+            raise
+        return EXIT_INTERNAL, f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)"
+
+
+def _usage_error(exc: Exception) -> tuple[int, str | None] | None:
+    """typer's usage errors (click's UsageError and kin; typer exports only BadParameter by name) as one
+    line; None for anything else."""
+    if not (hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int)):
+        return None
+    ctx = getattr(exc, "ctx", None)
+    if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:  # `qtool estimate` alone: its help
+        sys.stdout.write(ctx.get_help() + "\n")
+        return exc.exit_code, None
+    where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    return exc.exit_code, " ".join(exc.format_message().split()) + where
+
+
+def _closed_stdout() -> tuple[int, None]:
+    """The reader went away (`qtool estimate 70b | head -1`): end quietly, as other CLI tools do. Point
+    stdout at /dev/null so the interpreter's final flush does not fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return 0, None
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point. The only place that turns exceptions into messages and exit codes.
 
     Typer runs in standalone mode: it reports usage errors itself (exit 2) and ends with SystemExit;
-    our own errors and anything unexpected propagate out of it and are mapped here.
+    our own errors and anything unexpected propagate out of it and are mapped here. A signal wins over
+    whatever exception it caused on its way out (qtool.signals).
     """
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    from qtool import logs, signals
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    signals.install(_emit)
+    logs.capture(show=_verbose(args))
     try:
-        app(args=argv, prog_name="qtool")
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except QtoolError as exc:
-        if _debug():
-            raise
-        code = _fail(str(exc), exc.exit_code)
-    except KeyboardInterrupt:
-        code = _fail("interrupted", EXIT_INTERRUPTED)
-    except Exception as exc:
-        if _debug():
-            raise
-        code = _fail(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", EXIT_INTERNAL)
+        try:
+            code, line = _run(argv)
+        except BaseException:  # --debug: the traceback is the message
+            if signals.received() is None:
+                raise
+            code, line = 1, None
+        code, signal_line = signals.outcome(code)
+        if signals.received() is not None:
+            line = signal_line
+        if line is not None:
+            signals.emit_once(f"qtool: error: {line}")
+        signals.finish()
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if argv is not None:  # in-process callers (tests) run many commands; a real process keeps both
+            logs.release()
+            signals.uninstall()
     if argv is None:
         sys.exit(code)
     return code

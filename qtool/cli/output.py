@@ -15,7 +15,9 @@ class Output:
         from rich.console import Console
 
         self.out = Console(file=sys.stdout, highlight=False, soft_wrap=False)
-        self.err = Console(file=sys.stderr, highlight=False)
+        from qtool.logs import stderr
+
+        self.err = Console(file=stderr(), highlight=False)  # the real stderr: libraries' is held (qtool.logs)
 
     def result(self, data: dict[str, Any], render: Callable[[Any], None] | None = None) -> None:
         """Print the command's result: JSON (one object) or the human rendering."""
