@@ -240,6 +240,8 @@ def _load_toml(path: Path) -> dict:
             return tomllib.load(f)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"invalid TOML: {exc}", path=path) from None
+    except RecursionError:
+        raise ConfigError("invalid TOML: nested too deeply", path=path) from None
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror}", path=path) from None
 

@@ -9,6 +9,13 @@ EXIT_NOT_FINITE = 4
 EXIT_INTERRUPTED = 130
 
 
+def one_line(exc: BaseException, limit: int = 400) -> str:
+    """A library's message as one line: its lines joined, so the reason after "...validator 'x':" survives."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    text = text or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class QtoolError(Exception):
     """Base class: `str(err)` is the one line shown to the user."""
 

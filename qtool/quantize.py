@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qtool.config import QuantSettings
-from qtool.errors import BadInput, ConfigError, DeviceError, WeightsError
+from qtool.errors import BadInput, ConfigError, DeviceError, WeightsError, one_line
 from qtool.plan import KEEP, QUANTIZE, REASON_CONV1D, REASON_FUSED, ModelPlan
 from qtool.sizes import format_bytes
 
@@ -167,6 +167,10 @@ def _load_dtype(config: dict, ckpt, hf_cfg, setting: str):
     if isinstance(dt, str):
         dt = getattr(torch, dt, None)
     if isinstance(dt, torch.dtype):
+        if dt not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ConfigError(f"config.json dtype {str(dt).removeprefix('torch.')} cannot be loaded in 4-bit "
+                              "(bitsandbytes takes float16, bfloat16 or float32)", path=ckpt.root / "config.json",
+                              hint="pass --dtype bfloat16, float16 or float32")
         return dt
     from qtool.checkpoint import is_float_dtype, torch_dtype
 
@@ -187,7 +191,7 @@ def _meta_model(hf_cfg, dtype, source):
         with torch.device("meta"):
             return cls._from_config(hf_cfg, dtype=dtype)
     except Exception as exc:  # transformers raises many types for configs it cannot build
-        raise ConfigError(f"cannot build {cls.__name__} from config.json: {exc}", path=source) from exc
+        raise ConfigError(f"cannot build {cls.__name__} from config.json: {one_line(exc)}", path=source) from exc
 
 
 def plan_quantization(
@@ -491,8 +495,10 @@ def run_quantization(
     trust_remote_code: bool = False,
     on_progress: Callable[[int, int, str], None] | None = None,
     ckpt=None,
+    allow_nonfinite: bool = False,
 ) -> QuantizeResult:
-    """Stream the planned tensors into `destination`. Nothing is left behind on failure or Ctrl-C."""
+    """Stream the planned tensors into `destination`. Nothing is left behind on failure or Ctrl-C.
+    A NaN/inf in a tensor that passes through memory is refused unless `allow_nonfinite`."""
     import torch
 
     from qtool.checkpoint import Checkpoint
@@ -505,7 +511,8 @@ def run_quantization(
         torch.cuda.reset_peak_memory_stats()
     ckpt = ckpt or Checkpoint.open(plan.source)
     try:
-        return _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_code, on_progress)
+        return _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_code, on_progress,
+                       allow_nonfinite=allow_nonfinite)
     except OSError as exc:
         err = output_error(exc, destination)
         if err is None:
@@ -558,7 +565,23 @@ def _copyable(plan: QuantizePlan, ckpt, sink, idx: int) -> bool:
             and sink.can_copy(t.name))
 
 
-def _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_code, on_progress) -> QuantizeResult:
+def check_finite(t, tensor, ckpt) -> None:
+    """Refuse NaN/inf: bitsandbytes quantizes them silently, and with double quant a few NaNs make every
+    value of their absmax group NaN (256 blocks). transformers does not check; a pre-flight tool should."""
+    import torch
+
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    nan = int(torch.isnan(tensor).sum())
+    info = ckpt.tensors.get(t.source)
+    raise WeightsError(f"{t.source} has {bad:,} non-finite value{'s' if bad > 1 else ''} ({nan:,} NaN, "
+                       f"{bad - nan:,} inf) of {tensor.numel():,}", path=info.file if info else ckpt.root,
+                       hint="pass --allow-nonfinite to quantize it anyway")
+
+
+def _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_code, on_progress, *,
+            allow_nonfinite: bool = False) -> QuantizeResult:
     import torch
 
     from qtool.modelcard import model_card
@@ -597,6 +620,8 @@ def _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_co
         if t.action == KEEP:
             with clock("cast"):
                 value = src.to(dtype)
+            if not allow_nonfinite:
+                check_finite(t, value, ckpt)
             if value is not src:
                 lease.release()
                 lease = None
@@ -611,6 +636,9 @@ def _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_co
                 w = src.to(dtype)
         if t.transpose:
             w = w.T
+        if not allow_nonfinite:
+            with clock("check_finite"):
+                check_finite(t, w, ckpt)
         with clock("quantize"):
             parts = quantize_tensor(w, settings=plan.settings)
             sync()
@@ -705,6 +733,7 @@ def quantize(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     on_progress: Callable[[int, int, str], None] | None = None,
+    allow_nonfinite: bool = False,
 ) -> tuple[QuantizePlan, QuantizeResult]:
     """Library entry point: resolve, plan, check the destination, stream."""
     from qtool.checkpoint import Checkpoint
@@ -717,5 +746,6 @@ def quantize(
         plan = plan_quantization(source, settings, source_name=name, revision=rev, allow_pickle=allow_pickle,
                                  trust_remote_code=trust_remote_code, ckpt=ckpt)
         result = run_quantization(plan, dest, device=device, max_shard_size=max_shard_size, force=force,
-                                  trust_remote_code=trust_remote_code, on_progress=on_progress, ckpt=ckpt)
+                                  trust_remote_code=trust_remote_code, on_progress=on_progress, ckpt=ckpt,
+                                  allow_nonfinite=allow_nonfinite)
     return plan, result

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from qtool.config import Settings
-from qtool.errors import BadInput, DeviceError, DoesNotFit, NotFinite, QtoolError, WeightsError
+from qtool.errors import BadInput, DeviceError, DoesNotFit, NotFinite, QtoolError, WeightsError, one_line
 from qtool.models import ModelSpec
 
 DEVICES = ("cuda", "cpu")
@@ -765,8 +765,7 @@ _NAN_INF = re.compile(r"\b(nan|inf)\b", re.IGNORECASE)
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+    return f"{type(exc).__name__}: {one_line(exc)}" if str(exc).strip() else type(exc).__name__
 
 
 def _numerical(exc: BaseException) -> bool:

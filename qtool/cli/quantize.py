@@ -38,6 +38,7 @@ ShardOpt = Annotated[Optional[str], typer.Option("--max-shard-size", help="Large
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing destination (only after success).")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Read .bin/.pt checkpoints (pickle can run code: only if you trust it).")]
+NonFiniteOpt = Annotated[bool, typer.Option("--allow-nonfinite", help="Quantize weights that hold NaN/inf (refused by default: they spread over their blocks).")]
 
 
 def quantize(
@@ -57,6 +58,7 @@ def quantize(
     force: ForceOpt = False,
     dry_run: DryRunOpt = False,
     allow_pickle: PickleOpt = False,
+    allow_nonfinite: NonFiniteOpt = False,
     revision: RevisionOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     as_json: JsonOpt = False,
@@ -94,12 +96,12 @@ def quantize(
             data = {"dry_run": True, "destination": str(dest), "device": dev, **plan.to_dict(dev)}
             output.result(data, lambda console: render_plan(console, plan, data))
             return
-        result = _run_with_progress(output, plan, ckpt, dest, dev, shard, force, trust_remote_code)
+        result = _run_with_progress(output, plan, ckpt, dest, dev, shard, force, trust_remote_code, allow_nonfinite)
     data = {"dry_run": False, **plan.to_dict(dev), **result.to_dict()}
     output.result(data, lambda console: render_result(console, plan, result))
 
 
-def _run_with_progress(output, plan, ckpt, dest, dev, shard, force, trust_remote_code):
+def _run_with_progress(output, plan, ckpt, dest, dev, shard, force, trust_remote_code, allow_nonfinite):
     from rich.progress import (
         BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
     )
@@ -118,7 +120,8 @@ def _run_with_progress(output, plan, ckpt, dest, dev, shard, force, trust_remote
             progress.update(task, completed=done, tensor=name[-48:])
 
         return run_quantization(plan, dest, device=dev, max_shard_size=shard, force=force,
-                                trust_remote_code=trust_remote_code, on_progress=on_progress, ckpt=ckpt)
+                                trust_remote_code=trust_remote_code, on_progress=on_progress, ckpt=ckpt,
+                                allow_nonfinite=allow_nonfinite)
 
 
 def render_plan(console, plan, data: dict) -> None:
