@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import os
 import sys
 import warnings
@@ -30,6 +29,7 @@ _real = None  # the stream qtool writes to
 _show = False  # forward library output (debug / verbose)
 _kept: deque[str] = deque()
 _kept_bytes = 0
+_showwarning = None
 
 
 class LibraryStream(io.TextIOBase):
@@ -89,8 +89,11 @@ def capture(*, show: bool) -> None:
         # Libraries that read these at import keep quiet at the source as well.
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    warnings.simplefilter("default" if show else "ignore")
-    logging.captureWarnings(False)
+    global _showwarning
+    if _showwarning is None:
+        _showwarning = warnings.showwarning
+        warnings.showwarning = _show_warning
+    warnings.simplefilter("always" if show else "ignore")
 
 
 @contextlib.contextmanager
@@ -105,9 +108,17 @@ def passthrough() -> Iterator[None]:
         _show = was
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings go to the held stream, whatever showwarning a host installed (pytest records them)."""
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def release() -> None:
     """Put the real stderr back (in-process callers run several commands)."""
-    global _real
+    global _real, _showwarning
+    if _showwarning is not None:
+        warnings.showwarning = _showwarning
+        _showwarning = None
     if _real is not None and isinstance(sys.stderr, LibraryStream):
         sys.stderr = _real
     _real = None

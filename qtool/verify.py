@@ -21,6 +21,7 @@ the error the CLI raises (DoesNotFit -> 3, NotFinite -> 4). Bad input raises Bad
 from __future__ import annotations
 
 import gc
+import json
 import math
 import re
 import resource
@@ -323,8 +324,23 @@ def load_model(spec: ModelSpec, source: Source, settings: Settings, options: Ver
 # ---------------------------------------------------------------------------------------------- inputs
 
 
+def check_tokenizer_code(tokenizer_dir: Path | None, trust_remote_code: bool) -> None:
+    """A tokenizer whose tokenizer_config.json maps to the repository's own classes runs that code when
+    loaded. Never without --trust-remote-code, and never by asking (transformers prompts in a terminal)."""
+    if tokenizer_dir is None or trust_remote_code:
+        return
+    path = Path(tokenizer_dir) / "tokenizer_config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return  # unreadable: the tokenizer load reports it
+    if isinstance(cfg, dict) and cfg.get("auto_map"):
+        raise BadInput("the tokenizer needs code from the repository (auto_map in tokenizer_config.json)",
+                       path=path, hint="pass --trust-remote-code if you trust it")
+
+
 def make_batch(vocab_size: int, batch: int, seq_len: int, *, seed: int, data: Path | None,
-               tokenizer_dir: Path | None):
+               tokenizer_dir: Path | None, trust_remote_code: bool = False):
     """batch x seq_len token ids: random, or the text of `data` tokenized (repeated to fill)."""
     import torch
 
@@ -341,7 +357,9 @@ def make_batch(vocab_size: int, batch: int, seq_len: int, *, seed: int, data: Pa
         raise BadInput(f"cannot read as UTF-8 text: {exc}", path=data) from None
     from transformers import AutoTokenizer
 
-    ids = AutoTokenizer.from_pretrained(tokenizer_dir)(text)["input_ids"]
+    check_tokenizer_code(tokenizer_dir, trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)  # never a prompt
+    ids = tok(text)["input_ids"]
     if not ids:
         raise BadInput("no tokens in file", path=data)
     need = batch * seq_len
@@ -596,6 +614,8 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
     if source.kind == "checkpoint-4bit" and run.mode in ("lora", "full"):
         raise BadInput(f"--mode {run.mode} trains 16-bit weights; this checkpoint is already 4-bit", path=source.path)
     reference = _resolve_reference(options) if options.reference else None
+    if options.data is not None:
+        check_tokenizer_code(source.tokenizer_dir, options.trust_remote_code)
 
     import torch
 
@@ -666,7 +686,8 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
             vocab = model.get_input_embeddings().weight.shape[0]
             stage = "tokenizer"
             ids = make_batch(vocab, run.batch_size, run.seq_len, seed=options.seed, data=options.data,
-                             tokenizer_dir=source.tokenizer_dir).to(first)
+                             tokenizer_dir=source.tokenizer_dir,
+                             trust_remote_code=options.trust_remote_code).to(first)
             quality_ids = ids[:1, :QUALITY_TOKENS]
             report["inputs"] = {"source": f"text file {options.data}" if options.data else "random token ids",
                                 "shape": list(ids.shape), "first_ids": ids[0, :8].tolist()}

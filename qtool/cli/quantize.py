@@ -97,7 +97,9 @@ def quantize(
             output.result(data, lambda console: render_plan(console, plan, data))
             return
         result = _run_with_progress(output, plan, ckpt, dest, dev, shard, force, trust_remote_code, allow_nonfinite)
-    data = {"dry_run": False, **plan.to_dict(dev), **result.to_dict()}
+    for w in result.warnings:
+        output.warn(w)
+    data = {"dry_run": False, **plan.to_dict(dev), **result.to_dict(), "warnings": plan.warnings + result.warnings}
     output.result(data, lambda console: render_result(console, plan, result))
 
 
