@@ -137,6 +137,73 @@ def check_device(options: VerifyOptions) -> None:
         raise DeviceError(f"invalid --device-map {options.device_map!r}: only 'auto' is supported")
 
 
+def fit_positions(spec: ModelSpec, settings: Settings) -> tuple[Settings, str | None]:
+    """A sequence longer than the model's positions is refused when asked for (learned position embeddings
+    index out of range; rotary ones run, but measure a model used out of its range); the default 2048 is
+    cut to the model's positions, with a note. -> (settings to run, note or None)."""
+    import dataclasses
+
+    from qtool.memory import _first
+
+    cfg = spec.config.get("text_config") if isinstance(spec.config.get("text_config"), dict) else spec.config
+    limit = _first(cfg, "max_position_embeddings", "n_positions", "max_sequence_length")
+    seq = settings.run.seq_len
+    if not isinstance(limit, int) or seq <= limit:
+        return settings, None
+    if settings.sources.get("seq_len", "default") != "default":
+        raise BadInput(f"--seq-len {seq:,} is beyond {spec.name}'s {limit:,} positions (max_position_embeddings)")
+    run = dataclasses.replace(settings.run, seq_len=limit)
+    return (dataclasses.replace(settings, run=run, values={**settings.values, "seq_len": limit}),
+            f"seq_len {limit} (the model's max_position_embeddings) instead of the default {seq}")
+
+
+def _available_ram() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_size(spec: ModelSpec, settings: Settings, options: VerifyOptions) -> None:
+    """Runs that cannot work are refused before loading: the estimate over the machine's available RAM
+    (--device cpu, exit 2) or well over every GPU's memory (exit 3: it does not fit)."""
+    from qtool.sizes import format_bytes
+
+    est = _estimate(spec, settings, options).get("allocated_peak_bytes")
+    if not est:
+        return
+    if options.device == "cpu":
+        avail = _available_ram()
+        if avail is not None and est > avail:
+            raise BadInput(f"{spec.name} at batch {settings.run.batch_size} x {settings.run.seq_len:,} tokens needs about "
+                           f"{format_bytes(est)} (qtool estimate); this machine has {format_bytes(avail)} available")
+        return
+    import torch
+
+    ids = range(torch.cuda.device_count()) if options.device_map == "auto" else [
+        int(options.device[5:]) if options.device.startswith("cuda:") else 0]
+    total = sum(torch.cuda.get_device_properties(i).total_memory for i in ids)
+    if est > 1.5 * total:  # the model's own estimate is within a few % measured: 1.5x is no borderline case
+        raise DoesNotFit(f"{spec.name} needs about {format_bytes(est)} (qtool estimate), "
+                         f"{est / total:.1f}x the {format_bytes(total)} of {len(ids)} GPU(s): not run")
+
+
+def check_same_architecture(spec: ModelSpec, reference: Path) -> None:
+    """--reference must be the same model in 16-bit: same model_type and architecture."""
+    from qtool.models import read_config_json
+
+    ref = read_config_json(Path(reference) / "config.json")
+    mine = (spec.config.get("model_type"), (spec.config.get("architectures") or [None])[0])
+    theirs = (ref.get("model_type"), (ref.get("architectures") or [None])[0])
+    if mine[0] != theirs[0] or (mine[1] and theirs[1] and mine[1] != theirs[1]):
+        raise BadInput(f"--reference is a {theirs[0]} model ({theirs[1]}), {spec.name} a {mine[0]} "
+                       f"({mine[1]}): not the same model", path=reference)
+
+
 # --------------------------------------------------------------------------------------------- memory
 
 
@@ -603,17 +670,24 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
     run = settings.run
     if options.steps < 0:
         raise BadInput(f"invalid --steps {options.steps}: must be 0 or more")
-    check_device(options)
-    if run.mode in ("qlora", "inference") and not _has_bitsandbytes():
-        raise DeviceError("bitsandbytes is not installed: 4-bit loading needs it (pip install bitsandbytes)")
     if settings.quant.blocksize != 64 and run.mode in ("qlora", "inference"):
         raise BadInput(f"--blocksize {settings.quant.blocksize}: transformers' loader quantizes with "
                        "bitsandbytes' default block size 64 only")
     check_inputs(options)
-    source = resolve_source(spec, options)
+    settings, seq_note = fit_positions(spec, settings)
+    run = settings.run
+    # Local input is checked before torch is imported (seconds); a hub download waits for the device check.
+    source = resolve_source(spec, options) if spec.kind != "hub" else None
+    check_device(options)
+    if run.mode in ("qlora", "inference") and not _has_bitsandbytes():
+        raise DeviceError("bitsandbytes is not installed: 4-bit loading needs it (pip install bitsandbytes)")
+    check_size(spec, settings, options)
+    source = source or resolve_source(spec, options)
     if source.kind == "checkpoint-4bit" and run.mode in ("lora", "full"):
         raise BadInput(f"--mode {run.mode} trains 16-bit weights; this checkpoint is already 4-bit", path=source.path)
     reference = _resolve_reference(options) if options.reference else None
+    if reference is not None:
+        check_same_architecture(spec, reference[0])
     if options.data is not None:
         check_tokenizer_code(source.tokenizer_dir, options.trust_remote_code)
 
@@ -651,6 +725,8 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
         "step_seconds": None, "tokens_per_second": None, "quality": None, "error": None, "notes": [],
         "steps_requested": options.steps,
     }
+    if seq_note:
+        report["notes"].append(seq_note)
     if not cuda and run.optimizer == "paged_adamw8bit" and run.mode != "inference":
         report["notes"].append("paged_adamw8bit on CPU: bitsandbytes keeps the 8-bit state in ordinary (unpaged) "
                                "tensors; paging needs CUDA unified memory")
