@@ -98,6 +98,10 @@ def check_destination(dest: Path, *, force: bool, source: Path | None = None) ->
             raise BadInput("destination already exists", path=dest, hint="pass --force to replace it after success")
         if not dest.is_dir() or dest.is_symlink():
             raise BadInput("destination exists and is not a directory", path=dest)
+    cwd = Path.cwd().resolve()
+    if dest.resolve() == cwd or dest.resolve() in cwd.parents:
+        raise BadInput("destination is the working directory or contains it: it cannot be replaced from inside",
+                       path=dest, hint="cd elsewhere or choose another --out")
     if source is not None:
         src, dst = Path(source).resolve(), dest.resolve()
         if dst == src or src in dst.parents:
@@ -129,12 +133,15 @@ def _missing_parents(dest: Path) -> tuple[Path, list[Path]]:
 
 
 def _folder_error(exc: OSError, dest: Path, where: Path) -> BadInput | OutputError:
-    """mkdir/mkdtemp failing beside the destination -> one line naming the folder."""
+    """mkdir/mkdtemp failing beside the destination -> one line naming the folder. A full disk is an
+    output error (exit 1); anything else says the destination is not a place to write (exit 2)."""
     if exc.errno == errno.ENOTDIR:
         return BadInput(f"cannot create the destination: a parent of it is not a directory ({where})", path=dest)
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return BadInput(f"cannot create the destination: {where} is not writable ({exc.strerror})", path=dest)
-    return OutputError(f"cannot create the destination in {where}: {exc.strerror or exc}", path=dest)
+    if exc.errno in _DISK_FULL:
+        return OutputError(f"cannot create the destination in {where}: {exc.strerror or exc}", path=dest)
+    return BadInput(f"cannot create the destination in {where}: {exc.strerror or exc}", path=dest)
 
 
 def _check_parent(dest: Path) -> None:

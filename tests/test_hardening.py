@@ -232,3 +232,60 @@ def test_deep_nesting_is_bad_input(tmp_path, capsys):
     os.chdir(tmp_path)
     code, _, err = run(capsys, "estimate", "70b")
     assert code == 2 and "qtool.toml" in one_line(err)
+
+
+def test_verify_refuses_what_cannot_work_before_loading(ckpt, tmp_path, capsys):
+    # asked-for length beyond the model's 128 positions
+    code, _, err = run(capsys, "verify", ckpt, "--device", "cpu", "--seq-len", "5000")
+    assert code == 2 and "max_position_embeddings" in one_line(err)
+    # an estimate over the machine's RAM: refused at once, not blamed on the tokenizer an hour later
+    code, _, err = run(capsys, "verify", ckpt, "--device", "cpu", "--seq-len", "100", "--batch-size", "1000000")
+    assert code == 2 and "available" in one_line(err)
+    # a reference of another architecture
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=96)).save_pretrained(tmp_path / "bert")
+    capsys.readouterr()  # transformers' own save progress, not qtool's
+    code, _, err = run(capsys, "verify", ckpt, "--device", "cpu", "--seq-len", "16", "--reference", tmp_path / "bert")
+    assert code == 2 and "not the same model" in one_line(err)
+    # a --junit place that cannot be written: refused before the run
+    code, _, err = run(capsys, "verify", ckpt, "--device", "cpu", "--seq-len", "16", "--junit", "/proc/x.xml")
+    assert code == 2 and "--junit" in one_line(err)
+
+
+def test_verify_answers_a_bad_directory_before_importing_torch(tmp_path):
+    """A folder with config.json and no weights: the answer must not wait for torch to import."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(TINY))
+    code = ("import sys; from qtool.cli.app import main; rc = main(['verify', sys.argv[1], '--device', 'cpu', "
+            "'--seq-len', '16']); print('torch' in sys.modules, rc)")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], capture_output=True, text=True,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert proc.stdout.split() == ["False", "2"], proc.stdout + proc.stderr
+    assert "no weight files" in proc.stderr
+
+
+def test_index_beside_model_safetensors_follows_transformers(ckpt, tmp_path, capsys):
+    """transformers loads model.safetensors when it is there, index or not; an empty weight_map is named."""
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {"x": "gone.safetensors"}}))
+    code, _, err = run(capsys, "quantize", ckpt, "--out", tmp_path / "out", "--device", "cpu")
+    assert code == 0, err
+    (ckpt / "model.safetensors").rename(ckpt / "model-00001-of-00001.safetensors")
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {}}))
+    code, _, err = run(capsys, "quantize", ckpt, "--out", tmp_path / "out2", "--device", "cpu")
+    assert code == 2 and "weight_map lists no tensors" in one_line(err)
+
+
+def test_destinations_that_cannot_work_are_refused_first(ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "quantize", ckpt, "--out", ".", "--force", "--device", "cpu")
+    assert code == 2 and "working directory" in one_line(err)
+    code, _, err = run(capsys, "quantize", ckpt, "--out", "/proc/x", "--device", "cpu")
+    assert code == 2 and "/proc/x" in one_line(err)
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    code, _, err = run(capsys, "quantize", ckpt, "--out", "sub", "--device", "cpu")
+    assert code == 2 and "working directory" in one_line(err)

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from qtool import __version__
-from qtool.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, QtoolError
+from qtool.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, QtoolError
 from qtool.signals import Stopped
 
 HELP = """Fit large language models onto the GPUs you have.
@@ -104,6 +104,11 @@ def _emit(line: str) -> None:
 
 def _run(argv: list[str] | None) -> tuple[int, str | None]:
     """Run the command -> (exit code, error line or None). Tracebacks only with --debug."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:  # every relative path, qtool.toml and the default --out depend on it
+        if not {"-h", "--help", "--version"} & set(sys.argv[1:] if argv is None else argv):
+            return EXIT_BAD_INPUT, "the working directory no longer exists (it was deleted): cd into one that does"
     try:
         rv = app(args=argv, prog_name="qtool", standalone_mode=False)
         return (rv if isinstance(rv, int) else 0), None
