@@ -126,3 +126,27 @@ def test_ignored_signal_stays_ignored(source, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert (dest / "model.safetensors").is_file()
+
+
+def test_signal_ends_a_verify_stuck_in_one_native_op(tmp_path):
+    """A prefill of 8 x 4096 tokens through one wide layer is one long matmul in native code, where Python
+    runs no signal handler. The watchdog ends the run a few seconds after SIGTERM, with the one line."""
+    cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128, hidden_size=2048,
+               intermediate_size=8192, num_hidden_layers=1, num_attention_heads=16, num_key_value_heads=4,
+               max_position_embeddings=4096, torch_dtype="bfloat16")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "qtool", "verify", str(tmp_path / "config.json"), "--device", "cpu",
+                             "--mode", "inference", "--seq-len", "4096", "--batch-size", "8", "--steps", "1"],
+                            cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_signals)
+    lines = []
+    for line in proc.stderr:  # qtool's own progress: the prefill has started
+        lines.append(line)
+        if line.startswith("inference: prefill"):
+            break
+    time.sleep(1.0)
+    assert proc.poll() is None, "".join(lines)
+    proc.send_signal(signal.SIGTERM)
+    _, rest = proc.communicate(timeout=60)  # without the watchdog: until the matmul returns
+    assert proc.returncode == 143, rest
+    assert [line for line in rest.splitlines() if line.strip()] == ["qtool: error: terminated (SIGTERM)"]
