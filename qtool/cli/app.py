@@ -18,22 +18,18 @@ HELP = """Fit large language models onto the GPUs you have.
 
 Examples:
 
-  qtool estimate 70b                         # FP16 vs 8-bit vs 4-bit weights, QLoRA peak
-
-  qtool estimate llama-3-8b --gpu rtx-4090   # does it fit? exit 3 if not
-
+  qtool estimate 70b                       # FP16 vs 8-bit vs 4-bit, QLoRA peak
+  qtool estimate llama-3-8b --gpu rtx-4090 # does it fit? exit 3 if not
   qtool quantize meta-llama/Meta-Llama-3-8B  # -> ./Meta-Llama-3-8B-bnb-4bit
-
-  qtool verify ./Meta-Llama-3-8B-bnb-4bit --max-vram 24GB --junit report.xml
-
-  qtool config show llama-3-8b               # every setting and where it came from
+  qtool verify ./Meta-Llama-3-8B-bnb-4bit --max-vram 24GB --junit v.xml
+  qtool config show llama-3-8b             # every setting, where it came from
 """
 
 app = typer.Typer(
     name="qtool",
     help=HELP,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )

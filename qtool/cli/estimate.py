@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from qtool.cli.options import (
-    BatchOpt, BlocksizeOpt, ComputeDtypeOpt, ConfigOpt, DoubleQuantOpt, DtypeOpt, GpuOpt, GradCkptOpt, JsonOpt,
-    LoraAlphaOpt, LoraRankOpt, LoraTargetsOpt, ModeOpt, ModelArg, OptimizerOpt, PresetOpt, QuantStorageOpt,
-    QuantTypeOpt, RevisionOpt, SeqLenOpt, SkipModulesOpt, TrustRemoteCodeOpt, VramOpt,
-)
+from qtool.cli.options import JsonOpt, ModelArg, RevisionOpt, Settings, TrustRemoteCodeOpt, with_settings
 
 HELP = """Plan GPU memory from exact parameter counts: FP32/FP16/INT8/FP4/NF4 weights, then the peak of
 inference, QLoRA, LoRA or full fine-tuning, term by term. Presets and sizes never import torch.
@@ -15,80 +11,51 @@ Exit status: 0 fits (or no budget given), 3 does not fit the budget, 2 bad input
 
 Examples:
 
-  qtool estimate 70b                              # Llama-3-70B: weights per format, QLoRA peak
-
-  qtool estimate 8b --vram 24GB                   # fits in 24 GB? (exit 3 if not)
-
-  qtool estimate llama-3-8b --gpu rtx-4090 --seq-len 4096 --batch-size 2
-
+  qtool estimate 70b                        # weights per format, QLoRA peak
+  qtool estimate 8b --vram 24GB             # fits in 24 GB? exit 3 if not
+  qtool estimate llama-3-8b --gpu rtx-4090 --seq-len 4096 -b 2
   qtool estimate 70b --mode inference --seq-len 8192 --json
-
-  qtool estimate ./my-model/config.json --optimizer paged_adamw8bit --lora-rank 64
-
-  qtool estimate mistralai/Mistral-7B-v0.1 --mode lora --no-gradient-checkpointing
+  qtool estimate ./my-model --optimizer paged_adamw8bit -r 64
+  qtool estimate mistralai/Mistral-7B-v0.1 --no-gradient-checkpointing
 """
 
 _BAR = 30
 
 
+@with_settings("estimate")
 def estimate(
     model: ModelArg,
-    config: ConfigOpt = None,
-    preset: PresetOpt = None,
-    quant_type: QuantTypeOpt = None,
-    double_quant: DoubleQuantOpt = None,
-    compute_dtype: ComputeDtypeOpt = None,
-    blocksize: BlocksizeOpt = None,
-    quant_storage: QuantStorageOpt = None,
-    skip_modules: SkipModulesOpt = None,
-    dtype: DtypeOpt = None,
-    mode: ModeOpt = None,
-    seq_len: SeqLenOpt = None,
-    batch_size: BatchOpt = None,
-    lora_rank: LoraRankOpt = None,
-    lora_alpha: LoraAlphaOpt = None,
-    lora_targets: LoraTargetsOpt = None,
-    optimizer: OptimizerOpt = None,
-    gradient_checkpointing: GradCkptOpt = None,
-    vram: VramOpt = None,
-    gpu: GpuOpt = None,
+    settings: Settings,
     revision: RevisionOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    from qtool.cli.common import settings_from_flags
     from qtool.cli.output import Output
     from qtool.errors import DoesNotFit
     from qtool.estimate import estimate_report
     from qtool.models import resolve_model
-    from qtool.sizes import format_bytes
 
-    settings = settings_from_flags(
-        config, preset=preset, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype,
-        blocksize=blocksize, quant_storage=quant_storage, skip_modules=skip_modules, dtype=dtype, mode=mode,
-        seq_len=seq_len, batch_size=batch_size, lora_rank=lora_rank, lora_alpha=lora_alpha,
-        lora_targets=lora_targets, optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
-        vram=vram, gpu=gpu,
-    )
-    out = Output(as_json=as_json)
+    out = Output(as_json=as_json, units=settings.values["units"])
+    for line in settings.warnings:
+        out.warn(line)
     spec = resolve_model(model, revision=revision)
     report = estimate_report(spec, settings, trust_remote_code=trust_remote_code)
     for line in report["warnings"]:
         out.warn(line)
-    out.result(report, lambda console: render(console, report))
+    out.result(report, lambda console: render(console, report, out.size))
     if report["fits"] is False:
+        size = out.size
         raise DoesNotFit(
-            f"{spec.name} needs {format_bytes(report['peak_bytes'])} at peak ({report['mode']}), "
-            f"over the {format_bytes(report['budget_bytes'])} budget by {format_bytes(-report['headroom_bytes'])}"
+            f"{report['model']['name']} needs {size(report['peak_bytes'])} at peak ({report['mode']}), "
+            f"over the {size(report['budget_bytes'])} budget by {size(-report['headroom_bytes'])}"
         )
 
 
-def render(console, r: dict) -> None:
+def render(console, r: dict, format_bytes) -> None:
     """The human report: formats table first, then the peak term by term, then the fit."""
     from rich.table import Table
 
     from qtool.formats import FORMATS, TABLE_FORMATS
-    from qtool.sizes import format_bytes
 
     p = r["params"]
     title = f"{r['model']['name']}: {p['total']:,} parameters"
