@@ -50,8 +50,17 @@ def _root(
         os.environ["QTOOL_DEBUG"] = "1"
 
 
+EXIT_PIPE_CLOSED = 141  # 128 + SIGPIPE: what a shell reports for `yes | head -1`
+
+
+class _PipeClosed(Exception):
+    """Stdout was closed by the reader (`qtool estimate 70b | head -1`). Not an OSError, so click's own EPIPE
+    handling (exit 1, which means 'could not write' here) does not take it."""
+
+
 def _guarded(fn):
-    """Ctrl-C inside a command becomes an Interrupted error (exit 130), not click's 'Aborted!'."""
+    """Ctrl-C inside a command becomes an Interrupted error (exit 130), not click's 'Aborted!'; a closed stdout
+    ends quietly."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -59,8 +68,20 @@ def _guarded(fn):
             return fn(*args, **kwargs)
         except KeyboardInterrupt:
             raise Interrupted("interrupted") from None
+        except BrokenPipeError:
+            raise _PipeClosed() from None
 
     return wrapper
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush does not report the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real file descriptor (a test's captured stdout)
+        pass
 
 
 def _register() -> None:
@@ -69,6 +90,7 @@ def _register() -> None:
     app.command("estimate", help=estimate.HELP, no_args_is_help=True)(_guarded(estimate.estimate))
     app.command("quantize", help=quantize.HELP, no_args_is_help=True)(_guarded(quantize.quantize))
     app.command("verify", help=verify.HELP, no_args_is_help=True)(_guarded(verify.verify))
+    config_cmd.app.command("show", help=config_cmd.SHOW_HELP)(_guarded(config_cmd.show))
     app.add_typer(config_cmd.app, name="config")
 
 
@@ -108,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         if _debug():
             raise
         code = _fail(str(exc), exc.exit_code)
+    except _PipeClosed:
+        _quiet_stdout()
+        code = EXIT_PIPE_CLOSED
     except KeyboardInterrupt:
         code = _fail("interrupted", EXIT_INTERRUPTED)
     except Exception as exc:

@@ -30,7 +30,6 @@ ForOpt = Annotated[Optional[str], typer.Option(
     help=escape(f"Resolve as this command would, with its table of the settings file: {' | '.join(COMMANDS)}"))]
 
 
-@app.command("show", help=SHOW_HELP)
 def show(
     model: Annotated[Optional[str], typer.Argument(
         metavar="[MODEL]", help="Model reference to resolve too.", show_default=False)] = None,
@@ -73,7 +72,7 @@ def show(
             table_note = f" (top level and its [{command}] table)" if command else " (top level)"
             console.print(f"settings file: {esc(str(settings.config_file))}{esc(table_note)}")
         else:
-            console.print("settings file: none (no --config, no ./qtool.toml, no [tool.qtool] in ./pyproject.toml)")
+            console.print(esc("settings file: none (no --config, no ./qtool.toml, no [tool.qtool] in ./pyproject.toml)"))
         if spec is not None:
             console.print(f"model: [bold]{esc(spec.name)}[/bold] ({spec.kind}"
                           + (f", {esc(str(spec.config_path))}" if spec.config_path else "") + ")")

@@ -3,6 +3,7 @@ progress to stderr."""
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from collections.abc import Callable
@@ -11,14 +12,25 @@ from typing import Any
 from qtool.sizes import format_bytes
 
 
+def _console(**kw):
+    """A rich Console whose closed pipe raises BrokenPipeError for the CLI to end quietly (qtool.cli.app); rich's
+    own on_broken_pipe would exit 1, which qtool uses for 'could not write'."""
+    from rich.console import Console
+
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            raise BrokenPipeError(errno.EPIPE, "the reader closed the pipe")
+
+    return _Console(**kw)
+
+
 class Output:
     def __init__(self, *, as_json: bool = False, units: str = "gib"):
         self.as_json = as_json
         self.units = units
-        from rich.console import Console
-
-        self.out = Console(file=sys.stdout, highlight=False, soft_wrap=False)
-        self.err = Console(file=sys.stderr, highlight=False)
+        self.out = _console(file=sys.stdout, highlight=False, soft_wrap=False)
+        self.err = _console(file=sys.stderr, highlight=False, soft_wrap=True)  # one line per message
 
     def size(self, n: float | None) -> str:
         """Bytes in the units the user chose (--units): GiB/MiB by default, GB/MB with --units gb."""
