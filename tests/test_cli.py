@@ -214,3 +214,58 @@ def test_shell_completion_is_offered(capsys, monkeypatch):
     code = main(["--show-completion", "bash"])
     out = capsys.readouterr().out
     assert code == 0 and "_QTOOL_COMPLETE" in out
+
+
+# --- progress --------------------------------------------------------------------------------------
+
+class _Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def _progress(tty: bool, width: int = 80):
+    from qtool.cli.progress import ProgressLine
+    from qtool.sizes import format_bytes
+
+    stream, clock = io.StringIO(), _Clock()
+    line = ProgressLine(stream, total=100 * 2**30, size=format_bytes, tty=tty, width=width, clock=clock)
+    return line, stream, clock
+
+
+def test_progress_in_a_log_is_a_plain_line_every_few_seconds():
+    line, stream, clock = _progress(tty=False)
+    gib = 2**30
+    for second in range(1, 21):  # 20 s at 1 GiB/s, a callback every 0.5 s
+        for half in (0.5, 1.0):
+            clock.t = 100 + second - 1 + half
+            line(int((second - 1 + half) * gib), 100 * gib, "model.layers.0.mlp.up_proj.weight")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 4  # one per 5 s, not one per tensor
+    assert lines[0] == "quantize 5.0 GiB / 100.0 GiB (5%), 1.0 GiB/s, ETA 0:01:35"
+    clock.t += 0.1
+    line(100 * gib, 100 * gib, "lm_head.weight")
+    assert stream.getvalue().splitlines()[-1].startswith("quantize 100.0 GiB / 100.0 GiB (100%)")
+
+
+def test_progress_shows_no_rate_before_a_second_has_passed():
+    """The first tensors may be copied at memory speed: no '564.8 GB/s' from a 2 ms sample."""
+    line, stream, clock = _progress(tty=True)
+    clock.t += 0.002
+    line(2**30, 100 * 2**30, "model.embed_tokens.weight")
+    assert "/s" not in stream.getvalue() and "ETA" not in stream.getvalue()
+
+
+@pytest.mark.parametrize("width", [40, 80, 120])
+def test_progress_in_a_terminal_is_one_line_that_fits(width):
+    line, stream, clock = _progress(tty=True, width=width)
+    for i in range(1, 50):
+        clock.t += 0.5
+        line(i * 2**30, 100 * 2**30, "model.layers.31.block_sparse_moe.experts.7.w3.weight" * (i % 3))
+    line.close()
+    frames = stream.getvalue().split("\r")
+    assert "\n" not in stream.getvalue()
+    assert all(len(frame) <= width - 1 for frame in frames)
+    assert frames[-1].strip() == ""  # cleared at the end

@@ -111,7 +111,7 @@ def test_budget_too_small_exits_3(tiny, tmp_path, capsys):
                          "--junit", str(junit)], capsys)
     assert code == 3
     assert r["checks"]["fits_budget"]["passed"] is False
-    assert "budget" in err and "2.0 MB" in err
+    assert "budget" in err and "1.9 MiB" in err
     suite = ET.parse(junit).getroot()
     assert suite.tag == "testsuite" and suite.get("failures") == "1"
     cases = {c.get("name"): c for c in suite.iter("testcase")}
