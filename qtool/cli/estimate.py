@@ -51,6 +51,21 @@ def estimate(
         )
 
 
+def kept_summary(by_reason: dict[str, int]) -> str:
+    """What stays 16-bit, largest first, in words: 'fused MoE expert tensors 99.4%, embeddings and norms ...'."""
+    from qtool import plan
+
+    words = {plan.REASON_NOT_LINEAR: "embeddings and norms", plan.REASON_SKIPPED: "output head",
+             plan.REASON_BIAS: "biases", plan.REASON_FUSED: "fused MoE expert tensors",
+             plan.REASON_USER_SKIP: "--skip-modules", plan.REASON_FP32: "fp32 modules"}
+    total = max(sum(by_reason.values()), 1)
+    parts = sorted(by_reason.items(), key=lambda kv: -kv[1])
+    if len(parts) == 1 or parts[0][1] < 0.9 * total:
+        return ", ".join(words.get(reason, reason) for reason, _ in parts)
+    return f"mostly {words.get(parts[0][0], parts[0][0])}, then " + ", ".join(
+        words.get(reason, reason) for reason, _ in parts[1:])
+
+
 def render(console, r: dict, format_bytes) -> None:
     """The human report: formats table first, then the peak term by term, then the fit."""
     from rich.table import Table
@@ -76,7 +91,7 @@ def render(console, r: dict, format_bytes) -> None:
     nf4 = r["weights"][r["format"]]
     console.print(
         f"Why not exactly 75% less: {kept['params']:,} params ({100 * kept['params'] / max(p['total'], 1):.1f}%: "
-        f"embeddings, lm_head, norms, biases) stay {kept['dtype']} = {format_bytes(kept['bytes'])}, and each "
+        f"{kept_summary(kept['by_reason'])}) stay {kept['dtype']} = {format_bytes(kept['bytes'])}, and each "
         f"quantized weight carries its block scales ({format_bytes(nf4['quantized'] - p['quantized'] // 2)} "
         f"for {p['quantized']:,} quantized params)."
     )
