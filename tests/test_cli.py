@@ -269,3 +269,13 @@ def test_progress_in_a_terminal_is_one_line_that_fits(width):
     assert "\n" not in stream.getvalue()
     assert all(len(frame) <= width - 1 for frame in frames)
     assert frames[-1].strip() == ""  # cleared at the end
+
+
+def test_licence_file_and_modern_pyproject_licence():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]  # PEP 639, not a table
+    text = (ROOT / "LICENSE").read_text()
+    assert text.lstrip().startswith("Apache License") and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text
