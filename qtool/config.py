@@ -188,8 +188,8 @@ KEYS: tuple[Key, ...] = (
     _k("gpu", None, _gpu, "GPU from configs/gpus.toml (rtx-4090, a100-80gb, ...): its memory is the budget",
        panel=R, commands=_EV, metavar="NAME"),
     # output
-    _k("units", "gib", _choice(UNITS, _UNIT_ALIASES), "Memory units: gib (GiB, MiB, as nvidia-smi and torch) or "
-       "gb (GB, MB: powers of 1000)", metavar="UNITS"),
+    _k("units", "gib", _choice(UNITS, _UNIT_ALIASES), "Memory shown in GiB, MiB (as nvidia-smi and torch) or in "
+       "GB, MB (powers of 1000)", metavar="UNITS"),
 )
 KEY_BY_NAME = {k.name: k for k in KEYS}
 # QTOOL_* variables that are not settings (a typo of a setting's name gets a warning)

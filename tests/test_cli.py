@@ -30,6 +30,12 @@ def _help(capsys, monkeypatch, *cmd: str, columns: int = 80) -> str:
 
 # --- the settings table drives the options --------------------------------------------------------
 
+def test_top_level_help_fits_80_columns(capsys, monkeypatch):
+    text = _help(capsys, monkeypatch)
+    assert max(len(line) for line in text.splitlines()) <= 80 and "…" not in text
+    assert all(c in text for c in ("estimate", "quantize", "verify", "config", "--install-completion"))
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_fits_80_columns_and_shows_every_default_from_the_table(command, capsys, monkeypatch):
     text = _help(capsys, monkeypatch, command)
@@ -279,3 +285,49 @@ def test_licence_file_and_modern_pyproject_licence():
     text = (ROOT / "LICENSE").read_text()
     assert text.lstrip().startswith("Apache License") and "Version 2.0, January 2004" in text
     assert "END OF TERMS AND CONDITIONS" in text
+
+
+# --- the fast lane ---------------------------------------------------------------------------------
+
+SAME_BOTH_WAYS = [
+    ["estimate", "70b"],
+    ["estimate", "8b", "--json"],
+    ["estimate", "8b", "--seq-len", "4096", "-b", "2", "--vram", "24GB", "--json"],
+    ["estimate", "8b", "--seq-len=4096", "--no-gradient-checkpointing", "--quant-type", "fp4", "--json"],
+    ["estimate", "--mode", "inference", "llama-3-8b", "--units", "gb", "--max-vram", "rtx-4090"],
+    ["estimate", "8b", "--double-quant", "--lora-targets", "q_proj,v_proj", "--optimizer", "adamw8bit", "--json"],
+    ["estimate", "8b", "--compute-dtype", "bf16", "--dtype", "float16", "--blocksize", "128", "--json"],
+    ["estimate", "70b", "--vram", "24GB"],  # exit 3
+    ["estimate", "8b", "--seq-len", "0"],  # the table's parser refuses it
+    ["estimate", "8b", "--gpu", "rtx-9999"],
+    ["estimate", "8b", "--preset", "qlora-nf4", "--revision", "main", "--trust-remote-code", "--json"],
+    ["estimate", "8b", "--config", "qtool.toml", "--json"],
+    ["estimate", "nope-model"],
+]
+
+
+@pytest.mark.parametrize("argv", SAME_BOTH_WAYS, ids=lambda a: " ".join(a[1:]))
+def test_fast_lane_gives_what_typer_gives(argv, capsys, monkeypatch, tmp_path):
+    """The fast lane reads these argument lists itself; Typer must produce the same output and exit code."""
+    import qtool.cli.app as app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "120")
+    (tmp_path / "qtool.toml").write_text("[estimate]\nseq_len = 1000\n")
+    assert app.parse_estimate(argv) is not None
+    fast = (main(argv), *capsys.readouterr())
+    monkeypatch.setattr(app, "parse_estimate", lambda argv: None)
+    slow = (main(argv), *capsys.readouterr())
+    assert fast == slow
+
+
+@pytest.mark.parametrize("argv", [
+    ["estimate", "--help"], ["estimate"], ["estimate", "8b", "--seq-len"], ["estimate", "8b", "--seq-len", "abc"],
+    ["estimate", "8b", "--vram", "-1GB"], ["estimate", "8b", "extra"], ["estimate", "8b", "--bogus"],
+    ["estimate", "8b", "-b2"], ["estimate", "8b", "--json", "--json"], ["--debug", "estimate", "8b"],
+    ["estimate", "8b", "--no-double-quant", "--double-quant"], ["quantize", "x"],
+])
+def test_fast_lane_leaves_everything_else_to_typer(argv):
+    from qtool.cli.fast import parse_estimate
+
+    assert parse_estimate(argv) is None

@@ -27,8 +27,10 @@ def _json(capsys, *args):
 
 
 def test_no_heavy_imports_for_presets():
+    """Nor typer and pydantic: `qtool estimate MODEL [settings]` takes the fast lane (qtool.cli.fast)."""
     code = ("import sys; from qtool.cli.app import main; rc = main(['estimate', '70b', '--json']); "
-            "heavy = [m for m in ('torch', 'transformers', 'bitsandbytes', 'safetensors', 'peft') if m in sys.modules]; "
+            "heavy = [m for m in ('torch', 'transformers', 'bitsandbytes', 'safetensors', 'peft', 'typer', 'pydantic')"
+            " if m in sys.modules]; "
             "print('HEAVY', heavy, rc, file=sys.stderr)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert "HEAVY [] 0" in r.stderr, r.stderr

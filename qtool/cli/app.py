@@ -1,6 +1,7 @@
-"""The `qtool` command: wires subcommands together and maps errors to exit codes, in one place."""
+"""The `qtool` command: wires subcommands together and maps errors to exit codes, in one place.
 
-from __future__ import annotations
+(No `from __future__ import annotations` here: the Typer callback below is defined inside a function, and
+Typer must see its annotations as objects.)"""
 
 import functools
 import os
@@ -9,9 +10,8 @@ import sys
 import threading
 from typing import Annotated, Optional
 
-import typer
-
 from qtool import __version__
+from qtool.cli.fast import parse_estimate, run_estimate
 from qtool.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, Interrupted, QtoolError, Terminated
 
 HELP = """Fit large language models onto the GPUs you have.
@@ -24,31 +24,6 @@ Examples:
   qtool verify ./Meta-Llama-3-8B-bnb-4bit --max-vram 24GB --junit v.xml
   qtool config show llama-3-8b             # every setting, where it came from
 """
-
-app = typer.Typer(
-    name="qtool",
-    help=HELP,
-    no_args_is_help=True,
-    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-
-
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"qtool {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors (or set QTOOL_DEBUG=1).")] = False,
-) -> None:
-    if debug:
-        os.environ["QTOOL_DEBUG"] = "1"
-
 
 EXIT_PIPE_CLOSED = 141  # 128 + SIGPIPE: what a shell reports for `yes | head -1`
 
@@ -84,17 +59,44 @@ def _quiet_stdout() -> None:
         pass
 
 
-def _register() -> None:
+@functools.lru_cache(maxsize=None)
+def typer_app():
+    """The Typer application: every command, --help, completion. Built on first use, so the fast lane
+    (qtool.cli.fast) never imports Typer."""
+    import typer
+
     from qtool.cli import config_cmd, estimate, quantize, verify
 
-    app.command("estimate", help=estimate.HELP, no_args_is_help=True)(_guarded(estimate.estimate))
+    app = typer.Typer(
+        name="qtool",
+        help=HELP,
+        no_args_is_help=True,
+        add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+
+    def version_flag(value: bool) -> None:
+        if value:
+            typer.echo(f"qtool {__version__}")
+            raise typer.Exit()
+
+    @app.callback()
+    def root(
+        version: Annotated[Optional[bool], typer.Option(
+            "--version", callback=version_flag, is_eager=True, metavar="", help="Show the version and exit.")] = None,
+        debug: Annotated[bool, typer.Option(
+            "--debug", metavar="", help="Show tracebacks for errors (or set QTOOL_DEBUG=1).")] = False,
+    ) -> None:
+        if debug:
+            os.environ["QTOOL_DEBUG"] = "1"
+
+    app.command("estimate", help=estimate.HELP, no_args_is_help=True)(_guarded(estimate.typer_command()))
     app.command("quantize", help=quantize.HELP, no_args_is_help=True)(_guarded(quantize.quantize))
     app.command("verify", help=verify.HELP, no_args_is_help=True)(_guarded(verify.verify))
     config_cmd.app.command("show", help=config_cmd.SHOW_HELP)(_guarded(config_cmd.show))
     app.add_typer(config_cmd.app, name="config")
-
-
-_register()
+    return app
 
 
 def _debug() -> bool:
@@ -122,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        app(args=argv, prog_name="qtool")
+        fast = parse_estimate(sys.argv[1:] if argv is None else argv)
+        if fast is not None:
+            _guarded(run_estimate)(*fast)  # the same command, without Typer's per-option start-up cost
+        else:
+            typer_app()(args=argv, prog_name="qtool")
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

@@ -1,8 +1,8 @@
-"""`qtool estimate`: weights per format, then the memory of the chosen run mode and whether it fits."""
+"""`qtool estimate`: weights per format, then the memory of the chosen run mode and whether it fits.
 
-from __future__ import annotations
-
-from qtool.cli.options import JsonOpt, ModelArg, RevisionOpt, Settings, TrustRemoteCodeOpt, with_settings
+`run` is the command; `typer_command` declares its options for Typer. Nothing here imports Typer at module
+level: the fast lane (qtool.cli.fast) calls `run` directly. (No `from __future__ import annotations`: the
+Typer signature is declared inside a function and must hold objects.)"""
 
 HELP = """Plan GPU memory from exact parameter counts: FP32/FP16/INT8/FP4/NF4 weights, then the peak of
 inference, QLoRA, LoRA or full fine-tuning, term by term. Presets and sizes never import torch.
@@ -22,14 +22,25 @@ Examples:
 _BAR = 30
 
 
-@with_settings("estimate")
-def estimate(
-    model: ModelArg,
-    settings: Settings,
-    revision: RevisionOpt = None,
-    trust_remote_code: TrustRemoteCodeOpt = False,
-    as_json: JsonOpt = False,
-) -> None:
+def typer_command():
+    """The `estimate` command as Typer sees it: its own options plus the settings table's (with_settings)."""
+    from qtool.cli.options import JsonOpt, ModelArg, RevisionOpt, TrustRemoteCodeOpt, with_settings
+
+    @with_settings("estimate")
+    def estimate(
+        model: ModelArg,
+        settings: object,
+        revision: RevisionOpt = None,
+        trust_remote_code: TrustRemoteCodeOpt = False,
+        as_json: JsonOpt = False,
+    ) -> None:
+        run(model, settings, revision=revision, trust_remote_code=trust_remote_code, as_json=as_json)
+
+    return estimate
+
+
+def run(model: str, settings, *, revision=None, trust_remote_code: bool = False, as_json: bool = False) -> None:
+    """Resolve the model, estimate (qtool.estimate), render or print JSON; exit 3 when it does not fit."""
     from qtool.cli.output import Output
     from qtool.errors import DoesNotFit
     from qtool.estimate import estimate_report
