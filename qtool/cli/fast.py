@@ -24,8 +24,9 @@ _OWN = {"--json": ("as_json", True), "--trust-remote-code": ("trust_remote_code"
         "--revision": ("revision", False), "--config": ("config", False)}
 
 
-def _flags(command: str) -> dict[str, tuple[str, bool]]:
-    """flag -> (setting name, value for a bool flag / None for a flag that takes a value)."""
+def setting_flags(command: str) -> dict[str, tuple[str, bool]]:
+    """The settings table's flags for `command`: flag -> (setting name, the value of a bool flag, or None for a
+    flag that takes a value)."""
     out: dict[str, Any] = {}
     for key in KEYS:
         if command not in key.commands:
@@ -44,7 +45,7 @@ def parse_estimate(argv: Sequence[str]) -> tuple[str, dict[str, Any], dict[str, 
     """(model, given settings, estimate's own options) for `estimate MODEL ...`, or None to let Typer parse."""
     if len(argv) < 2 or argv[0] != "estimate" or "_QTOOL_COMPLETE" in os.environ:
         return None
-    known = {**_flags("estimate"), **{flag: (None, None) for flag in _OWN}}
+    known = {**setting_flags("estimate"), **{flag: (None, None) for flag in _OWN}}
     model, flags, own = None, {}, {}
     args = list(argv[1:])
     i = 0
