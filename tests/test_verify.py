@@ -182,6 +182,17 @@ def test_missing_path_exit_2(tmp_path, capsys):
     assert case.get("name") == "loads" and case.find("failure") is not None
 
 
+def test_bad_setting_still_leaves_a_junit_verdict(tmp_path, capsys, monkeypatch):
+    """Settings are resolved before the command body runs (qtool.cli.options.with_settings): a bad value there
+    must still leave the JUnit file CI reads."""
+    monkeypatch.setenv("QTOOL_SEQ_LEN", "abc")
+    junit = tmp_path / "bad.xml"
+    code, _, err = _run([str(tmp_path / "nope"), "--device", "cpu", "--junit", str(junit)], capsys)
+    assert code == 2 and "QTOOL_SEQ_LEN" in err
+    failure = ET.parse(junit).getroot().find("testcase").find("failure")
+    assert failure is not None and "seq_len" in failure.get("message", "") + (failure.text or "")
+
+
 def test_directory_without_weights_exit_2(tmp_path, tiny, capsys):
     (tmp_path / "cfg-only").mkdir()
     (tmp_path / "cfg-only" / "config.json").write_text((tiny / "config.json").read_text())

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from qtool.config import KEYS, Key, Settings, flag_name, resolve_settings
+from qtool.errors import QtoolError
 
 def escape(text: str) -> str:
     """Help text is rich markup: a literal '[' must be escaped or rich drops '[default: x]' as a tag."""
@@ -90,8 +91,9 @@ def command_keys(command: str) -> list[Key]:
     return [k for k in KEYS if command in k.commands]
 
 
-def with_settings(command: str):
-    """Decorator: the command gets --config and the table's options, and receives `settings` resolved."""
+def with_settings(command: str, *, on_error=None):
+    """Decorator: the command gets --config and the table's options, and receives `settings` resolved.
+    `on_error(exc, kwargs)` runs when the settings cannot be resolved (verify still writes its JUnit file)."""
     keys = command_keys(command)
 
     def decorate(fn):
@@ -113,7 +115,12 @@ def with_settings(command: str):
                                                  "not both")
                     value = False
                 flags[key.name] = value
-            settings = resolve_settings(flags, config_file=config, command=command)
+            try:
+                settings = resolve_settings(flags, config_file=config, command=command)
+            except QtoolError as exc:
+                if on_error is not None:
+                    on_error(exc, kwargs)
+                raise
             return fn(*args, settings=settings, **kwargs)
 
         wrapper.__signature__ = sig.replace(parameters=own + added)

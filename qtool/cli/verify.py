@@ -56,7 +56,12 @@ PickleOpt = Annotated[bool, _opt("--allow-pickle",
 DecodeOpt = Annotated[int, _opt("--decode-tokens", metavar="N", help="Decode steps after the prefill in --mode inference.")]
 
 
-@o.with_settings("verify")
+def _junit_on_bad_settings(exc, kwargs: dict) -> None:
+    if kwargs.get("junit") is not None:
+        _junit_for_error(kwargs["junit"], kwargs.get("model", ""), exc)
+
+
+@o.with_settings("verify", on_error=_junit_on_bad_settings)
 def verify(
     model: o.ModelArg,
     settings: o.Settings,
