@@ -1,11 +1,12 @@
 """The one config-resolution layer. Every subcommand gets its settings here.
 
 Precedence, highest first:
-  command-line flag > QTOOL_* environment variable > project file (--config FILE, else
-  qtool.toml in the working directory, else [tool.qtool] in pyproject.toml) > settings preset
-  from configs/presets (chosen by `preset` at any of the levels above) > built-in default.
+  command-line flag > QTOOL_* environment variable > the settings file's [<command>] table > its top level
+  (--config FILE, else qtool.toml in the working directory, else [tool.qtool] in pyproject.toml; one file only)
+  > settings preset from configs/presets (chosen by `preset` at any of the levels above) > built-in default.
 
-Each resolved value remembers where it came from (`Settings.sources`), which `qtool config show` prints.
+Every setting is one row of KEYS; the CLI options, env names, file keys and the settings dataclasses are derived
+from it. Each resolved value remembers where it came from (`Settings.sources`), which `qtool config show` prints.
 Pure Python: nothing here imports torch.
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import os
 import tomllib
-from difflib import get_close_matches
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
@@ -346,6 +346,8 @@ def _normalise_file(data: Mapping[str, Any], path: Path | None, where: str = "")
 
 def unknown_env(env: Mapping[str, str]) -> list[str]:
     """QTOOL_* variables that name no setting (typos), each as a one-line warning."""
+    from difflib import get_close_matches
+
     known = {env_name(k.name) for k in KEYS} | set(OTHER_ENV)
     out = []
     for name in sorted(v for v in env if v.startswith("QTOOL_") and v not in known):

@@ -6,8 +6,9 @@ given: importing pydantic and building ~25 validators is most of the start-up ti
 (`--seq-len 4096`, `-b 2`, `--no-gradient-checkpointing`, `--vram=24GB`) needs none of that: it is read here,
 from the same table (qtool.config.KEYS), and the command runs with the same resolved settings.
 
-Anything else (--help, --revision, an unknown or malformed option, a value that looks like an option, shell
-completion) returns None and goes through Typer as usual, with Typer's own messages. tests/test_cli.py runs
+estimate's own --json, --revision, --config and --trust-remote-code are read too. Anything else (--help, an
+unknown or malformed option, a value that looks like an option, shell completion) returns None and goes through
+Typer as usual, with Typer's own messages. tests/test_cli.py runs
 the same argument lists both ways and compares the results.
 """
 
@@ -33,7 +34,7 @@ def setting_flags(command: str) -> dict[str, tuple[str, bool]]:
             continue
         names = [flag_name(key.name), *key.aliases] + ([key.short] if key.short else [])
         if key.type is bool:
-            out[flag_name(key.name)] = (key.name, True)
+            out.update({name: (key.name, True) for name in names})
             out[flag_name("no_" + key.name)] = (key.name, False)
         else:
             for name in names:
