@@ -59,6 +59,13 @@ def _quiet_stdout() -> None:
         pass
 
 
+def prose(text: str) -> str:
+    """Help text as Typer's rich mode shows it well: the lines of a prose paragraph joined (rich wraps them to
+    the terminal), example lines (indented) kept as they are."""
+    paragraphs = text.strip("\n").split("\n\n")
+    return "\n\n".join(p if p.startswith("  ") else " ".join(p.split("\n")) for p in paragraphs) + "\n"
+
+
 @functools.lru_cache(maxsize=None)
 def typer_app():
     """The Typer application: every command, --help, completion. Built on first use, so the fast lane
@@ -91,10 +98,10 @@ def typer_app():
         if debug:
             os.environ["QTOOL_DEBUG"] = "1"
 
-    app.command("estimate", help=estimate.HELP, no_args_is_help=True)(_guarded(estimate.typer_command()))
-    app.command("quantize", help=quantize.HELP, no_args_is_help=True)(_guarded(quantize.quantize))
-    app.command("verify", help=verify.HELP, no_args_is_help=True)(_guarded(verify.verify))
-    config_cmd.app.command("show", help=config_cmd.SHOW_HELP)(_guarded(config_cmd.show))
+    app.command("estimate", help=prose(estimate.HELP), no_args_is_help=True)(_guarded(estimate.typer_command()))
+    app.command("quantize", help=prose(quantize.HELP), no_args_is_help=True)(_guarded(quantize.quantize))
+    app.command("verify", help=prose(verify.HELP), no_args_is_help=True)(_guarded(verify.verify))
+    config_cmd.app.command("show", help=prose(config_cmd.SHOW_HELP))(_guarded(config_cmd.show))
     app.add_typer(config_cmd.app, name="config")
     return app
 
