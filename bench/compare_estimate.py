@@ -15,28 +15,27 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MEASUREMENTS = ROOT / "docs" / "gpu_measurements.json"
-_VALUE_OPTS = {"--mode": "mode", "--seq-len": "seq_len", "--batch-size": "batch_size", "--optimizer": "optimizer",
-               "--lora-rank": "lora_rank", "--lora-targets": "lora_targets"}
 _IGNORED = {"--steps"}  # verify-only options with a value
 
 
 def flags_from_args(args: list[str]) -> dict:
-    """verify's command-line options -> config-layer flags (later options win, as on the command line)."""
+    """verify's command-line options -> config-layer flags (later options win, as on the command line). The
+    flag names come from the settings table (qtool.config.KEYS), as the CLI's own do."""
+    from qtool.cli.fast import setting_flags
+
+    known = setting_flags("verify")
     flags: dict = {}
     i = 0
     while i < len(args):
         a = args[i]
-        if a in _VALUE_OPTS:
-            flags[_VALUE_OPTS[a]] = args[i + 1]
+        if a in known and known[a][1] is None:
+            flags[known[a][0]] = args[i + 1]
             i += 2
+        elif a in known:
+            flags[known[a][0]] = known[a][1]
+            i += 1
         elif a in _IGNORED:
             i += 2
-        elif a == "--no-gradient-checkpointing":
-            flags["gradient_checkpointing"] = False
-            i += 1
-        elif a == "--gradient-checkpointing":
-            flags["gradient_checkpointing"] = True
-            i += 1
         else:
             raise ValueError(f"unexpected verify option {a!r}")
     return flags

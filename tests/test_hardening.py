@@ -120,7 +120,7 @@ def test_usage_errors_are_one_line(capsys):
 
 
 def test_closed_stdout_ends_quietly(tmp_path):
-    """`qtool estimate 70b | head -1`: the reader goes away; qtool ends with 0 and says nothing."""
+    """`qtool estimate 70b | head -1`: the reader goes away; qtool ends with 141 (128 + SIGPIPE) and says nothing."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("QTOOL_")}
     env["PYTHONPATH"] = str(REPO)
     proc = subprocess.Popen([sys.executable, "-m", "qtool", "estimate", "70b"], stdout=subprocess.PIPE,
@@ -128,7 +128,7 @@ def test_closed_stdout_ends_quietly(tmp_path):
     proc.stdout.read(10)
     proc.stdout.close()  # like head after its first line
     err = proc.stderr.read().decode()
-    assert proc.wait(timeout=60) == 0, err
+    assert proc.wait(timeout=60) == 141, err
     assert err == ""
 
 
