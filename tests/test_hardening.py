@@ -289,3 +289,14 @@ def test_destinations_that_cannot_work_are_refused_first(ckpt, tmp_path, capsys,
     gone.rmdir()
     code, _, err = run(capsys, "quantize", ckpt, "--out", "sub", "--device", "cpu")
     assert code == 2 and "working directory" in one_line(err)
+
+
+# --- 6. tests that hold anywhere --------------------------------------------------------------------
+
+def test_every_test_runs_in_a_clean_environment():
+    """conftest's autouse fixture: no QTOOL_*/HF_* of the caller's and a temporary working directory, so a
+    QTOOL_BATCH_SIZE=64 or a qtool.toml where pytest was started changes nothing."""
+    assert not [k for k in os.environ if k.startswith("QTOOL_")]
+    assert os.environ.get("HF_HUB_OFFLINE") == "1" and "HF_TOKEN" not in os.environ
+    assert Path.cwd() != REPO and REPO not in Path.cwd().parents
+    assert not (Path.cwd() / "qtool.toml").exists()

@@ -98,7 +98,8 @@ def test_signal_at_any_moment(source, tmp_path, sig, moment):
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     code, message = MESSAGES[sig]
-    lines = [line for line in err.splitlines() if line.strip()]
+    # qtool's own progress lines ("quantize 40.0 MiB / ...", every few seconds in a pipe) are not errors
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("quantize ")]
     assert not _staging(tmp_path), "a staging folder was left behind"
     if proc.returncode == 0 and moment not in BEFORE_COMMIT:  # the output was already in place
         assert lines == [], err
