@@ -141,7 +141,11 @@ def resolve_source(ref: str, *, revision: str | None = None, progress: bool = Fa
     from qtool.models import is_hub_id
 
     path = Path(ref).expanduser()
-    if path.exists():
+    try:
+        exists = path.exists()
+    except OSError as exc:  # a name too long for the filesystem, say
+        raise BadInput(f"not a usable path ({exc.strerror})", path=ref[:80] + ("..." if len(ref) > 80 else "")) from None
+    if exists:
         if not path.is_dir():
             raise BadInput("expected a checkpoint directory (config.json + *.safetensors)", path=path)
         return path, path.resolve().name, revision

@@ -93,6 +93,17 @@ def staging_name(dest: Path) -> str:
 def check_destination(dest: Path, *, force: bool, source: Path | None = None) -> None:
     """Refuse what we must not overwrite, or cannot write, before any work is done."""
     dest = Path(dest)
+    short = str(dest)[:80] + ("..." if len(str(dest)) > 80 else "")
+    try:
+        dest.exists()
+        os.pathconf(_missing_parents(dest)[0], "PC_NAME_MAX")
+    except OSError as exc:
+        raise BadInput(f"not a usable path ({exc.strerror})", path=short) from None
+    if len(_missing_parents(dest)[1]) > 32:
+        raise BadInput(f"would create {len(_missing_parents(dest)[1])} missing folders above the destination",
+                       path=short, hint="create its parent folder first")
+    if len(staging_name(dest).encode()) + 8 > os.pathconf(_missing_parents(dest)[0], "PC_NAME_MAX"):
+        raise BadInput("name too long: the staging folder beside it would not fit the filesystem's limit", path=short)
     if dest.exists() or dest.is_symlink():
         if not force:
             raise BadInput("destination already exists", path=dest, hint="pass --force to replace it after success")
