@@ -35,7 +35,7 @@ from pathlib import Path
 
 from qtool.config import QuantSettings
 from qtool.errors import BadInput, ConfigError, DeviceError, WeightsError, one_line
-from qtool.plan import KEEP, QUANTIZE, REASON_CONV1D, REASON_FUSED, ModelPlan
+from qtool.plan import KEEP, QUANTIZE, REASON_CONV1D, REASON_FUSED
 from qtool.sizes import format_bytes
 
 DEFAULT_MAX_SHARD_SIZE = 50 * 10**9  # save_pretrained's default "50GB"
@@ -72,7 +72,6 @@ class QuantizePlan:
     revision: str | None
     config: dict
     settings: QuantSettings
-    model_plan: ModelPlan
     architecture: str
     model_dtype: str  # the dtype transformers loads this checkpoint in (config dtype, or --dtype)
     tensors: list[OutputTensor]  # every output tensor, in save_pretrained's state-dict order
@@ -179,7 +178,7 @@ def _load_dtype(config: dict, ckpt, hf_cfg, setting: str):
                               "(bitsandbytes takes float16, bfloat16 or float32)", path=ckpt.root / "config.json",
                               hint="pass --dtype bfloat16, float16 or float32")
         return dt
-    from qtool.checkpoint import is_float_dtype, torch_dtype
+    from qtool.dtypes import is_float_dtype, torch_dtype
 
     first = sorted((n, t) for n, t in ckpt.tensors.items() if t.file == ckpt.files[0])
     for _, t in first:
@@ -223,9 +222,10 @@ def plan_quantization(
     from transformers.conversion_mapping import get_model_conversion_mapping
 
     from qtool import formats
-    from qtool.checkpoint import Checkpoint, is_float_dtype
+    from qtool.checkpoint import Checkpoint
+    from qtool.dtypes import is_float_dtype
     from qtool.meta import build_plan, hf_config
-    from qtool.writer import dtype_name
+    from qtool.dtypes import name_of as dtype_name
 
     timings["imports"] = time.perf_counter() - t0  # torch + transformers, when not yet imported
     t0 = time.perf_counter()
@@ -385,7 +385,7 @@ def plan_quantization(
         warnings = [w for w in warnings if "fused MoE expert tensors" not in w]
     return QuantizePlan(
         source=source, source_name=source_name or source.resolve().name, revision=revision, config=config,
-        settings=settings, model_plan=model_plan, architecture=type(model).__name__, model_dtype=dtype_name(dtype),
+        settings=settings, architecture=type(model).__name__, model_dtype=dtype_name(dtype),
         tensors=tensors, slots=slots, dropped=dropped, warnings=warnings, total_parameters=total_parameters,
         header_bytes=header_bytes, timings={**timings, "plan": time.perf_counter() - t0},
     )
@@ -591,14 +591,15 @@ def run_quantization(
 def entry_specs(plan: QuantizePlan) -> list:
     """Every output tensor in state-dict order with its exact size, or a size range for quant-state blobs."""
     from qtool import formats
-    from qtool.writer import ST_DTYPES, EntrySpec
+    from qtool.dtypes import code
+    from qtool.writer import EntrySpec
 
     fmt = formats.FORMATS[formats.format_key(plan.settings.quant_type, plan.settings.double_quant)]
     specs, parts_of = [], {}
     for name, idx, suffix in plan.slots:
         t = plan.tensors[idx]
         if t.action == KEEP:
-            specs.append(EntrySpec(name, ST_DTYPES[t.dtype], tuple(t.shape), t.out_bytes, t.out_bytes))
+            specs.append(EntrySpec(name, code(t.dtype), tuple(t.shape), t.out_bytes, t.out_bytes))
             continue
         if idx not in parts_of:
             parts = formats.saved_parts(formats.quantized_parts(
@@ -612,7 +613,7 @@ def entry_specs(plan: QuantizePlan) -> list:
             hi = n + 24 if plan.settings.double_quant else n
             specs.append(EntrySpec(name, "U8", None, n + 3 if plan.settings.double_quant else n, hi))
         else:
-            specs.append(EntrySpec(name, ST_DTYPES[p.dtype], tuple(p.shape), p.nbytes, p.nbytes))
+            specs.append(EntrySpec(name, code(p.dtype), tuple(p.shape), p.nbytes, p.nbytes))
     return specs
 
 
@@ -624,12 +625,12 @@ def _arena_bytes(big: int, dev: str) -> int:
 
 def _copyable(plan: QuantizePlan, ckpt, sink, idx: int) -> bool:
     """A kept tensor whose bytes do not change goes file to file (copy_file_range), never through memory."""
-    from qtool.writer import ST_DTYPES
+    from qtool.dtypes import BY_NAME
 
     t = plan.tensors[idx]
     info = ckpt.tensors.get(t.source)
     return (t.action == KEEP and getattr(ckpt, "format", "safetensors") == "safetensors" and info is not None
-            and info.start >= 0 and ST_DTYPES.get(t.dtype) == info.dtype and hasattr(sink, "can_copy")
+            and info.start >= 0 and t.dtype in BY_NAME and BY_NAME[t.dtype].code == info.dtype and hasattr(sink, "can_copy")
             and sink.can_copy(t.name))
 
 

@@ -36,30 +36,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qtool import signals
+from qtool import dtypes, signals
 from qtool.errors import BadInput, OutputError, WeightsError
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-# safetensors' Dtype enum order (the data layout sorts by it, descending, then by name)
-_DTYPE_RANK = {"BOOL": 0, "U8": 4, "I8": 5, "F8_E5M2": 6, "F8_E4M3": 7, "I16": 9, "U16": 10, "F16": 11, "BF16": 12,
-               "I32": 13, "U32": 14, "F32": 15, "F64": 16, "I64": 17, "U64": 18}
 _COPY_CHUNK = 64 * 2**20
 _WRITE_CHUNK = 1 << 30  # pwrite writes at most ~2 GiB per call
-ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "uint8": "U8", "int8": "I8", "int16": "I16",
-             "int32": "I32", "int64": "I64", "bool": "BOOL", "float64": "F64"}
-
-
-def dtype_name(tdtype) -> str:
-    """'bfloat16' for torch.bfloat16: the key of ST_DTYPES and the name torch uses for getattr."""
-    return str(tdtype).removeprefix("torch.")
-
-
-def st_dtype(tdtype) -> str:
-    """The safetensors dtype ('BF16') of a torch dtype."""
-    return ST_DTYPES[dtype_name(tdtype)]
-
-
 _DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
               errno.EFBIG: "file too large (file-size limit reached)"}
 
@@ -248,7 +231,7 @@ class _Shard:
 
 def safetensors_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict | None) -> tuple[bytes, list]:
     """(header bytes incl. the 8-byte length, entries in data order) exactly as safetensors serializes."""
-    ordered = sorted(entries, key=lambda e: (-_DTYPE_RANK[e[1]], e[0]))
+    ordered = sorted(entries, key=lambda e: dtypes.layout_key(e[1], e[0]))
     head: dict = {}
     if metadata is not None:
         head["__metadata__"] = metadata
@@ -305,7 +288,7 @@ class ShardWriter:
         if nbytes:
             with naming_file(self.dir / "model*.safetensors"):  # the final name is known only at finish
                 shard.file.write(t.reshape(-1).view(__import__("torch").uint8).numpy().data)
-        shard.entries.append(_Entry(name, st_dtype(t.dtype), tuple(t.shape), offset, nbytes))
+        shard.entries.append(_Entry(name, dtypes.code_of(t.dtype), tuple(t.shape), offset, nbytes))
         shard.size += nbytes
         self.bytes_written += nbytes
 
@@ -429,7 +412,7 @@ class _Layout:
 
     def __init__(self, path: Path, specs: list[EntrySpec], metadata: dict | None):
         self.path = path
-        self.specs = sorted(specs, key=lambda e: (-_DTYPE_RANK[e.dtype], e.name))
+        self.specs = sorted(specs, key=lambda e: dtypes.layout_key(e.dtype, e.name))
         self.index = {e.name: k for k, e in enumerate(self.specs)}
         if len(self.index) != len(self.specs):
             raise WeightsError("duplicate tensor name in one shard", path=path)
@@ -471,7 +454,7 @@ class _Layout:
             if not e.lo <= nbytes <= e.hi:  # the reserved header would not fit: a planning bug
                 raise RuntimeError(f"{name}: {nbytes} bytes, planned {e.lo}..{e.hi}")
             self.sizes[k], self.shapes[k] = nbytes, (nbytes,)
-        elif nbytes != self.sizes[k] or tuple(t.shape) != tuple(e.shape) or st_dtype(t.dtype) != e.dtype:
+        elif nbytes != self.sizes[k] or tuple(t.shape) != tuple(e.shape) or dtypes.code_of(t.dtype) != e.dtype:
             raise RuntimeError(f"{name}: got {t.dtype} {tuple(t.shape)}, planned {e.dtype} {e.shape}")
         if k < self.resolved:
             self._write(k, t)
