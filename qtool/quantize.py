@@ -570,7 +570,7 @@ def run_quantization(
     import torch
 
     from qtool.checkpoint import Checkpoint
-    from qtool.writer import check_destination, output_error
+    from qtool.staging import check_destination, output_error
 
     destination = Path(destination)
     check_destination(destination, force=force, source=plan.source)
@@ -655,7 +655,8 @@ def _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_co
 
     from qtool.modelcard import model_card
     from qtool.streamio import BackgroundWriter, Reader, StageClock
-    from qtool.writer import LayoutWriter, ShardWriter, split_shards, staging_dir, write_index
+    from qtool.staging import staging_dir
+    from qtool.writer import LayoutWriter, ShardWriter, split_shards, write_index
 
     clock = StageClock()
     for k, v in plan.timings.items():
@@ -807,7 +808,7 @@ def quantize(
 ) -> tuple[QuantizePlan, QuantizeResult]:
     """Library entry point: resolve, plan, check the destination, stream."""
     from qtool.checkpoint import Checkpoint
-    from qtool.writer import check_destination
+    from qtool.staging import check_destination
 
     source, name, rev = resolve_source(ref, revision=revision)
     dest = Path(destination) if destination is not None else default_destination(name)

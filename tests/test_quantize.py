@@ -401,7 +401,7 @@ def test_quantize_progress_in_a_pipe_is_plain_lines(sources, tmp_path, capsys):
 
 
 def test_destination_parent_that_is_a_file_is_refused_before_any_work(tmp_path):
-    from qtool.writer import check_destination
+    from qtool.staging import check_destination
 
     afile = tmp_path / "afile"
     afile.write_text("x")
@@ -413,7 +413,7 @@ def test_destination_parent_that_is_a_file_is_refused_before_any_work(tmp_path):
 
 
 def test_staging_dir_output_mode_follows_umask_and_keeps_created_parents(tmp_path):
-    from qtool.writer import staging_dir
+    from qtool.staging import staging_dir
 
     dest = tmp_path / "a" / "b" / "out"
     old = os.umask(0o027)
@@ -428,7 +428,7 @@ def test_staging_dir_output_mode_follows_umask_and_keeps_created_parents(tmp_pat
 
 
 def test_staging_dir_failure_removes_the_parents_it_created(tmp_path):
-    from qtool.writer import staging_dir
+    from qtool.staging import staging_dir
 
     (tmp_path / "keep").mkdir()
     dest = tmp_path / "keep" / "new" / "deeper" / "out"
@@ -441,7 +441,7 @@ def test_staging_dir_failure_removes_the_parents_it_created(tmp_path):
 
 
 def test_force_puts_the_old_destination_back_when_the_final_rename_fails(tmp_path, monkeypatch):
-    from qtool.writer import staging_dir
+    from qtool.staging import staging_dir
 
     dest = tmp_path / "out"
     dest.mkdir()

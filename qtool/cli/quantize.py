@@ -62,7 +62,7 @@ def quantize(
         DEFAULT_MAX_SHARD_SIZE, default_destination, pick_device, plan_quantization, resolve_source,
     )
     from qtool.sizes import parse_size
-    from qtool.writer import check_destination
+    from qtool.staging import check_destination
 
     shard = parse_size(max_shard_size, what="--max-shard-size") if max_shard_size is not None else DEFAULT_MAX_SHARD_SIZE
     if shard <= 0:
