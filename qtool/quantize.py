@@ -617,6 +617,18 @@ def entry_specs(plan: QuantizePlan) -> list:
     return specs
 
 
+def _schedule(plan: QuantizePlan, *, single_pass: bool) -> list[tuple[int, list[tuple[str, str]]]]:
+    """(tensor index, [(output name, part suffix)]) in the order the sink takes them: by name with all the
+    parts of a tensor together (LayoutWriter fills each file front to back), or in state-dict order one
+    part at a time (ShardWriter, when a shard boundary depends on blob lengths)."""
+    if not single_pass:
+        return [(idx, [(name, suffix)]) for name, idx, suffix in plan.slots]
+    slots_of: dict[int, list[tuple[str, str]]] = {}
+    for name, idx, suffix in plan.slots:
+        slots_of.setdefault(idx, []).append((name, suffix))
+    return [(i, slots_of[i]) for i in sorted(slots_of, key=lambda i: plan.tensors[i].name)]
+
+
 def _arena_bytes(big: int, dev: str) -> int:
     """Read-ahead budget for tensors of at most `big` bytes: on CUDA two (one being used, the next
     arriving); on CPU, where quantizing is the slow part, one plus a little for the small ones around it."""
@@ -630,7 +642,7 @@ def _copyable(plan: QuantizePlan, ckpt, sink, idx: int) -> bool:
     t = plan.tensors[idx]
     info = ckpt.tensors.get(t.source)
     return (t.action == KEEP and getattr(ckpt, "format", "safetensors") == "safetensors" and info is not None
-            and info.start >= 0 and t.dtype in BY_NAME and BY_NAME[t.dtype].code == info.dtype and hasattr(sink, "can_copy")
+            and info.start >= 0 and t.dtype in BY_NAME and BY_NAME[t.dtype].code == info.dtype
             and sink.can_copy(t.name))
 
 
@@ -670,13 +682,7 @@ def _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_co
             torch.cuda.synchronize()
     specs = entry_specs(plan)
     shards = split_shards(specs, max_shard_size)
-    slots_of: dict[int, list[tuple[str, str]]] = {}
-    for name, idx, suffix in plan.slots:
-        slots_of.setdefault(idx, []).append((name, suffix))
-    if shards is not None:  # one pass, in name order: each file is written once, front to back
-        order = sorted(slots_of, key=lambda i: plan.tensors[i].name)
-    else:  # a shard boundary depends on blob lengths: state-dict order, assembled at the end
-        order = [idx for _, idx, suffix in plan.slots if suffix == ""]
+    schedule = _schedule(plan, single_pass=shards is not None)
     total = plan.input_bytes
     done = 0
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
@@ -723,41 +729,30 @@ def _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_co
                 else ShardWriter(tmp, max_shard_size=max_shard_size))
         reader = writer = None
         try:
-            copies = {i for i in order if _copyable(plan, ckpt, sink, i)}
-            reads = [i for i in order if i not in copies]
+            copies = {i for i, _ in schedule if _copyable(plan, ckpt, sink, i)}
+            reads = list(dict.fromkeys(i for i, _ in schedule if i not in copies))
             big = max((plan.tensors[i].source_bytes for i in reads), default=0)
             reader = Reader(ckpt, [plan.tensors[i].source for i in reads], arena_bytes=_arena_bytes(big, dev),
                             pin=dev == "cuda", clock=clock)
             writer = BackgroundWriter(sink, max_bytes=max(big, 256 * 2**20), clock=clock)
-            if shards is not None:
-                for idx in order:
-                    if idx in copies:
-                        info = ckpt.tensors[plan.tensors[idx].source]
-                        writer.submit_copy(plan.tensors[idx].name, info.file, info.start, info.end - info.start)
-                        done += plan.tensors[idx].source_bytes
-                        if on_progress is not None:
-                            on_progress(done, total, plan.tensors[idx].source)
-                        continue
-                    parts, lease = process(idx)
-                    writer.submit([(name, parts[suffix]) for name, suffix in slots_of[idx]], lease)
-                    done += plan.tensors[idx].source_bytes
-                    if on_progress is not None:
-                        on_progress(done, total, plan.tensors[idx].source)
-            else:
-                cache: dict[int, dict] = {}  # quantized tensor index -> parts not yet written
-                for out_name, idx, suffix in plan.slots:
-                    if suffix == "":
-                        parts, lease = process(idx)
-                        writer.submit([(out_name, parts.pop(""))], lease)
-                        if parts:
-                            cache[idx] = parts
-                        done += plan.tensors[idx].source_bytes
+            pending: dict[int, dict] = {}  # parts of a tensor the sink takes later (state-dict order)
+            for idx, slots in schedule:
+                t = plan.tensors[idx]
+                if idx in copies:  # file to file, never through memory
+                    info = ckpt.tensors[t.source]
+                    writer.submit_copy(t.name, info.file, info.start, info.end - info.start)
+                    done += t.source_bytes
+                else:
+                    if idx in pending:
+                        parts, lease = pending.pop(idx), None
                     else:
-                        writer.submit([(out_name, cache[idx].pop(suffix))])
-                        if not cache[idx]:
-                            del cache[idx]
-                    if on_progress is not None:
-                        on_progress(done, total, plan.tensors[idx].source)
+                        parts, lease = process(idx)
+                        done += t.source_bytes
+                    writer.submit([(name, parts.pop(suffix)) for name, suffix in slots], lease)
+                    if parts:
+                        pending[idx] = parts
+                if on_progress is not None:
+                    on_progress(done, total, t.source)
             writer.drain()
             with clock("finish_shards"):
                 result = sink.finish()

@@ -27,6 +27,7 @@ import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 from pathlib import Path
 
 from qtool import dtypes
@@ -79,8 +80,30 @@ def safetensors_header(entries: list[tuple[str, str, tuple[int, ...], int]], met
     return struct.pack("<Q", len(text)) + text, ordered
 
 
+class Sink(Protocol):
+    """What the stream writes into. Both writers implement it; the stream has one loop for either."""
+
+    def add(self, name: str, tensor) -> None: ...
+
+    def can_copy(self, name: str) -> bool:
+        """Whether `name`'s bytes may go file to file (`copy`) instead of through memory."""
+
+    def copy(self, name: str, src_path, src_offset: int, nbytes: int) -> None: ...
+
+    def finish(self) -> dict:
+        """-> {"files": [...], "weight_map": {...}, "total_size": int}"""
+
+    def abort(self) -> None: ...
+
+
 class ShardWriter:
     """Append tensors in order; `finish()` writes the shards (and the index when there are several)."""
+
+    def can_copy(self, name: str) -> bool:
+        return False  # a shard's layout is known only at the end: every tensor passes through memory
+
+    def copy(self, name: str, src_path, src_offset: int, nbytes: int) -> None:
+        raise NotImplementedError("ShardWriter takes tensors, not byte ranges")
 
     def __init__(self, directory: Path, *, max_shard_size: int, metadata: dict | None = None):
         self.dir = Path(directory)
