@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qtool.config import QuantSettings
+from qtool.dtypes import is_float_dtype
 from qtool.errors import BadInput, ConfigError, DeviceError, WeightsError, one_line
 from qtool.plan import KEEP, QUANTIZE, REASON_CONV1D, REASON_FUSED
 from qtool.sizes import format_bytes
@@ -215,17 +216,11 @@ def plan_quantization(
 
     timings = {"startup": process_age()}  # interpreter start, CLI, up to planning
     t0 = time.perf_counter()
-    import torch
-    from transformers.core_model_loading import (
-        WeightConverter, WeightRenaming, build_glob_alternation, dot_natural_key, rename_source_key,
-    )
-    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import dot_natural_key
 
-    from qtool import formats
     from qtool.checkpoint import Checkpoint
-    from qtool.dtypes import is_float_dtype
+    from qtool.dtypes import name_of
     from qtool.meta import build_plan, hf_config
-    from qtool.dtypes import name_of as dtype_name
 
     timings["imports"] = time.perf_counter() - t0  # torch + transformers, when not yet imported
     t0 = time.perf_counter()
@@ -241,10 +236,25 @@ def plan_quantization(
     dtype = _load_dtype(config, ckpt, hf_cfg, settings.dtype)
     model = _meta_model(hf_cfg, dtype, cfg_path)
     model_plan = build_plan(config, skip_modules=settings.skip_modules, source=cfg_path, model=model)
-    by_param = {t.name: t for t in model_plan.tensors}
-    aliases = {alias: kept for kept, alias in model_plan.tied}
+    mapping = _map_checkpoint(ckpt, model, model_plan, source)
+    out = _output_tensors(ckpt, model, model_plan, mapping, settings, _dtype_rule(model, dtype), source)
+    header_bytes = _header_bytes(out.tensors, out.slots, settings)
+    if mapping.conversions:  # save_pretrained reverts conversions over a state dict sorted by dot_natural_key
+        out.slots.sort(key=lambda s: dot_natural_key(s[0]))
+    return QuantizePlan(
+        source=source, source_name=source_name or source.resolve().name, revision=revision, config=config,
+        settings=settings, architecture=type(model).__name__, model_dtype=name_of(dtype),
+        tensors=out.tensors, slots=out.slots, dropped=mapping.dropped, warnings=_plan_warnings(model_plan, out),
+        total_parameters=out.total_parameters, header_bytes=header_bytes,
+        timings={**timings, "plan": time.perf_counter() - t0},
+    )
 
-    # transformers' dtype rules (core_model_loading.convert_and_load_state_dict_in_model)
+
+def _dtype_rule(model, dtype):
+    """transformers' dtype rules (core_model_loading.convert_and_load_state_dict_in_model): the dtype each
+    state-dict key is loaded in."""
+    from transformers.core_model_loading import build_glob_alternation
+
     dtype_plan = model._get_dtype_plan(dtype)
     if dtype_plan:
         dt_alt, dt_group, _ = build_glob_alternation(list(dtype_plan.keys()))
@@ -258,13 +268,31 @@ def plan_quantization(
             return meta_t.dtype
         return dtype
 
+    return cast_dtype
+
+
+@dataclass
+class _Mapping:
+    """Checkpoint tensors -> model keys, with transformers' own renaming and conversion rules."""
+
+    meta_sd: dict
+    target_sources: dict[str, list[str]]  # model key -> checkpoint tensors that fill it
+    converted: set[str]  # model keys produced by a weight conversion (renamed or assembled)
+    dropped: list[tuple[str, str]]  # (checkpoint tensor, why it is not written)
+    conversions: list
+
+
+def _map_checkpoint(ckpt, model, model_plan, source: Path) -> _Mapping:
+    """Every checkpoint tensor -> a model key (or dropped, or an error); every model key covered (tied aliases
+    may be absent, and are dropped when present)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
     conversions = get_model_conversion_mapping(model, None, None)
     renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
     converters = [c for c in conversions if isinstance(c, WeightConverter)]
     meta_sd = model.state_dict()
     prefix = model.base_model_prefix
-
-    # 1. every checkpoint tensor -> a model key (or dropped, or an error)
     target_sources: dict[str, list[str]] = {}
     converted: set[str] = set()
     dropped: list[tuple[str, str]] = []
@@ -282,113 +310,139 @@ def plan_quantization(
             dropped.append((key, "buffer transformers recomputes on load (not saved)"))
         else:
             unexpected.append(key)
-    if unexpected:
-        more = f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""
-        raise WeightsError(f"{len(unexpected)} tensors do not belong to {type(model).__name__}: "
-                           f"{', '.join(unexpected[:3])}{more}", path=source)
-
-    # 2. every model key covered (tied aliases may be absent, and are dropped when present)
-    missing = []
-    for key in meta_sd:
-        if key in target_sources:
-            continue
-        if key in aliases:
-            continue
-        missing.append(key)
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise WeightsError(f"{len(missing)} tensors of {type(model).__name__} are missing from the checkpoint: "
-                           f"{', '.join(missing[:3])}{more}", path=source)
+    _refuse_listed(unexpected, f"tensors do not belong to {type(model).__name__}", source)
+    aliases = {alias: kept for kept, alias in model_plan.tied}
+    missing = [key for key in meta_sd if key not in target_sources and key not in aliases]
+    _refuse_listed(missing, f"tensors of {type(model).__name__} are missing from the checkpoint", source)
     for alias in aliases:
         for key in target_sources.pop(alias, []):
             dropped.append((key, f"tied to {aliases[alias]} (saved once)"))
+    return _Mapping(meta_sd, target_sources, converted, dropped, conversions)
 
-    # 3. output tensors, in save_pretrained's state-dict order
+
+def _refuse_listed(names: list[str], what: str, source: Path) -> None:
+    if names:
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        raise WeightsError(f"{len(names)} {what}: {', '.join(names[:3])}{more}", path=source)
+
+
+@dataclass
+class _Outputs:
+    tensors: list[OutputTensor]
+    slots: list[tuple[str, int, str]]  # (output name, tensor index, part suffix) in state-dict order
+    fused_kept: list[OutputTensor]
+    total_parameters: int
+
+
+def _check_sources(key: str, meta_t, srcs: list[str], ckpt, mapping: _Mapping, quantize: bool, source: Path) -> None:
+    """The checkpoint tensors for one model key hold what the config expects, in a dtype that can be quantized."""
+    if key in mapping.converted or len(srcs) > 1:
+        if quantize:
+            raise WeightsError(f"{key} is assembled from {len(srcs)} checkpoint tensors by a weight conversion; "
+                               "qtool cannot stream-quantize it", path=source)
+        numel = sum(ckpt.tensors[s].numel for s in srcs)
+        if numel != meta_t.numel():
+            raise WeightsError(f"{key}: checkpoint tensors hold {numel:,} values, config expects "
+                               f"{meta_t.numel():,} (shape {tuple(meta_t.shape)})", path=source)
+    else:
+        info = ckpt.tensors[srcs[0]]
+        if tuple(info.shape) != tuple(meta_t.shape):
+            raise WeightsError(f"tensor {srcs[0]} has shape {list(info.shape)}, config.json expects "
+                               f"{list(meta_t.shape)}", path=info.file)
+    first = ckpt.tensors[srcs[0]]
+    if quantize and not is_float_dtype(first.dtype):
+        raise WeightsError(f"tensor {srcs[0]} is {first.dtype}, not a float: cannot quantize", path=first.file)
+
+
+def _output_tensors(ckpt, model, model_plan, mapping: _Mapping, settings: QuantSettings, cast_dtype,
+                    source: Path) -> _Outputs:
+    """Output tensors and their slots in save_pretrained's state-dict order. A quantized weight's parts
+    (absmax, quant map, ...) follow its module's bias when there is one."""
+    from qtool import formats
+    from qtool.dtypes import itemsize, name_of
+
     fmt = formats.FORMATS[formats.format_key(settings.quant_type, settings.double_quant)]
-    tensors: list[OutputTensor] = []
-    slots: list[tuple[str, int, str]] = []
-    warnings = list(model_plan.warnings)
-    fused_kept = []
-    quant_suffixes = [".absmax", ".quant_map"] + ([".nested_absmax", ".nested_quant_map"] if settings.double_quant else [])
-    quant_suffixes.append(f".quant_state.bitsandbytes__{settings.quant_type}")
+    by_param = {t.name: t for t in model_plan.tensors}
+    suffixes = quant_suffixes(settings)
+    out = _Outputs([], [], [], 0)
     pending_quant: dict[str, int] = {}  # module prefix -> tensor index whose quant parts follow the bias
-    total_parameters = 0
-    for key, meta_t in meta_sd.items():
-        if key not in target_sources:
+    for key, meta_t in mapping.meta_sd.items():
+        if key not in mapping.target_sources:
             continue
         plan_t = by_param.get(key)
         quantize = plan_t is not None and plan_t.action == QUANTIZE
         reason = plan_t.reason if plan_t is not None else "buffer"
-        srcs = sorted(target_sources[key], key=dot_natural_key)
-        if key in converted or len(srcs) > 1:
-            if quantize:
-                raise WeightsError(f"{key} is assembled from {len(srcs)} checkpoint tensors by a weight conversion; "
-                                   "qtool cannot stream-quantize it", path=source)
-            numel = sum(ckpt.tensors[s].numel for s in srcs)
-            if numel != meta_t.numel():
-                raise WeightsError(f"{key}: checkpoint tensors hold {numel:,} values, config expects "
-                                   f"{meta_t.numel():,} (shape {tuple(meta_t.shape)})", path=source)
-        else:
-            info = ckpt.tensors[srcs[0]]
-            if tuple(info.shape) != tuple(meta_t.shape):
-                raise WeightsError(f"tensor {srcs[0]} has shape {list(info.shape)}, config.json expects "
-                                   f"{list(meta_t.shape)}", path=info.file)
-        if quantize and not is_float_dtype(ckpt.tensors[srcs[0]].dtype):
-            raise WeightsError(f"tensor {srcs[0]} is {ckpt.tensors[srcs[0]].dtype}, not a float: cannot quantize",
-                               path=ckpt.tensors[srcs[0]].file)
-        total_parameters += meta_t.numel()
-        cast = cast_dtype(key, meta_t, quantize)
+        srcs = sorted(mapping.target_sources[key], key=_natural_key)
+        _check_sources(key, meta_t, srcs, ckpt, mapping, quantize, source)
+        out.total_parameters += meta_t.numel()
+        cast = name_of(cast_dtype(key, meta_t, quantize))
         for src in srcs:
             info = ckpt.tensors[src]
             if quantize:
-                parts = formats.quantized_parts(tuple(meta_t.shape), fmt, blocksize=settings.blocksize,
-                                                dtype=dtype_name(cast), quant_storage=settings.quant_storage)
-                out_bytes = formats.checkpoint_bytes(parts)
+                out_bytes = formats.checkpoint_bytes(formats.quantized_parts(
+                    tuple(meta_t.shape), fmt, blocksize=settings.blocksize, dtype=cast,
+                    quant_storage=settings.quant_storage))
             else:
-                out_bytes = info.numel * torch.empty((), dtype=cast).element_size()
-            out = OutputTensor(src, src, QUANTIZE if quantize else KEEP, reason, dtype_name(cast), tuple(info.shape),
-                               info.dtype, info.nbytes, out_bytes, transpose=quantize and reason == REASON_CONV1D)
-            tensors.append(out)
-            idx = len(tensors) - 1
-            slots.append((src, idx, ""))
+                out_bytes = info.numel * itemsize(cast)
+            t = OutputTensor(src, src, QUANTIZE if quantize else KEEP, reason, cast, tuple(info.shape),
+                             info.dtype, info.nbytes, out_bytes, transpose=quantize and reason == REASON_CONV1D)
+            out.tensors.append(t)
+            idx = len(out.tensors) - 1
+            out.slots.append((src, idx, ""))
             module = key.rsplit(".", 1)[0]
             if quantize:
                 pending_quant[module] = idx
-                if not (module + ".bias") in target_sources:
-                    slots += [(src + s, idx, s) for s in quant_suffixes]
+                if module + ".bias" not in mapping.target_sources:
+                    out.slots += [(src + s, idx, s) for s in suffixes]
                     del pending_quant[module]
             elif key.endswith(".bias") and module in pending_quant:
                 qi = pending_quant.pop(module)
-                slots += [(tensors[qi].name + s, qi, s) for s in quant_suffixes]
-            if reason == REASON_FUSED or (key in converted and not quantize):
-                fused_kept.append(out)
-    for module, qi in pending_quant.items():  # bias came before the weight in state-dict order
-        slots += [(tensors[qi].name + s, qi, s) for s in quant_suffixes]
+                out.slots += [(out.tensors[qi].name + s, qi, s) for s in suffixes]
+            if reason == REASON_FUSED or (key in mapping.converted and not quantize):
+                out.fused_kept.append(t)
+    for qi in pending_quant.values():  # bias came before the weight in state-dict order
+        out.slots += [(out.tensors[qi].name + s, qi, s) for s in suffixes]
+    return out
+
+
+def _natural_key(name: str):
+    from transformers.core_model_loading import dot_natural_key
+
+    return dot_natural_key(name)
+
+
+def quant_suffixes(settings: QuantSettings) -> list[str]:
+    """The tensors Linear4bit saves beside a quantized weight (QuantState.as_dict(packed=True)), in its order."""
+    out = [".absmax", ".quant_map"] + ([".nested_absmax", ".nested_quant_map"] if settings.double_quant else [])
+    return out + [f".quant_state.bitsandbytes__{settings.quant_type}"]
+
+
+def _header_bytes(tensors: list[OutputTensor], slots: list[tuple[str, int, str]], settings: QuantSettings) -> int:
+    """The exact size of the safetensors header of the whole output (one file)."""
+    from qtool import formats
+
+    fmt = formats.FORMATS[formats.format_key(settings.quant_type, settings.double_quant)]
     entries = []
     for name, idx, suffix in slots:
         t = tensors[idx]
         if t.action == KEEP:
             entries.append((name, t.dtype, t.shape))
-        else:
-            part = {p.suffix.removeprefix(".weight"): p for p in formats.saved_parts(formats.quantized_parts(
-                t.shape, fmt, blocksize=settings.blocksize, dtype=t.dtype, quant_storage=settings.quant_storage))}
-            p = part[suffix]
-            entries.append((name, p.dtype, p.shape))
-    header_bytes = formats.safetensors_header_bytes(entries)
-    if conversions:  # save_pretrained reverts conversions over a state dict sorted by dot_natural_key
-        slots.sort(key=lambda s: dot_natural_key(s[0]))
-    if fused_kept:
-        size = sum(t.out_bytes for t in fused_kept)
-        warnings.append(f"{len(fused_kept)} MoE expert tensors ({format_bytes(size)}) are kept in {fused_kept[0].dtype}: "
-                        f"transformers loads them as fused 3-D tensors that bitsandbytes cannot quantize "
-                        f"(e.g. {fused_kept[0].name})")
+            continue
+        parts = {p.suffix.removeprefix(".weight"): p for p in formats.saved_parts(formats.quantized_parts(
+            t.shape, fmt, blocksize=settings.blocksize, dtype=t.dtype, quant_storage=settings.quant_storage))}
+        entries.append((name, parts[suffix].dtype, parts[suffix].shape))
+    return formats.safetensors_header_bytes(entries)
+
+
+def _plan_warnings(model_plan, out: _Outputs) -> list[str]:
+    warnings = list(model_plan.warnings)
+    if out.fused_kept:
+        size = sum(t.out_bytes for t in out.fused_kept)
         warnings = [w for w in warnings if "fused MoE expert tensors" not in w]
-    return QuantizePlan(
-        source=source, source_name=source_name or source.resolve().name, revision=revision, config=config,
-        settings=settings, architecture=type(model).__name__, model_dtype=dtype_name(dtype),
-        tensors=tensors, slots=slots, dropped=dropped, warnings=warnings, total_parameters=total_parameters,
-        header_bytes=header_bytes, timings={**timings, "plan": time.perf_counter() - t0},
-    )
+        warnings.append(f"{len(out.fused_kept)} MoE expert tensors ({format_bytes(size)}) are kept in "
+                        f"{out.fused_kept[0].dtype}: transformers loads them as fused 3-D tensors that bitsandbytes "
+                        f"cannot quantize (e.g. {out.fused_kept[0].name})")
+    return warnings
 
 
 # ----------------------------------------------------------------------------------------------- stream
