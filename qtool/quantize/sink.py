@@ -1,4 +1,4 @@
-"""The safetensors shard writers (the staging transaction they write into is qtool.staging).
+"""The safetensors shard writers (the staging transaction they write into is qtool.quantize.staging).
 
 `LayoutWriter` writes each shard once, straight into its final file. Shard membership is decided
 up front exactly like huggingface_hub's split_torch_state_dict_into_shards (greedy in state-dict
