@@ -122,3 +122,16 @@ def copy_small_files(source: Path, out_dir: Path, plan: QuantizePlan) -> tuple[l
         except Exception:
             pass
     return copied, skipped
+
+
+def finalize(plan: QuantizePlan, out_dir: Path, result: dict, *, trust_remote_code: bool = False) -> list[tuple[str, str]]:
+    """Everything beside the shards: the index (several shards), config.json, the source's other files.
+    -> the files of the source that were not copied, with why."""
+    from qtool.quantize.sink import write_index
+
+    if len(result["files"]) > 1:
+        write_index(out_dir, result["weight_map"],
+                    {"total_parameters": plan.total_parameters, "total_size": result["total_size"]})
+    write_config(plan, out_dir, trust_remote_code=trust_remote_code)
+    _, skipped = copy_small_files(plan.source, out_dir, plan)
+    return skipped

@@ -154,15 +154,106 @@ def check_finite(t, tensor, ckpt) -> None:
                        hint="pass --allow-nonfinite to quantize it anyway")
 
 
+class _Feed:
+    """One run's tensors: read -> cast -> check -> quantize -> sink, one at a time, in the schedule's order."""
+
+    def __init__(self, plan: QuantizePlan, ckpt, dev: str, clock, *, allow_nonfinite: bool):
+        import torch
+
+        self.plan, self.ckpt, self.dev, self.clock = plan, ckpt, dev, clock
+        self.allow_nonfinite = allow_nonfinite
+        self.sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+        self.reader = None
+
+    def process(self, idx: int):
+        """Read, cast, quantize one tensor -> ({suffix: CPU tensor}, lease of the arena block still in use)."""
+        import torch
+
+        t, clock = self.plan.tensors[idx], self.clock
+        with clock("read_wait"):
+            src, lease = self.reader.take(t.source)
+        dtype = getattr(torch, t.dtype)
+        if t.action == KEEP:
+            with clock("cast"):
+                value = src.to(dtype)
+            if not self.allow_nonfinite:
+                check_finite(t, value, self.ckpt)
+            if value is not src:
+                lease.release()
+                lease = None
+            return {"": value}, lease
+        with clock("h2d" if self.dev == "cuda" else "cast"):
+            w = src.to(self.dev, dtype)
+            self.sync()
+        if self.dev == "cuda":
+            lease.release()
+        if t.transpose:
+            w = w.T
+        if not self.allow_nonfinite:
+            with clock("check_finite"):
+                check_finite(t, w, self.ckpt)
+        with clock("quantize"):
+            parts = quantize_tensor(w, settings=self.plan.settings)
+            self.sync()
+        del w
+        lease.release()
+        with clock("d2h"):
+            parts = {k: v.cpu() for k, v in parts.items()}
+        return parts, None
+
+    def into(self, sink, schedule, on_progress) -> dict:
+        """Every scheduled part into `sink`; -> sink.finish(). Reader and writer threads end either way."""
+        from qtool.quantize.streamio import BackgroundWriter, Reader
+
+        plan, ckpt, clock = self.plan, self.ckpt, self.clock
+        writer = None
+        try:
+            copies = {i for i, _ in schedule if _copyable(plan, ckpt, sink, i)}
+            reads = list(dict.fromkeys(i for i, _ in schedule if i not in copies))
+            big = max((plan.tensors[i].source_bytes for i in reads), default=0)
+            self.reader = Reader(ckpt, [plan.tensors[i].source for i in reads],
+                                 arena_bytes=_arena_bytes(big, self.dev), pin=self.dev == "cuda", clock=clock)
+            writer = BackgroundWriter(sink, max_bytes=max(big, 256 * 2**20), clock=clock)
+            done, pending = 0, {}  # parts of a tensor the sink takes later (state-dict order)
+            for idx, slots in schedule:
+                t = plan.tensors[idx]
+                if idx in copies:  # file to file, never through memory
+                    info = ckpt.tensors[t.source]
+                    writer.submit_copy(t.name, info.file, info.start, info.end - info.start)
+                    done += t.source_bytes
+                else:
+                    if idx in pending:
+                        parts, lease = pending.pop(idx), None
+                    else:
+                        parts, lease = self.process(idx)
+                        done += t.source_bytes
+                    writer.submit([(name, parts.pop(suffix)) for name, suffix in slots], lease)
+                    if parts:
+                        pending[idx] = parts
+                if on_progress is not None:
+                    on_progress(done, plan.input_bytes, t.source)
+            writer.drain()
+            with clock("finish_shards"):
+                return sink.finish()
+        except BaseException:
+            sink.abort()
+            raise
+        finally:
+            for part in (writer, self.reader):
+                if part is not None:
+                    with contextlib.suppress(Exception):
+                        part.close()
+
+
 def _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_code, on_progress, *,
             allow_nonfinite: bool = False) -> QuantizeResult:
     import torch
 
     from qtool.quantize.card import model_card
-    from qtool.quantize.finalize import copy_small_files, write_config
-    from qtool.quantize.streamio import BackgroundWriter, Reader, StageClock
+    from qtool.quantize.finalize import finalize
+    from qtool.quantize.sink import LayoutWriter, ShardWriter, split_shards
     from qtool.quantize.staging import staging_dir
-    from qtool.quantize.sink import LayoutWriter, ShardWriter, split_shards, write_index
+    from qtool.quantize.streamio import StageClock
 
     clock = StageClock()
     for k, v in plan.timings.items():
@@ -176,106 +267,22 @@ def _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_co
             torch.cuda.synchronize()
     specs = entry_specs(plan)
     shards = split_shards(specs, max_shard_size)
-    schedule = _schedule(plan, single_pass=shards is not None)
-    total = plan.input_bytes
-    done = 0
-    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-
-    def process(idx: int):
-        """Read, cast, quantize one tensor -> ({suffix: CPU tensor}, lease of the arena block still in use)."""
-        t = plan.tensors[idx]
-        with clock("read_wait"):
-            src, lease = reader.take(t.source)
-        dtype = getattr(torch, t.dtype)
-        if t.action == KEEP:
-            with clock("cast"):
-                value = src.to(dtype)
-            if not allow_nonfinite:
-                check_finite(t, value, ckpt)
-            if value is not src:
-                lease.release()
-                lease = None
-            return {"": value}, lease
-        if dev == "cuda":
-            with clock("h2d"):
-                w = src.to(dev, dtype)
-                sync()
-            lease.release()
-        else:
-            with clock("cast"):
-                w = src.to(dtype)
-        if t.transpose:
-            w = w.T
-        if not allow_nonfinite:
-            with clock("check_finite"):
-                check_finite(t, w, ckpt)
-        with clock("quantize"):
-            parts = quantize_tensor(w, settings=plan.settings)
-            sync()
-        del w
-        lease.release()
-        with clock("d2h"):
-            parts = {k: v.cpu() for k, v in parts.items()}
-        return parts, None
-
     with staging_dir(destination, force=force) as tmp:
         sink = (LayoutWriter(tmp, specs, shards) if shards is not None
                 else ShardWriter(tmp, max_shard_size=max_shard_size))
-        reader = writer = None
-        try:
-            copies = {i for i, _ in schedule if _copyable(plan, ckpt, sink, i)}
-            reads = list(dict.fromkeys(i for i, _ in schedule if i not in copies))
-            big = max((plan.tensors[i].source_bytes for i in reads), default=0)
-            reader = Reader(ckpt, [plan.tensors[i].source for i in reads], arena_bytes=_arena_bytes(big, dev),
-                            pin=dev == "cuda", clock=clock)
-            writer = BackgroundWriter(sink, max_bytes=max(big, 256 * 2**20), clock=clock)
-            pending: dict[int, dict] = {}  # parts of a tensor the sink takes later (state-dict order)
-            for idx, slots in schedule:
-                t = plan.tensors[idx]
-                if idx in copies:  # file to file, never through memory
-                    info = ckpt.tensors[t.source]
-                    writer.submit_copy(t.name, info.file, info.start, info.end - info.start)
-                    done += t.source_bytes
-                else:
-                    if idx in pending:
-                        parts, lease = pending.pop(idx), None
-                    else:
-                        parts, lease = process(idx)
-                        done += t.source_bytes
-                    writer.submit([(name, parts.pop(suffix)) for name, suffix in slots], lease)
-                    if parts:
-                        pending[idx] = parts
-                if on_progress is not None:
-                    on_progress(done, total, t.source)
-            writer.drain()
-            with clock("finish_shards"):
-                result = sink.finish()
-        except BaseException:
-            for part in (writer, reader):
-                if part is not None:
-                    with contextlib.suppress(Exception):
-                        part.close()
-            sink.abort()
-            raise
-        writer.close()
-        reader.close()
+        feed = _Feed(plan, ckpt, dev, clock, allow_nonfinite=allow_nonfinite)
+        result = feed.into(sink, _schedule(plan, single_pass=shards is not None), on_progress)
         with clock("config_and_small_files"):
-            if len(result["files"]) > 1:
-                write_index(tmp, result["weight_map"],
-                            {"total_parameters": plan.total_parameters, "total_size": result["total_size"]})
-            write_config(plan, tmp, trust_remote_code=trust_remote_code)
-            _, skipped = copy_small_files(plan.source, tmp, plan)
-        output_bytes = sum((tmp / f).stat().st_size for f in result["files"])
+            skipped = finalize(plan, tmp, result, trust_remote_code=trust_remote_code)
         seconds = time.monotonic() - start
         clock.add("run", seconds)
         res = QuantizeResult(
-            destination=destination, files=result["files"], input_bytes=total, output_bytes=output_bytes,
-            seconds=seconds, peak_rss_bytes=_peak_rss(),
-            peak_gpu_bytes=torch.cuda.max_memory_allocated() if dev == "cuda" else None, device=dev,
-            quantized=sum(1 for t in plan.tensors if t.action == QUANTIZE),
-            kept=sum(1 for t in plan.tensors if t.action == KEEP),
-            stage_seconds=clock.rounded(), single_pass=shards is not None,
-            warnings=[f"not copied: {name} ({why})" for name, why in skipped],
+            destination=destination, files=result["files"], input_bytes=plan.input_bytes,
+            output_bytes=sum((tmp / f).stat().st_size for f in result["files"]), seconds=seconds,
+            peak_rss_bytes=_peak_rss(), peak_gpu_bytes=torch.cuda.max_memory_allocated() if dev == "cuda" else None,
+            device=dev, quantized=sum(1 for t in plan.tensors if t.action == QUANTIZE),
+            kept=sum(1 for t in plan.tensors if t.action == KEEP), stage_seconds=clock.rounded(),
+            single_pass=shards is not None, warnings=[f"not copied: {name} ({why})" for name, why in skipped],
         )
         (tmp / "README.md").write_text(model_card(plan, res), encoding="utf-8")
     return res
