@@ -4,7 +4,7 @@ fresh process (so peaks never mix), and tabulate measured vs estimated memory.
 Runs (defaults): a 4-bit load of the first model alone (allocated after load vs the estimate's weight
 bytes); QLoRA at 512 and 2048 tokens for every model and 8192 for the first; inference (prefill + decode
 with a KV cache) at 2048; batch 1. Weights are random, built through from_pretrained from an in-memory
-state dict (see qtool/verify.py): nothing is downloaded, nothing 16 GB is written to disk.
+state dict (see qtool/verify/load.py): nothing is downloaded, nothing 16 GB is written to disk.
 
 Writes into $OUT (default ./out): one JSON report per run, <run>.log (its stderr), verify_gpu.json (all
 rows) and verify_gpu.md (the table). Usage: OUT=out python bench/verify_gpu.py [--device cpu ...]

@@ -85,7 +85,7 @@ def verify(
     for line in settings.warnings:
         out.warn(line)
     if junit is not None:
-        from qtool.junit import check_junit_path
+        from qtool.verify.junit import check_junit_path
 
         check_junit_path(junit)  # before anything is loaded: a run must not end unable to write its verdict
     try:
@@ -104,7 +104,7 @@ def verify(
             _junit_for_error(junit, model, exc)
         raise
     if junit is not None:
-        from qtool.junit import write_junit
+        from qtool.verify.junit import write_junit
 
         write_junit(report, junit)
     out.result(report, lambda console: _render(console, report, out.size))
@@ -118,7 +118,7 @@ def verify(
 def _junit_for_error(path: Path, model: str, exc) -> None:
     """Input that could not even be loaded still leaves a JUnit file saying so."""
     from qtool.errors import QtoolError
-    from qtool.junit import write_junit
+    from qtool.verify.junit import write_junit
 
     checks = {"loads": {"passed": False, "message": str(exc), "informational": False}}
     try:
@@ -166,7 +166,7 @@ def _render(console, r: dict, b) -> None:
         else:
             console.print(f"vs reference: mean cosine {q['mean_cosine']:.4f} over {q['positions']} positions")
     marks = {True: "[green]pass[/green]", False: "[red]FAIL[/red]", None: "[dim]skip[/dim]"}
-    from qtool.junit import TITLES
+    from qtool.verify.junit import TITLES
 
     for key, c in r["checks"].items():
         mark = marks[c["passed"]] if not (c.get("informational") and c["passed"] is False) else "[yellow]info[/yellow]"

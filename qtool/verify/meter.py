@@ -1,0 +1,122 @@
+"""Memory and machine facts: torch's caching allocator per device and phase (RSS on CPU), versions."""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            import os
+
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _max_rss_bytes() -> int:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024  # Linux reports KiB
+
+
+class Meter:
+    """Allocated/peak memory over the devices in use. On CPU: RSS now, and the process-lifetime max RSS."""
+
+    def __init__(self, devices: list):
+        self.devices = devices  # torch.device list; [cpu] on CPU
+        self.cuda = devices[0].type == "cuda"
+        self.peak_allocated = 0
+        self.peak_reserved = 0
+        # per device, max over phases (each phase resets torch's counters)
+        self.device_peak_allocated = [0] * len(devices)
+        self.device_peak_reserved = [0] * len(devices)
+
+    def sync(self) -> None:
+        if self.cuda:
+            import torch
+
+            for d in self.devices:
+                torch.cuda.synchronize(d)
+
+    def allocated(self) -> int:
+        import torch
+
+        if not self.cuda:
+            return _rss_bytes() or 0
+        return sum(torch.cuda.memory_allocated(d) for d in self.devices)
+
+    def reset_peak(self) -> None:
+        import torch
+
+        if self.cuda:
+            for d in self.devices:
+                torch.cuda.reset_peak_memory_stats(d)
+
+    def phase_peak(self) -> int:
+        """Peak since the last reset_peak; also folded into the run's overall peaks."""
+        import torch
+
+        if not self.cuda:
+            peak = _max_rss_bytes()
+            self.peak_allocated = max(self.peak_allocated, peak)
+            return peak
+        self.sync()
+        allocated = [torch.cuda.max_memory_allocated(d) for d in self.devices]
+        reserved = [torch.cuda.max_memory_reserved(d) for d in self.devices]
+        for i, (a, r) in enumerate(zip(allocated, reserved)):
+            self.device_peak_allocated[i] = max(self.device_peak_allocated[i], a)
+            self.device_peak_reserved[i] = max(self.device_peak_reserved[i], r)
+        peak = sum(allocated)
+        self.peak_allocated = max(self.peak_allocated, peak)
+        self.peak_reserved = max(self.peak_reserved, sum(reserved))
+        return peak
+
+    def per_device(self) -> list[dict]:
+        import torch
+
+        if not self.cuda:
+            return []
+        out = []
+        for i, d in enumerate(self.devices):
+            free, total = torch.cuda.mem_get_info(d)
+            reserved = torch.cuda.memory_reserved(d)
+            out.append({
+                "device": str(d), "name": torch.cuda.get_device_name(d), "total_bytes": total,
+                # max over the run's phases (the load's transient peak is reported separately)
+                "peak_allocated_bytes": max(self.device_peak_allocated[i], torch.cuda.max_memory_allocated(d)),
+                "peak_reserved_bytes": max(self.device_peak_reserved[i], torch.cuda.max_memory_reserved(d)),
+                # what the CUDA context, cuBLAS workspaces and other processes hold outside torch's allocator
+                "outside_torch_bytes": max(0, total - free - reserved),
+            })
+        return out
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("qtool", "torch", "transformers", "bitsandbytes", "peft", "accelerate"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    out["cuda"] = torch.version.cuda
+    return out
+
+
+def _device_info(devices: list, cuda: bool) -> dict:
+    import platform
+
+    import torch
+
+    if not cuda:
+        return {"type": "cpu", "name": platform.processor() or platform.machine(), "count": 1,
+                "threads": torch.get_num_threads()}
+    names = [torch.cuda.get_device_name(d) for d in devices]
+    return {"type": "cuda", "name": names[0], "names": names, "count": len(devices),
+            "total_bytes": [torch.cuda.get_device_properties(d).total_memory for d in devices],
+            "capability": ".".join(map(str, torch.cuda.get_device_capability(devices[0])))}
