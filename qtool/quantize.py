@@ -419,13 +419,24 @@ def pick_device(device: str) -> str:
 
 
 def quantize_tensor(t, *, settings: QuantSettings):
-    """bitsandbytes' Params4bit._quantize on one tensor -> {suffix: tensor} as Linear4bit saves it."""
+    """Params4bit._quantize on one tensor -> {suffix: tensor} as Linear4bit saves it, with the bytes
+    bitsandbytes' CUDA kernel gives: bitsandbytes itself on CUDA, qtool.kernel (its exact CPU twin) on CPU."""
     import torch
+
+    storage = getattr(torch, settings.quant_storage)
+    if t.device.type == "cpu":
+        from qtool.kernel import quantize_4bit as cpu_quantize_4bit
+
+        try:
+            return cpu_quantize_4bit(t, blocksize=settings.blocksize, quant_type=settings.quant_type,
+                                     double_quant=settings.double_quant, quant_storage=storage)
+        except ValueError as exc:
+            raise WeightsError(str(exc)) from exc
     from bitsandbytes.functional import quantize_4bit
 
     packed, state = quantize_4bit(t.contiguous(), blocksize=settings.blocksize,
                                   compress_statistics=settings.double_quant, quant_type=settings.quant_type,
-                                  quant_storage=getattr(torch, settings.quant_storage))
+                                  quant_storage=storage)
     parts = {"": packed}
     parts.update({"." + k: v for k, v in state.as_dict(packed=True).items()})
     return parts
@@ -569,9 +580,9 @@ def _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_co
     for k, v in plan.timings.items():
         clock.add(k, v)
     start = time.monotonic()
-    with clock("import_bitsandbytes"):
-        import bitsandbytes.functional  # noqa: F401
-    if dev == "cuda":
+    if dev == "cuda":  # on CPU qtool's own kernel quantizes: bitsandbytes is not imported at all
+        with clock("import_bitsandbytes"):
+            import bitsandbytes.functional  # noqa: F401
         with clock("cuda_init"):
             torch.zeros(1, device="cuda")
             torch.cuda.synchronize()
