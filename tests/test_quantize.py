@@ -1,7 +1,10 @@
 """qtool quantize against transformers' own path, tensor for tensor (CPU).
 
 Oracle: AutoModel*.from_pretrained(src, quantization_config=BitsAndBytesConfig(...), device_map="cpu")
-followed by save_pretrained. qtool's output must hold the same tensor names, dtypes, shapes and bytes,
+followed by save_pretrained, with bitsandbytes' 4-bit arithmetic made CUDA's (bitsandbytes' CPU kernel
+rounds FP4 and double-quant statistics differently from CUDA, whose bytes are the reference: see
+reference_models.use_cuda_arithmetic_in_bitsandbytes and test_kernel.py, which checks that arithmetic
+against digests of real CUDA output). qtool's output must hold the same tensor names, dtypes, shapes and bytes,
 the same config.json, and load with a stock from_pretrained into a model giving the oracle's logits.
 """
 
@@ -38,6 +41,13 @@ CONFIGS = {
                  num_attention_heads=4, vocab_size=256, max_position_embeddings=128),
 }
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@pytest.fixture(autouse=True)
+def _cuda_arithmetic(monkeypatch):
+    from reference_models import use_cuda_arithmetic_in_bitsandbytes
+
+    use_cuda_arithmetic_in_bitsandbytes(monkeypatch)
 
 
 def _model_cls(arch):
