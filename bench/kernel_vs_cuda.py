@@ -349,6 +349,13 @@ def diagnose(out: Path, rounds: int = 12) -> None:
 
     mul = cp.ElementwiseKernel("float32 x, float32 y", "float32 z", 'asm("mul.ftz.f32 %0, %1, %2;" : "=f"(z) : "f"(x), "f"(y));',
                                "qtool_mul_ftz")
+    # mul.ftz near the smallest normal: which products that round to +-2^-126 does the GPU flush?
+    gen = torch.Generator().manual_seed(8)
+    a = 1 + torch.rand(1 << 19, generator=gen)
+    b = (2.0**-126 / a.double() * (1 + (torch.rand(1 << 19, generator=gen).double() - 0.5) * 2.0**-20)).float()
+    a = a * torch.where(torch.rand(1 << 19, generator=gen) < 0.5, -1.0, 1.0)
+    z = torch.as_tensor(mul(cp.asarray(a.cuda()), cp.asarray(b.cuda())), device="cuda").cpu()
+    torch.save({"a": a, "b": b, "gpu": z}, out / "mul_ftz.pt")
     g = torch.Generator(device="cuda").manual_seed(7)
     found = []
     for r in range(rounds):

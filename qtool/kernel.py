@@ -45,6 +45,9 @@ NF4_THRESHOLDS = (-0.84809643030166625977, -0.61063289642333984375, -0.459995269
 FP4_THRESHOLDS = (0.0026041700039058923721, 0.0859375, 0.20833332836627960205, 0.2916666567325592041,
                   0.4166666865348815918, 0.58333301544189453125, 0.8333333134651184082)
 _FP4_CODE = (0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011)
+_NF4 = torch.tensor(NF4_THRESHOLDS, dtype=torch.float32)
+_FP4 = torch.tensor(FP4_THRESHOLDS, dtype=torch.float32)
+_FP4_LOOKUP = torch.tensor(_FP4_CODE, dtype=torch.uint8)
 NF4_MAP = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
@@ -193,13 +196,19 @@ def quantize_blockwise_8bit(a: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) 
     return torch.where(x > val, up, down).to(torch.uint8), absmax
 
 
-def _codes(y: torch.Tensor, x: torch.Tensor, quant_type: str) -> torch.Tensor:
-    """NF4/FP4 codes (uint8) of y = x * inverse; x only decides FP4's sign where y was a flushed subnormal."""
+def _codes(y: torch.Tensor, x: torch.Tensor, quant_type: str, inv: torch.Tensor | None = None) -> torch.Tensor:
+    """NF4/FP4 codes (uint8) of y = x * inv. FP4's sign is y < 0 after FMUL.FTZ, which never sees a
+    subnormal x and flushes a product that is tiny after rounding to 24 bits with an unbounded exponent:
+    |x * inv| < 2^-126 - 2^-151, some of which IEEE rounds up to -2^-126 (H200: 24 of 24 such cases
+    recorded by bench/kernel_vs_cuda.py --diagnose; tests/data/ftz_edges.json). NF4 codes do not change."""
     if quant_type == "nf4":
-        return torch.bucketize(y, torch.tensor(NF4_THRESHOLDS, dtype=torch.float32), out_int32=True).to(torch.uint8)
-    mag = torch.bucketize(y.abs(), torch.tensor(FP4_THRESHOLDS, dtype=torch.float32), out_int32=True)
-    codes = torch.tensor(_FP4_CODE, dtype=torch.uint8)[mag]
-    negative = (y <= -FLT_MIN) & (x <= -FLT_MIN)  # -0 and flushed results keep sign 0
+        return torch.bucketize(y, _NF4, out_int32=True).to(torch.uint8)
+    mag = torch.bucketize(y.abs(), _FP4, out_int32=True)
+    codes = _FP4_LOOKUP[mag]
+    negative = (y <= -FLT_MIN) & (x <= -FLT_MIN)
+    edge = y == -FLT_MIN
+    if inv is not None and bool(edge.any()):  # the exact product (fp64 holds it) decides
+        negative &= ~edge | (x.double() * inv.double() <= -(FLT_MIN - 2.0**-151))
     return codes | (negative.to(torch.uint8) << 3)
 
 
@@ -207,8 +216,8 @@ def _quantize_blocks_exact(blocks: torch.Tensor, quant_type: str) -> tuple[torch
     """(codes, absmax) of (blocks, blocksize) elementwise as the kernel does, subnormals flushed."""
     xf = _ftz(blocks.float())
     absmax = xf.abs().amax(dim=1)
-    y = xf * rcp_approx(absmax)[:, None]
-    codes = _codes(y, xf, quant_type)
+    inv = rcp_approx(absmax)[:, None].expand_as(xf)
+    codes = _codes(xf * inv, xf, quant_type, inv)
     codes[absmax == 0] = 0  # 0 * inf = NaN: both decision trees answer code 0
     return codes.view(-1), absmax
 
@@ -249,7 +258,8 @@ def _quantize_chunk(blocks: torch.Tensor, quant_type: str, scratch: _Scratch) ->
     n = blocks.numel()
     y = scratch.y[:n].view(blocks.shape)
     y.copy_(blocks)
-    y.mul_(rcp_approx(absmax)[:, None])
+    inv = rcp_approx(absmax)
+    y.mul_(inv[:, None])
     key = scratch.key[:n]
     torch.bitwise_right_shift(y.view(torch.int32).view(-1), 12, out=key)
     key.bitwise_and_(0xFFFFF)
@@ -259,8 +269,9 @@ def _quantize_chunk(blocks: torch.Tensor, quant_type: str, scratch: _Scratch) ->
     undecided = (codes.view(torch.int64) & _TOP_BITS).nonzero().squeeze(1)
     if undecided.numel():
         rows = codes.view(-1, _SEGMENT)
+        inv_rows = inv[undecided * _SEGMENT // blocks.shape[1]][:, None].expand(-1, _SEGMENT)
         rows[undecided] = _codes(y.view(-1, _SEGMENT)[undecided], blocks.reshape(-1, _SEGMENT)[undecided].float(),
-                                 quant_type)
+                                 quant_type, inv_rows)
     return codes, absmax
 
 

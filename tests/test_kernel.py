@@ -172,3 +172,17 @@ def test_quantize_tensor_matches_kernel_parts():
     direct = kernel.quantize_4bit(t, blocksize=128, quant_type="fp4", double_quant=True)
     assert list(parts) == list(direct)
     assert all(torch.equal(parts[k], direct[k]) for k in parts)
+
+
+def test_fp4_sign_follows_the_gpus_flush_of_tiny_products():
+    """Products near -2^-126: the GPU's own FMUL.FTZ results (recorded on an H200) decide FP4's sign bit.
+    These are cases IEEE rounds to -2^-126 and the GPU keeps; a flush before rounding would drop them."""
+    data = json.loads((Path(__file__).parent / "data" / "ftz_edges.json").read_text())["cases"]
+    x = torch.tensor([float.fromhex(c["x"]) for c in data], dtype=torch.float32)
+    inv = torch.tensor([float.fromhex(c["inv"]) for c in data], dtype=torch.float32)
+    gpu = torch.tensor([float.fromhex(c["gpu_mul_ftz"]) for c in data], dtype=torch.float32)
+    y = x * inv
+    assert int((y == -kernel.FLT_MIN).sum()) >= 10  # the edge is really exercised
+    assert bool(((x.double() * inv.double()).abs() < kernel.FLT_MIN)[y == -kernel.FLT_MIN].all())
+    codes = kernel._codes(y, x, "fp4", inv)
+    assert torch.equal((codes >> 3).bool(), gpu < 0)
