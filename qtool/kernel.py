@@ -25,6 +25,7 @@ keeps calling bitsandbytes (it is the reference and faster). Non-finite input is
 from __future__ import annotations
 
 import json
+import threading
 import zlib
 from functools import lru_cache
 from pathlib import Path
@@ -174,18 +175,11 @@ def cuda_mean(x: torch.Tensor, *, sms: int = H100_SMS, threads_per_sm: int = H10
     return total * factor
 
 
-def quantize_blockwise_8bit(a: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """kQuantizeBlockwise<float, 256, 2, 0, General8bit>: (uint8 codes, fp32 absmax) of 1-D fp32 `a`."""
+def _dquantize(x: torch.Tensor) -> torch.Tensor:
+    """dQuantize<0> against the dynamic map, in closed form: the seven halvings compare x with the odd
+    entries 127, 63|191, ... and stop on an even pivot p with code[p-1] < x <= code[p+1]; then x goes
+    to the nearer neighbour by fp32 midpoints. (tests/test_kernel.py holds the literal transcription.)"""
     code = dynamic_map()
-    n = a.numel()
-    nb = -(-n // blocksize)
-    v = torch.zeros(nb * blocksize, dtype=torch.float32)
-    v[:n] = _ftz(a.reshape(-1).float())
-    v = v.view(nb, blocksize)
-    absmax = v.abs().amax(dim=1)
-    x = _ftz(v * rcp_approx(absmax)[:, None]).reshape(-1)[:n]
-    # dQuantize's seven halvings compare x with the odd entries 127, 63|191, ... and stop on an even
-    # pivot p with code[p-1] < x <= code[p+1]; then x goes to the nearer neighbour by fp32 midpoints.
     pivot = 2 * torch.bucketize(x, code[1:254:2].contiguous(), out_int32=True).long()
     pivot[torch.isnan(x)] = 0  # a zero block (0 * inf): every comparison false
     val = code[pivot]
@@ -193,7 +187,35 @@ def quantize_blockwise_8bit(a: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) 
     lower = code[(pivot - 1).clamp(min=0)]
     up = torch.where(x > (upper + val) * 0.5, pivot + 1, pivot)
     down = torch.where(x < (lower + val) * 0.5, (pivot - 1).clamp(min=0), pivot)
-    return torch.where(x > val, up, down).to(torch.uint8), absmax
+    return torch.where(x > val, up, down).to(torch.int16)
+
+
+@lru_cache(maxsize=1)
+def _dquantize_table() -> torch.Tensor:
+    """_dquantize by the top 20 bits of x, -1 where the bucket holds two codes (or is not finite)."""
+    keys = torch.arange(1 << 20, dtype=torch.int32) << 12
+    lo, hi = keys.view(torch.float32), (keys | 0xFFF).view(torch.float32)
+    c_lo, c_hi = _dquantize(lo), _dquantize(hi)
+    table = torch.where(c_lo == c_hi, c_lo, -1)
+    table[~torch.isfinite(lo) | ~torch.isfinite(hi)] = -1
+    return table
+
+
+def quantize_blockwise_8bit(a: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """kQuantizeBlockwise<float, 256, 2, 0, General8bit>: (uint8 codes, fp32 absmax) of 1-D fp32 `a`."""
+    n = a.numel()
+    nb = -(-n // blocksize)
+    v = torch.zeros(nb * blocksize, dtype=torch.float32)
+    v[:n] = _ftz(a.reshape(-1).float())
+    v = v.view(nb, blocksize)
+    absmax = v.abs().amax(dim=1)
+    x = _ftz(v * rcp_approx(absmax)[:, None]).reshape(-1)[:n]
+    key = (x.view(torch.int32) >> 12) & 0xFFFFF
+    codes = torch.index_select(_dquantize_table(), 0, key)
+    undecided = (codes < 0).nonzero().squeeze(1)
+    if undecided.numel():
+        codes[undecided] = _dquantize(x[undecided])
+    return codes.to(torch.uint8), absmax
 
 
 def _codes(y: torch.Tensor, x: torch.Tensor, quant_type: str, inv: torch.Tensor | None = None) -> torch.Tensor:
@@ -275,6 +297,19 @@ def _quantize_chunk(blocks: torch.Tensor, quant_type: str, scratch: _Scratch) ->
     return codes, absmax
 
 
+def _parallel(fn, jobs: list, workers: int) -> None:
+    """fn(job) for every job on `workers` Python threads taking jobs in turn (torch releases the GIL),
+    each thread with one intra-op thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            list(pool.map(fn, jobs))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def quantize_4bit(t: torch.Tensor, *, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = False,
                   quant_storage: torch.dtype = torch.uint8, chunk_elements: int = 1 << 20) -> dict[str, torch.Tensor]:
     """What `quantize_4bit` + `QuantState.as_dict(packed=True)` give on CUDA, for a CPU tensor:
@@ -292,15 +327,28 @@ def quantize_4bit(t: torch.Tensor, *, blocksize: int = 64, quant_type: str = "nf
     absmax = torch.empty(nb, dtype=torch.float32)
     packed = torch.empty(nb * blocksize // 2, dtype=torch.uint8)
     chunk_blocks = max(1, chunk_elements // blocksize)
-    scratch = _Scratch(min(nb, chunk_blocks) * blocksize)
-    for b0 in range(0, nb, chunk_blocks):  # bounded temporaries; torch's threads share each op
+    starts = list(range(0, nb, chunk_blocks))
+
+    local = threading.local()
+
+    def run(b0: int) -> None:
+        if not hasattr(local, "scratch"):  # bounded temporaries, reused by this thread
+            local.scratch = _Scratch(min(nb, chunk_blocks) * blocksize)
         b1 = min(nb, b0 + chunk_blocks)
         part = flat[b0 * blocksize:min(n, b1 * blocksize)]
         if part.numel() < (b1 - b0) * blocksize:  # last block: padded with zeros the kernel also quantizes
             part = torch.cat([part, part.new_zeros((b1 - b0) * blocksize - part.numel())])
-        codes, absmax[b0:b1] = _quantize_chunk(part.view(-1, blocksize), quant_type, scratch)
+        codes, absmax[b0:b1] = _quantize_chunk(part.view(-1, blocksize), quant_type, local.scratch)
         pairs = codes.view(torch.int16)  # little-endian: first code in the low byte
         packed[b0 * blocksize // 2:b1 * blocksize // 2] = ((pairs & 0x0F) << 4) | (pairs >> 8)
+
+    workers = min(torch.get_num_threads(), len(starts))
+    if workers > 1:  # chunks in parallel, one torch thread each: most ops here are too short to split
+        _code_table(quant_type), _rcp_delta()
+        _parallel(run, starts, workers)
+    else:
+        for b0 in starts:
+            run(b0)
     itemsize = torch.empty((), dtype=quant_storage).element_size()
     rows = (n + 1) // (itemsize * 2)
     weight = packed[: rows * itemsize].view(quant_storage).view(rows, 1)
