@@ -347,11 +347,11 @@ def diagnose(out: Path, rounds: int = 12) -> None:
     rcp.approx.ftz / mul.ftz / sign for that element (CuPy), to tell which step differs."""
     import cupy as cp
 
-    mul = cp.ElementwiseKernel("float32 x, float32 y", "float32 z", 'asm("mul.ftz.f32 %0, %1, %2;" : "=f"(z) : "f"(x), "f"(y));',
-                               "qtool_mul_ftz")
+    mul = cp.ElementwiseKernel("float32 x, float32 y", "float32 z",
+                               'asm("mul.ftz.f32 %0, %1, %2;" : "=f"(z) : "f"(x), "f"(y));', "qtool_mul_ftz")
     # mul.ftz near the smallest normal: which products that round to +-2^-126 does the GPU flush?
     gen = torch.Generator().manual_seed(8)
-    a = 1 + torch.rand(1 << 19, generator=gen)
+    a = 0.5 + 0.5 * torch.rand(1 << 19, generator=gen)  # so that b stays a normal number
     b = (2.0**-126 / a.double() * (1 + (torch.rand(1 << 19, generator=gen).double() - 0.5) * 2.0**-20)).float()
     a = a * torch.where(torch.rand(1 << 19, generator=gen) < 0.5, -1.0, 1.0)
     z = torch.as_tensor(mul(cp.asarray(a.cuda()), cp.asarray(b.cuda())), device="cuda").cpu()
@@ -375,8 +375,9 @@ def diagnose(out: Path, rounds: int = 12) -> None:
                     j = 2 * i - blk * 64
                     found.append({"dtype": str(dt), "qt": qt, "byte": i, "ours": int(a[i]), "cuda": int(b[i]),
                                   "absmax_cuda": am.item(), "absmax_ours": ours[".absmax"][blk].item(),
-                                  "x": [x[j].item(), x[j + 1].item()], "x_hex": [float(x[j]).hex(), float(x[j + 1]).hex()],
-                                  "inv_gpu": float(inv.item()).hex(), "inv_ours": float(kernel.rcp_approx(am.reshape(1))).hex(),
+                                  "x": [x[j].item(), x[j + 1].item()],
+                                  "x_hex": [float(x[j]).hex(), float(x[j + 1]).hex()], "inv_gpu": float(inv.item()).hex(),
+                                  "inv_ours": float(kernel.rcp_approx(am.reshape(1))).hex(),
                                   "y_gpu_mul_ftz": [float(y[j]).hex(), float(y[j + 1]).hex()],
                                   "y_ours": [float(x[j] * kernel.rcp_approx(am.reshape(1))[0]).hex(),
                                              float(x[j + 1] * kernel.rcp_approx(am.reshape(1))[0]).hex()]})

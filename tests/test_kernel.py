@@ -64,9 +64,18 @@ def test_rcp_table_is_the_hardware_instruction_not_ieee():
     delta = kernel._rcp_delta()
     assert delta.numel() == 1 << 23
     assert int(delta.abs().max()) <= 2
+    assert int((delta != 0).sum()) > 100_000  # 1.1 M of the 8.4 M mantissas are one ulp off IEEE
     # special values: exact powers of two, zero, beyond 2^126
     x = torch.tensor([1.0, 2.0, 0.5, 0.0, 2.0**126, 2.0**126 * 1.5, 3.0e38])
     assert kernel.rcp_approx(x).tolist() == [1.0, 0.5, 2.0, float("inf"), 2.0**-126, 0.0, 0.0]
+
+
+def test_code_tables_equal_bitsandbytes():
+    """quant_map and nested_quant_map are written into every checkpoint: bitsandbytes' own tables."""
+    F = pytest.importorskip("bitsandbytes.functional")
+    assert torch.equal(kernel.dynamic_map(), F.create_dynamic_map())
+    for qt in ("nf4", "fp4"):
+        assert torch.equal(kernel.quant_map(qt), F.get_4bit_type(qt, device="cpu"))
 
 
 def _bnb_cpu(t, bs, qt, dq=False):
