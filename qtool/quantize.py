@@ -8,8 +8,8 @@
    `--dry-run` prints this plan; the real run executes the same object.
 2. Stream (`run_quantization`): tensors go in name order (the order of the U8 region of each output
    file). Each is pread in parallel chunks into a reused read-ahead arena (qtool.streamio), cast to
-   the load dtype, Conv1D weights transposed, quantized with bitsandbytes exactly as
-   `Params4bit._quantize` does, and its packed weight + `QuantState.as_dict(packed=True)` handed to a
+   the load dtype, Conv1D weights transposed, quantized exactly as `Params4bit._quantize` does on CUDA
+   (bitsandbytes there, its bit-exact twin qtool.kernel on CPU), and its packed weight + `QuantState.as_dict(packed=True)` handed to a
    background writer. Kept tensors whose bytes do not change are copied file to file. Seconds per
    stage are returned as `stage_seconds`.
 3. Write: each shard once, in place (`qtool.writer.LayoutWriter`; the two-pass `ShardWriter` when a
