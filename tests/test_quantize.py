@@ -376,6 +376,19 @@ def test_cli_dry_run_uses_the_same_plan_and_writes_nothing(sources, tmp_path, ca
     assert main(["quantize", str(src), "-o", str(dest)]) == 2  # exists now
 
 
+def test_cli_summary_splits_read_quantize_write(sources, tmp_path, capsys):
+    import re
+
+    from qtool.cli.app import main
+
+    assert main(["quantize", str(sources("llama", "bf16")), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    m = re.search(r"stages: read ([\d.]+) s \(waited for ([\d.]+) s\), quantize ([\d.]+) s, write ([\d.]+) s", out)
+    assert m, out
+    total = float(re.search(r"time: ([\d.]+) s", out).group(1))
+    assert float(m.group(3)) <= total + 0.05  # the quantizing happens inside the run
+
+
 # ----------------------------------------------------------------------------------- staging folder
 
 
