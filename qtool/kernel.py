@@ -7,10 +7,10 @@ SASS of the shipped libbitsandbytes_cuda130.so (sm_90), which is built with --us
 
 - absmax per block: FMNMX.FTZ of |x| in fp32, so fp32 denormals count as zero (`_ftz`).
 - its inverse is MUFU.RCP (rcp.approx.ftz.f32), not an IEEE division: 1 ulp off the correctly
-  rounded 1/x for some inputs. The hardware's answers for all 2^23 mantissas were read on an H100
-  and are stored as ulp offsets from IEEE in qtool/data/mufu_rcp.bin (`rcp_approx`).
+  rounded 1/x for 13% of mantissas. The hardware's answers for all 2^23 mantissas were read on an
+  H200 and are stored as ulp offsets from IEEE in qtool/data/mufu_rcp.bin (`rcp_approx`).
 - x * inverse is FMUL.FTZ (IEEE product, subnormal results flushed), then the NF4/FP4 decision
-  trees compare with FSETP.GT.FTZ against the fp32 constants of the source; a block whose absmax is
+  trees compare with FSETP.GT.FTZ against their fp32 constants as compiled; a block whose absmax is
   0 gives 0 * inf = NaN, and NaN falls to code 0 in both trees. Two codes per byte, first in the
   high nibble; an odd tail is padded with 0 quantized by the block's inverse.
 - double quant: offset = absmax.mean() as torch's CUDA reduction computes it (`cuda_mean`: four
@@ -112,7 +112,7 @@ def rcp_approx(a: torch.Tensor) -> torch.Tensor:
 
 def _tree(v: torch.Tensor, upward: bool) -> torch.Tensor:
     """block_x_reduce over the last dim (a power of two): shared-memory halving down to a warp, then
-    the shuffle tree (torch >= 2.10 halves; older torch paired neighbours)."""
+    the shuffle tree (torch 2.11 halves, checked on an H200; older torch paired neighbours)."""
     while v.shape[-1] > 32:
         half = v.shape[-1] // 2
         v = v[..., :half] + v[..., half:]
@@ -137,14 +137,13 @@ def cuda_mean(x: torch.Tensor, *, sms: int = H100_SMS, threads_per_sm: int = H10
     x = x.reshape(-1).float()
     n = x.numel()
     vec = 4 if n >= 128 else 1
-    width = min(_last_pow2(n // vec), 512) if n // vec < 512 else 512
-    step = width
-    values_per_thread = -(-n // width)
+    width = min(_last_pow2(n // vec), 512)  # lanes of one CTA (block height is 1 for one output)
+    values_per_thread = -(-n // width)  # as setReduceConfig counts them (values, not float4s)
     ctas = 1
-    if values_per_thread >= 16 and values_per_thread >= 256:  # split across warps (height 1), then CTAs
+    if values_per_thread >= 256:  # split across CTAs: min 16, max 256 values a thread, fill the card
         target = sms * (threads_per_sm // width)
         ctas = max(min(target, -(-values_per_thread // 16)), -(-values_per_thread // 256))
-    stride = step * ctas  # threads; thread (cta c, lane l) starts at l + c * width
+    stride = width * ctas  # threads; thread (cta c, lane l) starts at l + c * width
     if vec == 4:
         nvec = n // 4
         rows = -(-nvec // stride)
