@@ -49,7 +49,6 @@ def sources(tmp_path_factory):
 @pytest.mark.parametrize("arch", list(rm.ARCHS))
 def test_cpu_checkpoints_equal_the_cuda_reference(reference, sources, tmp_path, arch):
     """Every tensor of every reference setting (quant type x double quant x blocksize x source dtype)."""
-    torch.set_num_threads(2)
     runs = rm.settings_for(arch)
     assert set(reference[arch]) == {rm.setting_key(*s) for s in runs}
     for qt, dq, bs, dt in runs:
