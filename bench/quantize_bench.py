@@ -79,10 +79,16 @@ m.save_pretrained(out)
 """
 
 
+CORES: int | None = None  # --cores: children pinned to the first N cores, N intra-op threads
+
+
 def measure(cmd: list[str]) -> dict:
     """Run one child; wall time and its own peak RSS (ru_maxrss of exactly this child)."""
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, PYTHONPATH=path, TQDM_DISABLE="1")
+    if CORES:
+        env.update(OMP_NUM_THREADS=str(CORES), MKL_NUM_THREADS=str(CORES))
+        cmd = ["taskset", "-c", f"0-{CORES - 1}", *cmd]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -213,15 +219,26 @@ def main() -> None:
     ap.add_argument("--io-floor", action="store_true", help="also time reading the input and writing the output size")
     ap.add_argument("--json", type=Path, default=None, help="write the rows here too")
     ap.add_argument("--skip-transformers", action="store_true", help="time qtool (and the floor) only")
+    ap.add_argument("--cores", type=int, nargs="*", default=[None],
+                    help="pin each run to the first N cores (taskset) with N threads; several values: one row each")
+    ap.add_argument("--transformers-cores", type=int, nargs="*", default=None,
+                    help="run transformers only at these --cores values (default: at each)")
     args = ap.parse_args()
+    global CORES
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="qtool-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     rows = []
     try:
         for n in args.layers:
-            row = run(n, args.device, workdir, args.io_floor, args.skip_transformers)
-            rows.append(row)
-            print_row(row)
+            for cores in args.cores:
+                CORES = cores
+                skip = args.skip_transformers or (args.transformers_cores is not None
+                                                  and cores not in args.transformers_cores)
+                row = run(n, args.device, workdir, args.io_floor, skip)
+                row["cores"] = cores
+                rows.append(row)
+                print(f"[cores: {cores or 'all'}]", end=" ")
+                print_row(row)
         if len(rows) >= 2:
             a, b = rows[0]["qtool"]["peak_rss_bytes"], rows[-1]["qtool"]["peak_rss_bytes"]
             print(f"qtool RSS growth {rows[0]['layers']} -> {rows[-1]['layers']} layers: {100 * (b / a - 1):+.1f}%")

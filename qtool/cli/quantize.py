@@ -138,6 +138,11 @@ def render_result(console, plan, result, format_bytes) -> None:
     console.print(f"  size: {format_bytes(result.input_bytes)} -> {format_bytes(result.output_bytes)} "
                   f"({100 * r['reduction']:.1f}% smaller)")
     console.print(f"  time: {result.seconds:.1f} s ({format_bytes(r['throughput_bytes_per_s'])}/s) on {result.device}")
+    st = result.stage_seconds or {}
+    quantize = sum(st.get(k, 0.0) for k in ("cast", "h2d", "quantize", "d2h"))
+    write = sum(st.get(k, 0.0) for k in ("write", "write_copy", "finish_shards"))
+    console.print(f"  stages: read {st.get('read', 0.0):.1f} s (waited for {st.get('read_wait', 0.0):.1f} s), "
+                  f"quantize {quantize:.1f} s, write {write:.1f} s (reads and writes run beside the quantizing)")
     gpu = f", GPU peak {format_bytes(result.peak_gpu_bytes)}" if result.peak_gpu_bytes is not None else ""
     console.print(f"  peak host RSS: {format_bytes(result.peak_rss_bytes)}{gpu}")
     from qtool.quantize.card import auto_class

@@ -1,6 +1,7 @@
 """Step 3: the stream. Tensors go in the order the sink takes them; each is pread in parallel chunks into
 a reused read-ahead arena (quantize.streamio), cast to the load dtype, Conv1D weights transposed,
-checked for NaN/inf, quantized exactly as `Params4bit._quantize` does, and its packed weight +
+checked for NaN/inf, quantized exactly as `Params4bit._quantize` does on CUDA (bitsandbytes there, its
+bit-exact twin quantize.kernel on CPU), and its packed weight +
 `QuantState.as_dict(packed=True)` handed to a background writer (quantize.sink). Kept tensors whose bytes
 do not change are copied file to file. All of it inside a staging directory (quantize.staging) that is
 renamed into place on success. Seconds per stage are returned as `stage_seconds`.
@@ -57,13 +58,25 @@ def pick_device(device: str) -> str:
 
 
 def quantize_tensor(t, *, settings: QuantSettings):
-    """bitsandbytes' Params4bit._quantize on one tensor -> {suffix: tensor} as Linear4bit saves it."""
+    """Params4bit._quantize on one tensor -> {suffix: tensor} as Linear4bit saves it, with the bytes
+    bitsandbytes' CUDA kernel gives: bitsandbytes itself on CUDA, qtool.quantize.kernel (its exact CPU twin)
+    on CPU."""
     import torch
+
+    storage = getattr(torch, settings.quant_storage)
+    if t.device.type == "cpu":
+        from qtool.quantize.kernel import quantize_4bit as cpu_quantize_4bit
+
+        try:
+            return cpu_quantize_4bit(t, blocksize=settings.blocksize, quant_type=settings.quant_type,
+                                     double_quant=settings.double_quant, quant_storage=storage)
+        except ValueError as exc:
+            raise WeightsError(str(exc)) from exc
     from bitsandbytes.functional import quantize_4bit
 
     packed, state = quantize_4bit(t.contiguous(), blocksize=settings.blocksize,
                                   compress_statistics=settings.double_quant, quant_type=settings.quant_type,
-                                  quant_storage=getattr(torch, settings.quant_storage))
+                                  quant_storage=storage)
     parts = {"": packed}
     parts.update({"." + k: v for k, v in state.as_dict(packed=True).items()})
     return parts
@@ -259,9 +272,9 @@ def _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_co
     for k, v in plan.timings.items():
         clock.add(k, v)
     start = time.monotonic()
-    with clock("import_bitsandbytes"):
-        import bitsandbytes.functional  # noqa: F401
-    if dev == "cuda":
+    if dev == "cuda":  # on CPU qtool's own kernel quantizes: bitsandbytes is not imported at all
+        with clock("import_bitsandbytes"):
+            import bitsandbytes.functional  # noqa: F401
         with clock("cuda_init"):
             torch.zeros(1, device="cuda")
             torch.cuda.synchronize()
