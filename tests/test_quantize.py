@@ -487,3 +487,22 @@ def test_force_puts_the_old_destination_back_when_the_final_rename_fails(tmp_pat
         (tmp / "new.txt").write_text("new")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert [p.name for p in dest.iterdir()] == ["new.txt"]
+
+
+def test_cli_is_the_library_plus_parsing_and_rendering(sources, tmp_path, capsys):
+    """`qtool quantize --json` and the library's quantize() make the same plan and the same bytes."""
+    import json as _json
+
+    from qtool.cli.app import main
+    from qtool.config import QuantSettings
+    from qtool.quantize import quantize
+
+    src = sources("llama", "bf16")
+    assert main(["quantize", str(src), "-o", str(tmp_path / "cli"), "--device", "cpu", "--json"]) == 0
+    cli = _json.loads(capsys.readouterr().out)
+    plan, result = quantize(str(src), QuantSettings(), destination=tmp_path / "lib", device="cpu")
+    lib = {**plan.to_dict("cpu"), **result.to_dict()}
+    for key in ("tensors", "input_bytes", "output_bytes", "files", "quantized", "kept"):
+        assert cli[key] == lib[key], key
+    for name in result.files + ["config.json"]:
+        assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "lib" / name).read_bytes(), name

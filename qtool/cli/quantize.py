@@ -57,56 +57,36 @@ def quantize(
     trust_remote_code: TrustRemoteCodeOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    from qtool.checkpoint import Checkpoint
-    from qtool.quantize import (
-        DEFAULT_MAX_SHARD_SIZE, default_destination, pick_device, plan_quantization, resolve_source,
-    )
+    from qtool.quantize import DEFAULT_MAX_SHARD_SIZE, QuantizeJob
     from qtool.sizes import parse_size
-    from qtool.quantize.staging import check_destination
 
     shard = parse_size(max_shard_size, what="--max-shard-size") if max_shard_size is not None else DEFAULT_MAX_SHARD_SIZE
-    if shard <= 0:
-        from qtool.errors import BadInput
-
-        raise BadInput("invalid --max-shard-size 0: must be positive")
     output = Output(as_json=as_json, units=settings.values["units"])
     for line in settings.warnings:
         output.warn(line)
-    dev = pick_device(device)
-    source, name, rev = resolve_source(model, revision=revision, progress=not as_json)
-    dest = out if out is not None else default_destination(name)
-    if not dry_run:
-        check_destination(dest, force=force, source=source)
-    with Checkpoint.open(source, allow_pickle=allow_pickle) as ckpt:
-        plan = plan_quantization(source, settings.quant, source_name=name, revision=rev, allow_pickle=allow_pickle,
-                                 trust_remote_code=trust_remote_code, ckpt=ckpt)
+    with QuantizeJob(model, settings.quant, destination=out, revision=revision, device=device, max_shard_size=shard,
+                     force=force, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                     allow_nonfinite=settings.values["allow_nonfinite"], dry_run=dry_run,
+                     download_progress=not as_json) as job:
+        plan = job.plan
         for w in plan.warnings:
             output.warn(w)
         if dry_run:
-            data = {"dry_run": True, "destination": str(dest), "device": dev, **plan.to_dict(dev)}
+            data = {"dry_run": True, "destination": str(job.destination), "device": job.device,
+                    **plan.to_dict(job.device)}
             output.result(data, lambda console: render_plan(console, plan, data, output.size))
             return
-        result = _run_with_progress(output, plan, ckpt, dest, dev, shard, force, trust_remote_code,
-                                    settings.values["allow_nonfinite"])
+        progress = ProgressLine(output.err.file, total=plan.input_bytes, size=output.size,
+                                tty=output.err.is_terminal, width=output.err.width)
+        try:  # the library streams; the line shows how far it got (a plain line every few seconds in a log)
+            result = job.run(on_progress=progress)
+        finally:
+            progress.close()
     for w in result.warnings:
         output.warn(w)
-    data = {"dry_run": False, **plan.to_dict(dev), **result.to_dict(), "warnings": plan.warnings + result.warnings}
+    data = {"dry_run": False, **plan.to_dict(job.device), **result.to_dict(),
+            "warnings": plan.warnings + result.warnings}
     output.result(data, lambda console: render_result(console, plan, result, output.size))
-
-
-def _run_with_progress(output, plan, ckpt, dest, dev, shard, force, trust_remote_code, allow_nonfinite):
-    """The library streams; this shows how far it got: one line that fits the terminal, or in a pipe or a CI
-    log a plain line every few seconds."""
-    from qtool.quantize import run_quantization
-
-    progress = ProgressLine(output.err.file, total=plan.input_bytes, size=output.size,
-                            tty=output.err.is_terminal, width=output.err.width)
-    try:
-        return run_quantization(plan, dest, device=dev, max_shard_size=shard, force=force,
-                                trust_remote_code=trust_remote_code, on_progress=progress, ckpt=ckpt,
-                                allow_nonfinite=allow_nonfinite)
-    finally:
-        progress.close()
 
 
 def render_plan(console, plan, data: dict, format_bytes) -> None:

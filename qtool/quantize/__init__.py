@@ -21,35 +21,56 @@ from qtool.quantize.plan import DEFAULT_MAX_SHARD_SIZE, QuantizePlan, plan_quant
 from qtool.quantize.source import default_destination, resolve_source
 from qtool.quantize.stream import QuantizeResult, pick_device, run_quantization
 
-__all__ = ["DEFAULT_MAX_SHARD_SIZE", "QuantizePlan", "QuantizeResult", "default_destination", "pick_device",
-           "plan_quantization", "quantize", "resolve_source", "run_quantization"]
+__all__ = ["DEFAULT_MAX_SHARD_SIZE", "QuantizeJob", "QuantizePlan", "QuantizeResult", "default_destination",
+           "pick_device", "plan_quantization", "quantize", "resolve_source", "run_quantization"]
 
 
-def quantize(
-    ref: str,
-    settings: QuantSettings,
-    *,
-    destination: Path | None = None,
-    revision: str | None = None,
-    device: str = "auto",
-    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-    force: bool = False,
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
-    on_progress: Callable[[int, int, str], None] | None = None,
-    allow_nonfinite: bool = False,
-) -> tuple[QuantizePlan, QuantizeResult]:
-    """Library entry point: resolve, plan, check the destination, stream."""
-    from qtool.checkpoint import Checkpoint
-    from qtool.quantize.staging import check_destination
+class QuantizeJob:
+    """One quantization, planned: the source resolved, the destination checked, every tensor decided. `run()`
+    streams it. What the CLI uses too (it adds parsing, progress display and rendering, nothing else)."""
 
-    source, name, rev = resolve_source(ref, revision=revision)
-    dest = Path(destination) if destination is not None else default_destination(name)
-    check_destination(dest, force=force, source=source)
-    with Checkpoint.open(source, allow_pickle=allow_pickle) as ckpt:
-        plan = plan_quantization(source, settings, source_name=name, revision=rev, allow_pickle=allow_pickle,
-                                 trust_remote_code=trust_remote_code, ckpt=ckpt)
-        result = run_quantization(plan, dest, device=device, max_shard_size=max_shard_size, force=force,
-                                  trust_remote_code=trust_remote_code, on_progress=on_progress, ckpt=ckpt,
-                                  allow_nonfinite=allow_nonfinite)
-    return plan, result
+    def __init__(self, ref: str, settings: QuantSettings, *, destination: Path | None = None,
+                 revision: str | None = None, device: str = "auto", max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+                 force: bool = False, allow_pickle: bool = False, trust_remote_code: bool = False,
+                 allow_nonfinite: bool = False, dry_run: bool = False, download_progress: bool = False):
+        from qtool.checkpoint import Checkpoint
+        from qtool.errors import BadInput
+        from qtool.quantize.staging import check_destination
+
+        if max_shard_size <= 0:
+            raise BadInput(f"invalid --max-shard-size {max_shard_size}: must be positive")
+        self.device = pick_device(device)
+        source, name, rev = resolve_source(ref, revision=revision, progress=download_progress)
+        self.destination = Path(destination) if destination is not None else default_destination(name)
+        if not dry_run:
+            check_destination(self.destination, force=force, source=source)
+        self._options = dict(max_shard_size=max_shard_size, force=force, trust_remote_code=trust_remote_code,
+                             allow_nonfinite=allow_nonfinite)
+        self._ckpt = Checkpoint.open(source, allow_pickle=allow_pickle)
+        try:
+            self.plan = plan_quantization(source, settings, source_name=name, revision=rev,
+                                          allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                                          ckpt=self._ckpt)
+        except BaseException:
+            self.close()
+            raise
+
+    def run(self, on_progress: Callable[[int, int, str], None] | None = None) -> QuantizeResult:
+        return run_quantization(self.plan, self.destination, device=self.device, on_progress=on_progress,
+                                ckpt=self._ckpt, **self._options)
+
+    def close(self) -> None:
+        self._ckpt.close()
+
+    def __enter__(self) -> "QuantizeJob":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def quantize(ref: str, settings: QuantSettings, *, on_progress: Callable[[int, int, str], None] | None = None,
+             **options) -> tuple[QuantizePlan, QuantizeResult]:
+    """Library entry point: resolve, plan, check the destination, stream. `options` are QuantizeJob's."""
+    with QuantizeJob(ref, settings, **options) as job:
+        return job.plan, job.run(on_progress)
