@@ -10,6 +10,7 @@ Tensors are read one at a time through a memory map; no shard is ever loaded who
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -81,23 +82,7 @@ def weights_dtype(root: Path) -> str | None:
 def read_safetensors_header(path: Path) -> SafetensorsHeader:
     """Parse and validate a safetensors header without trusting any of it. Raises WeightsError."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < 8:
-                raise WeightsError(f"truncated safetensors file: {size} bytes, too short for a header", path=path)
-            n = int.from_bytes(f.read(8), "little")
-            if n > size - 8:
-                raise WeightsError(
-                    f"corrupt safetensors header: header length {n} exceeds the file ({size} bytes); truncated or not a safetensors file",
-                    path=path)
-            if n > MAX_HEADER_BYTES:
-                raise WeightsError(f"corrupt safetensors header: header length {n} is over the {MAX_HEADER_BYTES} byte limit", path=path)
-            raw = f.read(n)
-    except OSError as exc:
-        raise WeightsError(f"cannot read: {exc.strerror or exc}", path=path) from None
-    if len(raw) != n:
-        raise WeightsError("truncated safetensors file: header cut short", path=path)
+    size, n, raw = _read_header_bytes(path)
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except UnicodeDecodeError:
@@ -106,60 +91,80 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
         raise WeightsError(f"corrupt safetensors header: invalid JSON ({_short(exc)})", path=path) from None
     if not isinstance(header, dict):
         raise WeightsError("corrupt safetensors header: expected a JSON object", path=path)
-
     data_start = 8 + n
-    data_len = size - data_start
     metadata = header.pop("__metadata__", None)
     if metadata is None:
         metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise WeightsError("corrupt safetensors header: __metadata__ must map strings to strings", path=path)
+    tensors = {name: _tensor_entry(path, name, entry, data_start, size) for name, entry in header.items()}
+    _check_tiling(path, tensors, data_start, size)
+    return SafetensorsHeader(path, size, data_start, tensors, metadata)
 
-    tensors: dict[str, TensorInfo] = {}
-    spans: list[tuple[int, int, str]] = []
-    for name, entry in header.items():
-        where = f"tensor {name!r}"
-        if not isinstance(entry, dict):
-            raise WeightsError(f"corrupt safetensors header: {where} is not an object", path=path)
-        dtype = entry.get("dtype")
-        if not isinstance(dtype, str) or dtype not in BY_CODE:
-            raise WeightsError(f"corrupt safetensors header: {where} has unknown dtype {dtype!r}", path=path)
-        shape = entry.get("shape")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise WeightsError(f"corrupt safetensors header: {where} has invalid shape {_short(shape)}", path=path)
-        offsets = entry.get("data_offsets")
-        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1]):
-            raise WeightsError(f"corrupt safetensors header: {where} has invalid data_offsets {_short(offsets)}", path=path)
-        begin, end = offsets
-        numel = 1
-        for d in shape:
-            numel *= d
-        expected = numel * BY_CODE[dtype].itemsize
-        if end - begin != expected:
-            raise WeightsError(
-                f"corrupt safetensors header: {where} ({dtype}, shape {_short(shape)}) needs {expected} bytes "
-                f"but its data_offsets span {end - begin}", path=path)
-        if end > data_len:
-            raise WeightsError(
-                f"truncated safetensors file: {where} ends at byte {data_start + end} but the file has {size} bytes",
-                path=path)
-        info = TensorInfo(name, dtype, tuple(shape), path, data_start + begin, data_start + end)
-        tensors[name] = info
-        spans.append((begin, end, name))
-    # Like safetensors itself: the tensors must tile the data region exactly, no overlap, no gap, no tail.
-    spans.sort()
+
+def _read_header_bytes(path: Path) -> tuple[int, int, bytes]:
+    """-> (file size, header length, header bytes), refusing lengths the file cannot hold."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise WeightsError(f"truncated safetensors file: {size} bytes, too short for a header", path=path)
+            n = int.from_bytes(f.read(8), "little")
+            if n > size - 8:
+                raise WeightsError(f"corrupt safetensors header: header length {n} exceeds the file ({size} bytes); "
+                                   "truncated or not a safetensors file", path=path)
+            if n > MAX_HEADER_BYTES:
+                raise WeightsError(f"corrupt safetensors header: header length {n} is over the {MAX_HEADER_BYTES} "
+                                   "byte limit", path=path)
+            raw = f.read(n)
+    except OSError as exc:
+        raise WeightsError(f"cannot read: {exc.strerror or exc}", path=path) from None
+    if len(raw) != n:
+        raise WeightsError("truncated safetensors file: header cut short", path=path)
+    return size, n, raw
+
+
+def _tensor_entry(path: Path, name: str, entry: Any, data_start: int, size: int) -> TensorInfo:
+    """One header entry, checked: a known dtype, a shape of naturals, data_offsets that match them and fit."""
+    where = f"tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise WeightsError(f"corrupt safetensors header: {where} is not an object", path=path)
+    dtype = entry.get("dtype")
+    if not isinstance(dtype, str) or dtype not in BY_CODE:
+        raise WeightsError(f"corrupt safetensors header: {where} has unknown dtype {dtype!r}", path=path)
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise WeightsError(f"corrupt safetensors header: {where} has invalid shape {_short(shape)}", path=path)
+    offsets = entry.get("data_offsets")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise WeightsError(f"corrupt safetensors header: {where} has invalid data_offsets {_short(offsets)}", path=path)
+    begin, end = offsets
+    expected = math.prod(shape) * BY_CODE[dtype].itemsize
+    if end - begin != expected:
+        raise WeightsError(
+            f"corrupt safetensors header: {where} ({dtype}, shape {_short(shape)}) needs {expected} bytes "
+            f"but its data_offsets span {end - begin}", path=path)
+    if data_start + end > size:
+        raise WeightsError(
+            f"truncated safetensors file: {where} ends at byte {data_start + end} but the file has {size} bytes",
+            path=path)
+    return TensorInfo(name, dtype, tuple(shape), path, data_start + begin, data_start + end)
+
+
+def _check_tiling(path: Path, tensors: dict[str, TensorInfo], data_start: int, size: int) -> None:
+    """Like safetensors itself: the tensors must tile the data region exactly, no overlap, no gap, no tail."""
     covered, last = 0, None
-    for begin, end, name in spans:
+    for begin, end, name in sorted((t.start - data_start, t.end - data_start, n) for n, t in tensors.items()):
         if begin < covered:
             raise WeightsError(f"corrupt safetensors header: tensors {last!r} and {name!r} overlap", path=path)
         if begin > covered:
-            raise WeightsError(f"corrupt safetensors header: bytes {covered}..{begin} of the data are not part of any tensor",
-                               path=path)
+            raise WeightsError(f"corrupt safetensors header: bytes {covered}..{begin} of the data are not part of "
+                               "any tensor", path=path)
         covered, last = end, name
-    if covered != data_len:
-        raise WeightsError(f"corrupt safetensors header: {data_len - covered} bytes after the last tensor", path=path)
-    return SafetensorsHeader(path, size, data_start, tensors, metadata)
+    if covered != size - data_start:
+        raise WeightsError(f"corrupt safetensors header: {size - data_start - covered} bytes after the last tensor",
+                           path=path)
 
 
 def _no_duplicates(pairs):
