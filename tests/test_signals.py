@@ -94,7 +94,10 @@ def test_signal_at_any_moment(source, tmp_path, sig, moment):
                             stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals)
     while proc.poll() is None and not _reached(moment, start, tmp_path, dest):
         time.sleep(0.005)
-    assert proc.poll() is None, f"finished before {moment}: {proc.communicate()[1]}"
+    if proc.poll() is not None:  # a busy machine: the run ended between two looks, before the signal
+        assert moment not in BEFORE_COMMIT and proc.returncode == 0, f"finished before {moment}: {proc.communicate()[1]}"
+        assert (dest / "model.safetensors").is_file() and not _staging(tmp_path)
+        return
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     code, message = MESSAGES[sig]
