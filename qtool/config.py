@@ -27,7 +27,14 @@ COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 STORAGE_DTYPES = ("uint8", "int8", "bfloat16", "float16", "float32")
 KEPT_DTYPES = ("auto", "bfloat16", "float16", "float32")
 MODES = ("inference", "qlora", "lora", "full")
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw32bit", "adafactor", "sgd")
+# the names users type in transformers' TrainingArguments.optim, accepted as well
+_OPTIMIZER_ALIASES = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_8bit": "adamw8bit",
+                      "adamw_bnb_8bit": "adamw8bit", "paged_adamw_8bit": "paged_adamw8bit",
+                      "paged_adamw_32bit": "paged_adamw32bit"}
+RECIPES = ("trainer", "sft", "loop", "unsloth")
+PRECISIONS = ("bf16", "fp16", "fp32")
+_PRECISION_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
@@ -125,7 +132,10 @@ KEYS: tuple[Key, ...] = (
     Key("lora_rank", 16, _int(1, 65536), "LoRA rank r"),
     Key("lora_alpha", 32, _int(1, 1_000_000), "LoRA alpha"),
     Key("lora_targets", ("all-linear",), _list, "LoRA target modules ('all-linear' = every quantized Linear)"),
-    Key("optimizer", "adamw", _choice(OPTIMIZERS), "adamw | adamw8bit | paged_adamw8bit | sgd"),
+    Key("optimizer", "adamw", _choice(OPTIMIZERS, _OPTIMIZER_ALIASES),
+        "adamw | adamw8bit | paged_adamw8bit | paged_adamw32bit | adafactor | sgd (or TrainingArguments.optim names)"),
+    Key("recipe", "trainer", _choice(RECIPES), "what runs the steps: trainer (transformers.Trainer) | sft (trl SFTTrainer) | loop | unsloth"),
+    Key("precision", "bf16", _choice(PRECISIONS, _PRECISION_ALIASES), "Trainer mixed precision: bf16 | fp16 | fp32"),
     Key("gradient_checkpointing", True, _bool, "recompute activations in backward"),
     Key("vram", None, _size, "memory budget, e.g. 24GB or 24 GiB"),
     Key("gpu", None, _gpu, "GPU name from configs/gpus.toml; its memory is the budget"),
@@ -172,6 +182,8 @@ class RunSettings:
     lora_alpha: int = 32
     lora_targets: tuple[str, ...] = ("all-linear",)
     optimizer: str = "adamw"
+    recipe: str = "trainer"
+    precision: str = "bf16"
     gradient_checkpointing: bool = True
     budget_bytes: int | None = None
     gpu: str | None = None

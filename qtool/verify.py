@@ -343,6 +343,10 @@ def _make_optimizer(name: str, params: list, lr: float):
         return torch.optim.AdamW(params, lr=lr)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr)
+    if name == "adafactor":  # as the Trainer builds it for optim="adafactor"
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False)
     import bitsandbytes as bnb
 
     if name == "adamw8bit":
@@ -350,6 +354,8 @@ def _make_optimizer(name: str, params: list, lr: float):
     if name == "paged_adamw8bit":
         # Paged state lives in CUDA unified memory; on CPU bitsandbytes keeps it in ordinary tensors.
         return bnb.optim.PagedAdamW8bit(params, lr=lr)
+    if name == "paged_adamw32bit":
+        return bnb.optim.PagedAdamW32bit(params, lr=lr)
     raise BadInput(f"unknown optimizer {name!r}")
 
 
@@ -575,6 +581,10 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
     if settings.quant.blocksize != 64 and run.mode in ("qlora", "inference"):
         raise BadInput(f"--blocksize {settings.quant.blocksize}: transformers' loader quantizes with "
                        "bitsandbytes' default block size 64 only")
+    if run.recipe in ("sft", "unsloth") and run.mode != "inference":
+        from qtool.recipes import require_trl, require_unsloth
+
+        require_trl() if run.recipe == "sft" else require_unsloth()
     check_inputs(options)
     source = resolve_source(spec, options)
     if source.kind == "checkpoint-4bit" and run.mode in ("lora", "full"):
@@ -583,6 +593,7 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
 
     import torch
 
+    from qtool import recipes
     from qtool.meta import hf_config, model_class
 
     cls = model_class(hf_config(spec.config, source=spec.config_path or spec.ref,
@@ -609,6 +620,7 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
                   "description": source.description, "path": str(source.path) if source.path else None,
                   "architecture": cls.__name__, "quantization_config": source.quantization_config},
         "settings": {**settings.run.to_dict(), "quant": settings.quant.to_dict()},
+        "recipe": recipes.describe(settings),
         "device": _device_info(devices, cuda),
         "versions": versions(),
         "steps": [], "phases": {}, "memory": {}, "loss": None, "loss_finite": None, "grads_finite": None,
@@ -663,7 +675,10 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
                 if run.mode == "inference":
                     stage = "inference"
                     say(f"inference: prefill {run.batch_size}x{run.seq_len} tokens + {options.decode_tokens} decode steps")
-                    _infer(model, ids, options, meter, phases, report, causal)
+                    if run.recipe != "loop" and causal:
+                        recipes.generate(model, ids, options, meter, phases, report)
+                    else:
+                        _infer(model, ids, options, meter, phases, report, causal)
                 else:
                     stage = "peft wrap"
                     model = wrap_for_training(model, settings)
@@ -672,7 +687,10 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
                     meter.reset_peak()
                     stage = "training"
                     say(f"{run.mode}: {options.steps} step(s) of {run.batch_size}x{run.seq_len} tokens, {run.optimizer}")
-                    _train(model, ids, settings, options, meter, phases, report)
+                    if run.recipe == "loop":
+                        _train(model, ids, settings, options, meter, phases, report)
+                    else:
+                        recipes.train_with_trainer(model, ids, settings, options, meter, phases, report)
         except torch.cuda.OutOfMemoryError as exc:
             report["error"] = {"stage": stage, "kind": "out_of_memory", "message": str(exc).splitlines()[0]}
             meter.phase_peak()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from qtool.cli.options import (
     BatchOpt, BlocksizeOpt, ComputeDtypeOpt, ConfigOpt, DoubleQuantOpt, DtypeOpt, GpuOpt, GradCkptOpt, JsonOpt,
-    LoraAlphaOpt, LoraRankOpt, LoraTargetsOpt, ModeOpt, ModelArg, OptimizerOpt, PresetOpt, QuantStorageOpt,
-    QuantTypeOpt, RevisionOpt, SeqLenOpt, SkipModulesOpt, TrustRemoteCodeOpt, VramOpt,
+    LoraAlphaOpt, LoraRankOpt, LoraTargetsOpt, ModeOpt, ModelArg, OptimizerOpt, PrecisionOpt, PresetOpt,
+    QuantStorageOpt, QuantTypeOpt, RecipeOpt, RevisionOpt, SeqLenOpt, SkipModulesOpt, TrustRemoteCodeOpt, VramOpt,
 )
 
 HELP = """Plan GPU memory from exact parameter counts: FP32/FP16/INT8/FP4/NF4 weights, then the peak of
@@ -49,6 +49,8 @@ def estimate(
     lora_alpha: LoraAlphaOpt = None,
     lora_targets: LoraTargetsOpt = None,
     optimizer: OptimizerOpt = None,
+    recipe: RecipeOpt = None,
+    precision: PrecisionOpt = None,
     gradient_checkpointing: GradCkptOpt = None,
     vram: VramOpt = None,
     gpu: GpuOpt = None,
@@ -67,7 +69,8 @@ def estimate(
         config, preset=preset, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype,
         blocksize=blocksize, quant_storage=quant_storage, skip_modules=skip_modules, dtype=dtype, mode=mode,
         seq_len=seq_len, batch_size=batch_size, lora_rank=lora_rank, lora_alpha=lora_alpha,
-        lora_targets=lora_targets, optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
+        lora_targets=lora_targets, optimizer=optimizer, recipe=recipe, precision=precision,
+            gradient_checkpointing=gradient_checkpointing,
         vram=vram, gpu=gpu,
     )
     out = Output(as_json=as_json)

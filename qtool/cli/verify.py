@@ -68,6 +68,8 @@ def verify(
     lora_alpha: o.LoraAlphaOpt = None,
     lora_targets: o.LoraTargetsOpt = None,
     optimizer: o.OptimizerOpt = None,
+    recipe: o.RecipeOpt = None,
+    precision: o.PrecisionOpt = None,
     gradient_checkpointing: o.GradCkptOpt = None,
     max_vram: MaxVramOpt = None,
     gpu: o.GpuOpt = None,
@@ -98,7 +100,8 @@ def verify(
             config, preset=preset, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype,
             blocksize=blocksize, quant_storage=quant_storage, skip_modules=skip_modules, dtype=dtype, mode=mode,
             seq_len=seq_len, batch_size=batch_size, lora_rank=lora_rank, lora_alpha=lora_alpha,
-            lora_targets=lora_targets, optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
+            lora_targets=lora_targets, optimizer=optimizer, recipe=recipe, precision=precision,
+            gradient_checkpointing=gradient_checkpointing,
             vram=vram, gpu=gpu)
         from qtool.verify import VerifyOptions, check_inputs, run_verify
 
