@@ -93,6 +93,8 @@ def estimate_report(spec: ModelSpec, settings: Settings, *, trust_remote_code: b
         kept_weights_gpu=kept_gpu, lora_params=lora, largest_linear=largest,
         compute_bytes=_ITEMSIZE[q.compute_dtype], optimizer=run.optimizer,
         gradient_checkpointing=run.gradient_checkpointing, weight_bytes=_ITEMSIZE[dtype],
+        recipe=run.recipe, precision=run.precision, lora_rank=run.lora_rank,
+        expert_lora="all-linear" in run.lora_targets,
     )
     breakdown = memory.memory_breakdown(inputs)
     peak = memory.peak_bytes(breakdown)

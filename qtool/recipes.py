@@ -114,9 +114,13 @@ def _callback(meter, phases: dict, params: list, steps: list, record: dict):
             meter.sync()
             phases["after_step"] = meter.allocated()
             value = record.get("loss", float("nan"))
+            finite = math.isfinite(value) and record.get("grads_finite", False)
             steps.append({"step": state.global_step, "loss": value if math.isfinite(value) else str(value),
                           "loss_finite": math.isfinite(value), "grads_finite": record.get("grads_finite", False),
                           "seconds": time.perf_counter() - record["t0"]})
+            if not finite:  # the Trainer has no hook to skip the step itself: stop after it, the checks report it
+                control.should_training_stop = True
+            return control
 
     return PhaseCallback()
 
@@ -253,6 +257,8 @@ def describe(settings: Settings) -> dict[str, Any]:
     run = settings.run
     out: dict[str, Any] = {"recipe": run.recipe, "precision": run.precision}
     if run.recipe != "loop":
-        out["runner"] = "model.generate" if run.mode == "inference" else RUNNERS[run.recipe]
+        # on CPU inference runs qtool's prefill + decode: bitsandbytes 0.50's CPU 4-bit path re-packs weights
+        # inside generate and fails; on CUDA it is model.generate
+        out["runner"] = "model.generate (CUDA)" if run.mode == "inference" else RUNNERS[run.recipe]
         out["optim"] = TRAINER_OPTIM[run.optimizer]
     return out
