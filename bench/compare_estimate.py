@@ -6,7 +6,7 @@ so CI (tests/test_estimate_accuracy.py) checks that the memory model still predi
 Rows of the recipe file name an architecture and a depth (`arch`, `layers`): the config is the preset's
 (or bench/configs'), truncated to `layers` as the measurement was.
 
-  python bench/compare_estimate.py            # markdown tables
+  python bench/compare_estimate.py            # markdown table
 """
 
 from __future__ import annotations
@@ -18,29 +18,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MEASUREMENTS = ROOT / "docs" / "gpu_measurements.json"
 RECIPE_MEASUREMENTS = ROOT / "docs" / "recipe_measurements.json"
-_VALUE_OPTS = {"--mode": "mode", "--seq-len": "seq_len", "--batch-size": "batch_size", "--optimizer": "optimizer",
-               "--lora-rank": "lora_rank", "--lora-targets": "lora_targets", "--recipe": "recipe",
-               "--precision": "precision"}
 _IGNORED = {"--steps"}  # verify-only options with a value
 
 
 def flags_from_args(args: list[str]) -> dict:
-    """verify's command-line options -> config-layer flags (later options win, as on the command line)."""
+    """verify's command-line options -> config-layer flags (later options win, as on the command line). The
+    flag names come from the settings table (qtool.config.KEYS), as the CLI's own do."""
+    from qtool.cli.fast import setting_flags
+
+    known = setting_flags("verify")
     flags: dict = {}
     i = 0
     while i < len(args):
         a = args[i]
-        if a in _VALUE_OPTS:
-            flags[_VALUE_OPTS[a]] = args[i + 1]
+        if a in known and known[a][1] is None:
+            flags[known[a][0]] = args[i + 1]
             i += 2
+        elif a in known:
+            flags[known[a][0]] = known[a][1]
+            i += 1
         elif a in _IGNORED:
             i += 2
-        elif a == "--no-gradient-checkpointing":
-            flags["gradient_checkpointing"] = False
-            i += 1
-        elif a == "--gradient-checkpointing":
-            flags["gradient_checkpointing"] = True
-            i += 1
         else:
             raise ValueError(f"unexpected verify option {a!r}")
     return flags
@@ -84,9 +82,9 @@ def compare(rows: list[dict] | None = None) -> list[dict]:
         load_only = "--steps" in r["args"] and r["args"][r["args"].index("--steps") + 1] == "0"
         est = rep["weights"][rep["format"]]["gpu"] if load_only else rep["allocated_peak_bytes"]
         meas = r["measured_peak_allocated"]
-        out.append({**r, "model": r.get("model") or f"{r['arch']}" + (f" ({r['layers']} layers)" if r["layers"] else ""),
+        out.append({**r, "model": r.get("model") or r["arch"] + (f" ({r['layers']} layers)" if r["layers"] else ""),
                     "label": r.get("label") or f"{r['recipe']} {r['mode']}", "run": r.get("run") or f"R{r['call']}",
-                    "estimate": est, "error": (est - meas) / meas})
+                    "recipe": flags["recipe"], "estimate": est, "error": (est - meas) / meas})
     return out
 
 

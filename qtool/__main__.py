@@ -1,3 +1,27 @@
-from qtool.cli.app import main
+"""`python -m qtool` and the `qtool` console script.
 
-main()
+Signals are taken over first (qtool.signals), before typer, rich or anything heavy is imported, so that
+Ctrl-C or a kill at any moment ends with one line and the right exit code."""
+
+import sys
+
+
+def run() -> None:
+    from qtool import signals
+
+    def emit(line: str) -> None:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    signals.install(emit)
+    try:
+        from qtool.cli.app import main
+    except signals.Stopped as exc:
+        signals.emit_once(f"qtool: error: {exc.message}")
+        signals.finish()
+        sys.exit(exc.exit_code)
+    main()
+
+
+if __name__ == "__main__":
+    run()

@@ -282,6 +282,8 @@ def _read_index(index_path: Path, root: Path, allowed: list[Path]) -> tuple[dict
     if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
         raise WeightsError("invalid index file: expected a JSON object with a 'weight_map' object", path=index_path)
     weight_map = index["weight_map"]
+    if not weight_map:
+        raise WeightsError("invalid index file: its weight_map lists no tensors", path=index_path)
     # Every shard name is checked before any shard is touched.
     shards: dict[str, Path] = {}
     for tensor, shard in weight_map.items():
@@ -332,12 +334,13 @@ class Checkpoint:
         index = None
         weight_map: dict[str, str] | None = None
         index_path = root / INDEX_NAME
-        if index_path.is_file():
+        single = root / "model.safetensors"
+        if index_path.is_file() and not single.is_file():
             index, files, weight_map = _read_index(index_path, root, allowed)
         else:
-            # As transformers: model.safetensors alone when present (repos also ship e.g. consolidated.safetensors
-            # in another layout); otherwise every *.safetensors, for hand-made sharded folders without an index.
-            single = root / "model.safetensors"
+            # As transformers (modeling_utils._get_resolved_checkpoint_files): model.safetensors when present,
+            # even beside an index (repos also ship e.g. consolidated.safetensors in another layout); otherwise
+            # every *.safetensors, for hand-made sharded folders without an index.
             files = [single] if single.is_file() else sorted(p for p in root.glob("*.safetensors") if p.is_file())
             for p in files:
                 if p.is_symlink():

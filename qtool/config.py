@@ -1,11 +1,12 @@
 """The one config-resolution layer. Every subcommand gets its settings here.
 
 Precedence, highest first:
-  command-line flag > QTOOL_* environment variable > project file (--config FILE, else
-  qtool.toml in the working directory, else [tool.qtool] in pyproject.toml) > settings preset
-  from configs/presets (chosen by `preset` at any of the levels above) > built-in default.
+  command-line flag > QTOOL_* environment variable > the settings file's [<command>] table > its top level
+  (--config FILE, else qtool.toml in the working directory, else [tool.qtool] in pyproject.toml; one file only)
+  > settings preset from configs/presets (chosen by `preset` at any of the levels above) > built-in default.
 
-Each resolved value remembers where it came from (`Settings.sources`), which `qtool config show` prints.
+Every setting is one row of KEYS; the CLI options, env names, file keys and the settings dataclasses are derived
+from it. Each resolved value remembers where it came from (`Settings.sources`), which `qtool config show` prints.
 Pure Python: nothing here imports torch.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,9 @@ RECIPES = ("trainer", "sft", "loop", "unsloth")
 PRECISIONS = ("bf16", "fp16", "fp32")
 _PRECISION_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+UNITS = ("gib", "gb")
+_UNIT_ALIASES = {"binary": "gib", "iec": "gib", "mib": "gib", "decimal": "gb", "si": "gb", "mb": "gb"}
+COMMANDS = ("estimate", "quantize", "verify")
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
 
@@ -76,6 +80,7 @@ def _choice(choices: tuple, aliases: Mapping[str, str] | None = None) -> Callabl
         if s not in choices:
             raise ConfigError(f"invalid {key} {v!r}: expected one of {', '.join(map(str, choices))}")
         return s
+    parse.choices = choices
     return parse
 
 
@@ -98,6 +103,19 @@ def _size(v: Any, key: str) -> int | None:
     return n
 
 
+def _budget(v: Any, key: str) -> int | str | None:
+    """A size (bytes), or the name of a catalogue GPU whose memory is the budget."""
+    text = v.strip() if isinstance(v, str) else v
+    if isinstance(text, str) and text[:1].isalpha():
+        gpu = presets.find_gpu(text)
+        if gpu is None:
+            known = ", ".join(sorted({g["key"] for g in presets.gpus().values()}))
+            raise ConfigError(f"invalid {key} {v!r}: neither a size (24GB, 24GiB) nor a GPU from the catalogue "
+                              f"(known: {known})")
+        return gpu["key"]
+    return _size(v, key)
+
+
 def _gpu(v: Any, key: str) -> str:
     gpu = presets.find_gpu(str(v))
     if gpu is None:
@@ -108,56 +126,109 @@ def _gpu(v: Any, key: str) -> str:
 
 @dataclass(frozen=True)
 class Key:
+    """One setting: the only place its name, default, parser, help, choices and commands are written.
+
+    The CLI options (qtool/cli/options.py), env names, file keys, `config show` and the settings dataclasses
+    below are all derived from these rows: adding a setting is adding a row (and using it)."""
+
     name: str
     default: Any
     parse: Callable[[Any, str], Any]
     help: str
+    commands: tuple[str, ...] = COMMANDS
+    group: str | None = None  # "quant" -> a QuantSettings field, "run" -> a RunSettings field
+    panel: str | None = None  # --help section
+    type: type = str  # what the command line hands over (bool -> --x/--no-x)
+    choices: tuple = ()  # shown in --help, offered by shell completion
+    metavar: str | None = None
+    short: str | None = None  # e.g. -b
+    aliases: tuple[str, ...] = ()  # more flag names
 
 
-# The settings every subcommand shares. Names are the file keys; env vars are QTOOL_<NAME upper>.
+Q = "Quantization (BitsAndBytesConfig)"
+R = "Run settings"
+_QV = ("estimate", "quantize", "verify")
+_EV = ("estimate", "verify")
+
+
+def _k(name, default, parse, help, **kw) -> Key:
+    """A row; choices are read from a _choice parser when not given."""
+    if "choices" not in kw and hasattr(parse, "choices"):
+        kw["choices"] = parse.choices
+    return Key(name, default, parse, help, **kw)
+
+
+# The settings. Names are the file keys; env vars are QTOOL_<NAME upper>; flags --<name with dashes>.
 KEYS: tuple[Key, ...] = (
-    Key("preset", None, lambda v, k: str(v), "settings preset from configs/presets"),
+    _k("preset", None, lambda v, k: str(v), "Settings preset from configs/presets", metavar="NAME"),
     # quantization, in BitsAndBytesConfig's vocabulary
-    Key("quant_type", "nf4", _choice(QUANT_TYPES), "bnb_4bit_quant_type"),
-    Key("double_quant", True, _bool, "bnb_4bit_use_double_quant"),
-    Key("compute_dtype", "bfloat16", _choice(COMPUTE_DTYPES, _DTYPE_ALIASES), "bnb_4bit_compute_dtype"),
-    Key("blocksize", 64, _choice(BLOCKSIZES), "4-bit quantization block size (bitsandbytes' default 64)"),
-    Key("quant_storage", "uint8", _choice(STORAGE_DTYPES, _DTYPE_ALIASES), "bnb_4bit_quant_storage"),
-    Key("skip_modules", (), _list, "llm_int8_skip_modules: modules kept in 16-bit"),
-    Key("dtype", "auto", _choice(KEPT_DTYPES, _DTYPE_ALIASES), "dtype of tensors that are not quantized"),
+    _k("quant_type", "nf4", _choice(QUANT_TYPES), "4-bit data type (bnb_4bit_quant_type)", group="quant", panel=Q,
+       commands=_QV, metavar="TYPE"),
+    _k("double_quant", True, _bool, "Quantize the absmax too (bnb_4bit_use_double_quant)", group="quant", panel=Q,
+       commands=_QV, type=bool),
+    _k("compute_dtype", "bfloat16", _choice(COMPUTE_DTYPES, _DTYPE_ALIASES), "Matmul dtype (bnb_4bit_compute_dtype)",
+       group="quant", panel=Q, commands=_QV, metavar="DTYPE"),
+    _k("blocksize", 64, _choice(BLOCKSIZES), "4-bit quantization block size", group="quant", panel=Q, commands=_QV, type=int),
+    _k("quant_storage", "uint8", _choice(STORAGE_DTYPES, _DTYPE_ALIASES), "Dtype the 4-bit values are packed in "
+       "(bnb_4bit_quant_storage)", group="quant", panel=Q, commands=_QV, metavar="DTYPE"),
+    _k("skip_modules", (), _list, "Modules kept in 16-bit, comma-separated (llm_int8_skip_modules)", group="quant",
+       panel=Q, commands=_QV, metavar="LIST"),
+    _k("dtype", "auto", _choice(KEPT_DTYPES, _DTYPE_ALIASES), "Dtype of the tensors that are not quantized",
+       group="quant", panel=Q, commands=_QV, metavar="DTYPE"),
     # run
-    Key("mode", "qlora", _choice(MODES), "inference | qlora | lora | full"),
-    Key("seq_len", 2048, _int(1, 10_000_000), "tokens per sequence"),
-    Key("batch_size", 1, _int(1, 1_000_000), "sequences per step"),
-    Key("lora_rank", 16, _int(1, 65536), "LoRA rank r"),
-    Key("lora_alpha", 32, _int(1, 1_000_000), "LoRA alpha"),
-    Key("lora_targets", ("all-linear",), _list, "LoRA target modules ('all-linear' = every quantized Linear)"),
-    Key("optimizer", "adamw", _choice(OPTIMIZERS, _OPTIMIZER_ALIASES),
-        "adamw | adamw8bit | paged_adamw8bit | paged_adamw32bit | adafactor | sgd (or TrainingArguments.optim names)"),
-    Key("recipe", "trainer", _choice(RECIPES), "what runs the steps: trainer (transformers.Trainer) | sft (trl SFTTrainer) | loop | unsloth"),
-    Key("precision", "bf16", _choice(PRECISIONS, _PRECISION_ALIASES), "Trainer mixed precision: bf16 | fp16 | fp32"),
-    Key("gradient_checkpointing", True, _bool, "recompute activations in backward"),
-    Key("vram", None, _size, "memory budget, e.g. 24GB or 24 GiB"),
-    Key("gpu", None, _gpu, "GPU name from configs/gpus.toml; its memory is the budget"),
+    _k("mode", "qlora", _choice(MODES), "What runs", group="run", panel=R, commands=_EV, metavar="MODE"),
+    _k("seq_len", 2048, _int(1, 10_000_000), "Tokens per sequence", group="run", panel=R, commands=_EV, type=int,
+       metavar="N"),
+    _k("batch_size", 1, _int(1, 1_000_000), "Sequences per step", group="run", panel=R, commands=_EV, type=int,
+       metavar="N", short="-b"),
+    _k("lora_rank", 16, _int(1, 65536), "LoRA rank r", group="run", panel=R, commands=_EV, type=int, metavar="N",
+       short="-r"),
+    _k("lora_alpha", 32, _int(1, 1_000_000), "LoRA alpha", group="run", panel=R, commands=_EV, type=int, metavar="N"),
+    _k("lora_targets", ("all-linear",), _list, "LoRA target modules, comma-separated (all-linear = every quantized "
+       "Linear)", group="run", panel=R, commands=_EV, metavar="LIST"),
+    _k("optimizer", "adamw", _choice(OPTIMIZERS, _OPTIMIZER_ALIASES), "Optimizer of the training modes (also "
+       "TrainingArguments.optim names: adamw_torch, adamw_8bit, paged_adamw_32bit, ...)", group="run", panel=R,
+       commands=_EV, metavar="NAME"),
+    _k("recipe", "trainer", _choice(RECIPES), "What runs the steps: transformers.Trainer, trl's SFTTrainer "
+       "(qtool[trl]), qtool's loop, or Unsloth", group="run", panel=R, commands=_EV, metavar="RECIPE"),
+    _k("precision", "bf16", _choice(PRECISIONS, _PRECISION_ALIASES), "The Trainer's mixed precision (its bf16/fp16 "
+       "flags; fp32: none)", group="run", panel=R, commands=_EV, metavar="P"),
+    _k("gradient_checkpointing", True, _bool, "Recompute activations in the backward pass", group="run", panel=R,
+       commands=_EV, type=bool),
+    _k("vram", None, _budget, "Memory budget: a size (24GB, 24GiB) or a GPU from the catalogue; exit 3 over it",
+       panel=R, commands=_EV, metavar="SIZE", aliases=("--max-vram",)),
+    _k("gpu", None, _gpu, "GPU from configs/gpus.toml (rtx-4090, a100-80gb, ...): its memory is the budget",
+       panel=R, commands=_EV, metavar="NAME"),
+    _k("allow_nonfinite", False, _bool, "Quantize weights that hold NaN/inf (refused by default: they spread "
+       "over their blocks)", panel=Q, commands=("quantize",), type=bool),
+    # output
+    _k("units", "gib", _choice(UNITS, _UNIT_ALIASES), "Memory shown in GiB, MiB (as nvidia-smi and torch) or in "
+       "GB, MB (powers of 1000)", metavar="UNITS"),
 )
 KEY_BY_NAME = {k.name: k for k in KEYS}
+# QTOOL_* variables that are not settings (a typo of a setting's name gets a warning)
+OTHER_ENV = ("QTOOL_DEBUG", "QTOOL_CONFIGS_DIR")
 
 
-@dataclass(frozen=True)
-class QuantSettings:
-    """A BitsAndBytesConfig(load_in_4bit=True, ...) in plain values."""
+class _Validated:
+    """Base of the settings dataclasses: each field that is a KEYS row is parsed at construction, so a bad
+    value fails here as a ConfigError (and an alias such as bf16 is stored as bfloat16)."""
 
-    quant_type: str = "nf4"
-    double_quant: bool = True
-    compute_dtype: str = "bfloat16"
-    blocksize: int = 64
-    quant_storage: str = "uint8"
-    skip_modules: tuple[str, ...] = ()
-    dtype: str = "auto"
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if f.name in KEY_BY_NAME and KEY_BY_NAME[f.name].group is not None:
+                object.__setattr__(self, f.name, KEY_BY_NAME[f.name].parse(getattr(self, f.name), f.name))
 
     def to_dict(self) -> dict:
-        return _plain(self)
+        """JSON-ready values (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
+
+def _group_fields(group: str, *extra: tuple) -> list[tuple]:
+    return [(k.name, Any, field(default=k.default)) for k in KEYS if k.group == group] + list(extra)
+
+
+class _Quant(_Validated):
     def bnb_config(self):
         """The transformers BitsAndBytesConfig for these settings (imports torch/transformers)."""
         import torch
@@ -173,23 +244,23 @@ class QuantSettings:
         )
 
 
-@dataclass(frozen=True)
-class RunSettings:
-    mode: str = "qlora"
-    seq_len: int = 2048
-    batch_size: int = 1
-    lora_rank: int = 16
-    lora_alpha: int = 32
-    lora_targets: tuple[str, ...] = ("all-linear",)
-    optimizer: str = "adamw"
-    recipe: str = "trainer"
-    precision: str = "bf16"
-    gradient_checkpointing: bool = True
-    budget_bytes: int | None = None
-    gpu: str | None = None
+class _Run(_Validated):
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.budget_bytes is not None and (isinstance(self.budget_bytes, bool) or not isinstance(
+                self.budget_bytes, int) or self.budget_bytes < 0):
+            raise ConfigError(f"invalid budget_bytes {self.budget_bytes!r}: expected a byte count")
+        if self.gpu is not None:
+            object.__setattr__(self, "gpu", _gpu(self.gpu, "gpu"))
 
-    def to_dict(self) -> dict:
-        return _plain(self)
+
+# A BitsAndBytesConfig(load_in_4bit=True, ...) in plain values: the KEYS rows of group "quant".
+QuantSettings = make_dataclass("QuantSettings", _group_fields("quant"), bases=(_Quant,), frozen=True)
+# The run recipe of estimate/verify: the KEYS rows of group "run", plus the budget vram/gpu resolve to.
+RunSettings = make_dataclass("RunSettings", _group_fields(
+    "run", ("budget_bytes", Any, field(default=None)), ("gpu", Any, field(default=None))),
+    bases=(_Run,), frozen=True)
+QuantSettings.__module__ = RunSettings.__module__ = __name__
 
 
 @dataclass(frozen=True)
@@ -199,11 +270,8 @@ class Settings:
     values: Mapping[str, Any]  # every key -> resolved value
     sources: Mapping[str, str]  # every key -> "flag --x" | "env QTOOL_X" | "file PATH" | "preset NAME" | "default"
     config_file: Path | None = None
-
-
-def _plain(obj) -> dict:
-    """A settings dataclass as JSON-ready values (tuples become lists)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(obj).items()}
+    command: str | None = None
+    warnings: tuple[str, ...] = ()  # for the user (e.g. an unknown QTOOL_* variable); the CLI prints them
 
 
 def flag_name(key: str) -> str:
@@ -252,21 +320,55 @@ def _load_toml(path: Path) -> dict:
             return tomllib.load(f)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"invalid TOML: {exc}", path=path) from None
+    except RecursionError:
+        raise ConfigError("invalid TOML: nested too deeply", path=path) from None
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror}", path=path) from None
 
 
-def _normalise_file(data: Mapping[str, Any], path: Path | None) -> dict[str, Any]:
+def _file_layers(data: Mapping[str, Any], path: Path | None, command: str | None) -> tuple[dict, dict]:
+    """(top-level values, values of the [<command>] table). [quant] / [run] tables are part of the top level;
+    a table named after a command applies to that command only and may hold only its settings."""
+    top: dict[str, Any] = {}
+    mine: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        if isinstance(value, dict) and raw_key in COMMANDS:
+            table = _normalise_file(value, path, where=f"[{raw_key}]")
+            for key in table:
+                if raw_key not in KEY_BY_NAME[key].commands:
+                    raise ConfigError(f"setting {key!r} in [{raw_key}] does not apply to qtool {raw_key}", path=path)
+            if raw_key == command:
+                mine = table
+        elif isinstance(value, dict) and raw_key in ("quant", "run"):
+            top.update(_normalise_file(value, path, where=f"[{raw_key}]"))
+        else:
+            top.update(_normalise_file({raw_key: value}, path))
+    return top, mine
+
+
+def _normalise_file(data: Mapping[str, Any], path: Path | None, where: str = "") -> dict[str, Any]:
     out = {}
     for raw_key, value in data.items():
-        key = raw_key.replace("-", "_")
-        if isinstance(value, dict):  # allow [quant] / [run] tables
-            out.update(_normalise_file(value, path))
-            continue
+        key = str(raw_key).replace("-", "_")
+        if isinstance(value, dict):
+            raise ConfigError(f"unknown table [{raw_key}]{' in ' + where if where else ''}", path=path,
+                              hint=f"tables: {', '.join(('quant', 'run') + COMMANDS)}")
         if key not in KEY_BY_NAME:
-            raise ConfigError(f"unknown setting {raw_key!r}", path=path,
+            raise ConfigError(f"unknown setting {raw_key!r}{' in ' + where if where else ''}", path=path,
                               hint=f"known: {', '.join(KEY_BY_NAME)}")
         out[key] = value
+    return out
+
+
+def unknown_env(env: Mapping[str, str]) -> list[str]:
+    """QTOOL_* variables that name no setting (typos), each as a one-line warning."""
+    from difflib import get_close_matches
+
+    known = {env_name(k.name) for k in KEYS} | set(OTHER_ENV)
+    out = []
+    for name in sorted(v for v in env if v.startswith("QTOOL_") and v not in known):
+        guess = get_close_matches(name, sorted(known), n=1)
+        out.append(f"ignoring unknown environment variable {name}" + (f" (did you mean {guess[0]}?)" if guess else ""))
     return out
 
 
@@ -276,8 +378,10 @@ def resolve_settings(
     config_file: Path | None = None,
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
+    command: str | None = None,
 ) -> Settings:
-    """Resolve every key. `flags` holds only the options the user gave (None = not given)."""
+    """Resolve every key for `command` (None: top-level file values only). `flags` holds only the options the
+    user gave (None = not given)."""
     flags = {k: v for k, v in (flags or {}).items() if v is not None and v != ()}
     for k in flags:
         if k not in KEY_BY_NAME:
@@ -285,13 +389,14 @@ def resolve_settings(
     env = os.environ if env is None else env
     cwd = Path.cwd() if cwd is None else cwd
     file_data, file_path = _read_project_file(config_file, cwd)
-    file_values = _normalise_file(file_data, file_path)
+    file_top, file_command = _file_layers(file_data, file_path, command)
     env_values = {k.name: env[env_name(k.name)] for k in KEYS if env_name(k.name) in env}
 
     layers: list[tuple[str, dict]] = [
-        (f"flag {{}}", flags),
-        (f"env {{}}", env_values),
-        (f"file {file_path}", file_values),
+        ("flag {}", flags),
+        ("env {}", env_values),
+        (f"file {file_path} [{command}]", file_command),
+        (f"file {file_path}", file_top),
     ]
     # The preset is itself a setting; once known, its values form the layer below the file.
     preset_name = None
@@ -301,38 +406,43 @@ def resolve_settings(
             break
     preset_values = {}
     if preset_name:
-        preset_values = _normalise_file(presets.load_settings_preset(preset_name), Path(f"configs/presets/{preset_name}.toml"))
+        preset_values = _normalise_file(presets.load_settings_preset(preset_name),
+                                        Path(f"configs/presets/{preset_name}.toml"))
     layers.append((f"preset {preset_name}", preset_values))
 
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
+    rank: dict[str, int] = {}
     for key in KEYS:
-        for label, layer in layers:
+        for i, (label, layer) in enumerate(layers):
             if key.name in layer:
-                raw = layer[key.name]
                 where = label.format(flag_name(key.name) if label.startswith("flag") else env_name(key.name))
                 try:
-                    values[key.name] = key.parse(raw, key.name)
+                    values[key.name] = key.parse(layer[key.name], key.name)
                 except ConfigError as exc:
                     raise ConfigError(f"{exc} (from {where})") from None
-                sources[key.name] = where
+                sources[key.name], rank[key.name] = where, i
                 break
         else:
-            values[key.name] = key.default
-            sources[key.name] = "default"
+            values[key.name], sources[key.name], rank[key.name] = key.default, "default", len(layers)
+    budget, gpu = _budget_of(values, sources, rank)
+    quant = QuantSettings(**{k.name: values[k.name] for k in KEYS if k.group == "quant"})
+    run = RunSettings(**{k.name: values[k.name] for k in KEYS if k.group == "run"}, budget_bytes=budget, gpu=gpu)
+    return Settings(quant=quant, run=run, values=values, sources=sources, config_file=file_path, command=command,
+                    warnings=tuple(unknown_env(env)))
 
-    # --vram and --gpu both set the budget: the one from the higher-precedence layer wins
-    rank = {label.split(" ")[0]: i for i, (label, _) in enumerate(layers)} | {"default": len(layers)}
-    vram_rank, gpu_rank = rank[sources["vram"].split(" ")[0]], rank[sources["gpu"].split(" ")[0]]
-    if values["vram"] is not None and values["gpu"] is not None and vram_rank == gpu_rank:
+
+def _budget_of(values: Mapping[str, Any], sources: Mapping[str, str], rank: Mapping[str, int]) -> tuple:
+    """(budget bytes, GPU that gives it): vram (a size or a GPU name) and gpu both set the budget; the one from
+    the higher-precedence layer wins, and at the same layer they must agree."""
+    vram, gpu = values["vram"], values["gpu"]
+    if isinstance(vram, str) and gpu is not None and rank["vram"] == rank["gpu"] and vram != gpu:
+        raise ConfigError(f"vram {vram} ({sources['vram']}) and gpu {gpu} ({sources['gpu']}) name different GPUs: "
+                          "give one of them")
+    if vram is not None and gpu is not None and rank["vram"] == rank["gpu"] and vram != gpu:
         raise ConfigError(f"both vram ({sources['vram']}) and gpu ({sources['gpu']}) give the budget: set one")
-    if values["gpu"] is not None and (values["vram"] is None or gpu_rank < vram_rank):
-        budget = parse_size(presets.find_gpu(values["gpu"])["vram"])
-    else:
-        budget = values["vram"]
-    quant = QuantSettings(**{k: values[k] for k in QuantSettings.__dataclass_fields__})
-    run = RunSettings(
-        **{k: values[k] for k in RunSettings.__dataclass_fields__ if k in values and k != "gpu"},
-        budget_bytes=budget, gpu=values["gpu"],
-    )
-    return Settings(quant=quant, run=run, values=values, sources=sources, config_file=file_path)
+    if gpu is not None and (vram is None or rank["gpu"] < rank["vram"]):
+        vram = gpu
+    if isinstance(vram, str):
+        return parse_size(presets.find_gpu(vram)["vram"]), vram
+    return vram, None

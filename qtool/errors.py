@@ -9,6 +9,13 @@ EXIT_NOT_FINITE = 4
 EXIT_INTERRUPTED = 130
 
 
+def one_line(exc: BaseException, limit: int = 400) -> str:
+    """A library's message as one line: its lines joined, so the reason after "...validator 'x':" survives."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    text = text or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class QtoolError(Exception):
     """Base class: `str(err)` is the one line shown to the user."""
 
@@ -57,19 +64,10 @@ class NotFinite(QtoolError):
     exit_code = EXIT_NOT_FINITE
 
 
-class Interrupted(QtoolError):
-    """Ctrl-C / SIGINT: whatever was being written has been removed."""
-
-    exit_code = EXIT_INTERRUPTED
-
-
 class OutputError(QtoolError):
     """The output could not be written: disk full, quota exceeded, file-size limit. Nothing is left behind."""
 
     exit_code = EXIT_INTERNAL
 
 
-class Terminated(Interrupted):
-    """SIGTERM (a job scheduler, `kill`): cleaned up like Ctrl-C; 128 + 15 as shells report it."""
-
-    exit_code = 143
+# Signals (130 SIGINT, 143 SIGTERM, 129 SIGHUP) are not QtoolErrors: see qtool.signals.Stopped.

@@ -17,6 +17,8 @@ Report keys (also what `qtool estimate --json` prints):
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from typing import Any
 
 from qtool import formats, memory, presets
@@ -27,6 +29,33 @@ from qtool.plan import QUANTIZE
 from qtool.sizes import parse_size
 
 _ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
+# Architectures whose output is vocabulary logits (and, in training, a loss over them). A bare encoder
+# (BertModel, a sentence-transformers checkpoint) returns hidden states: no logits, no softmax.
+_VOCAB_HEADS = ("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForConditionalGeneration", "WithLMHead",
+                "ForPreTraining")
+
+
+def display_name(spec: ModelSpec) -> str:
+    """What the report calls the model. A config.json given as a file is named after its checkpoint: a hub id
+    in `_name_or_path`, else the folder it sits in (not 'config')."""
+    if spec.kind != "local" or spec.config_path is None or spec.path is None or spec.name != spec.config_path.stem:
+        return spec.name
+    named = spec.config.get("_name_or_path")
+    if isinstance(named, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", named.strip()):
+        return named.strip()
+    return spec.path.resolve().name or spec.name
+
+
+def has_vocab_head(architecture: str) -> bool:
+    return architecture.endswith(_VOCAB_HEADS)
+
+
+def _max_positions(config: dict) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def kept_dtype(spec: ModelSpec, settings: Settings) -> str:
@@ -87,6 +116,8 @@ def estimate_report(spec: ModelSpec, settings: Settings, *, trust_remote_code: b
         config = hf_config(spec.config, source=spec.config_path or spec.name,
                            trust_remote_code=trust_remote_code).to_dict()
     dims = memory.dims_from_config(config)
+    if not has_vocab_head(plan.architecture):
+        dims = dataclasses.replace(dims, vocab=0)  # no output head: logits and the loss over them are 0 bytes
     inputs = memory.MemoryInputs(
         dims=dims, mode=run.mode, batch=run.batch_size, seq=run.seq_len, total_params=total,
         kept_params=kept_params, quant_weights_gpu=weights[chosen].gpu, plain_weights_gpu=weights[plain_key].gpu,
@@ -102,6 +133,10 @@ def estimate_report(spec: ModelSpec, settings: Settings, *, trust_remote_code: b
     warnings = list(plan.warnings)
     if spec.kind == "approximation" and spec.note:
         warnings.insert(0, f"approximation: {spec.note}")
+    positions = _max_positions(config.get("text_config") if isinstance(config.get("text_config"), dict) else config)
+    if positions is not None and run.seq_len > positions:
+        warnings.append(f"--seq-len {run.seq_len} is beyond the model's {positions} positions "
+                        f"(max_position_embeddings): the model was not trained for sequences that long")
     budget = run.budget_bytes
     fits = None if budget is None else peak <= budget
     fits_on = sorted(
@@ -110,9 +145,9 @@ def estimate_report(spec: ModelSpec, settings: Settings, *, trust_remote_code: b
     kept_by_reason = plan.kept_by_reason()
     return {
         "model": {
-            "ref": spec.ref, "name": spec.name, "kind": spec.kind, "preset": spec.preset,
+            "ref": spec.ref, "name": display_name(spec), "kind": spec.kind, "preset": spec.preset,
             "architecture": plan.architecture, "model_type": plan.model_type, "plan_source": cached.source,
-            "note": spec.note,
+            "note": spec.note, "vocab_logits": has_vocab_head(plan.architecture), "max_positions": positions,
         },
         "approximation": spec.kind == "approximation",
         "mode": run.mode,

@@ -11,6 +11,8 @@ Failures become one-line HubErrors (exit 2):
   404       repository, revision or file not found
   offline   HF_HUB_OFFLINE=1 and nothing cached
   network   connection refused or dropped -> "run again to resume" (finished files stay in the cache)
+  no route  one short connection attempt fails before anything is asked: the cache is used if it has the
+            files, else one line that names a matching local preset (no 20 s of huggingface_hub retries)
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import importlib
 import json
 import os
 import re
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from qtool.errors import HubError, QtoolError, WeightsError
 
@@ -98,13 +102,56 @@ def _cache_dir() -> str:
     return os.path.join(_hf_home(), "hub")
 
 
-def _hub_kwargs() -> dict:
-    return {"endpoint": _endpoint(), "cache_dir": _cache_dir(), "local_files_only": _offline()}
+PROBE_SECONDS = 2.0
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def unreachable(endpoint: str) -> str | None:
+    """Why `endpoint` cannot be reached, after one short TCP connection attempt; None when it can be (or when a
+    proxy stands between us and it: then huggingface_hub finds out itself)."""
+    if any(os.environ.get(v) for v in _PROXY_VARS):
+        return None
+    url = urlsplit(endpoint)
+    if not url.hostname:
+        return None
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=PROBE_SECONDS).close()
+    except OSError as exc:
+        return "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__).lower()
+    return None
+
+
+def _hub_kwargs(no_route: str | None = None) -> dict:
+    return {"endpoint": _endpoint(), "cache_dir": _cache_dir(), "local_files_only": _offline() or bool(no_route)}
+
+
+def _no_route() -> str | None:
+    return None if _offline() else unreachable(_endpoint())
+
+
+def _unreachable_error(repo_id: str, revision: str | None, what: str, why: str) -> HubError:
+    from qtool.presets import preset_for_hub_id
+
+    preset = preset_for_hub_id(repo_id)
+    hint = (f"a local preset matches: qtool estimate {preset}" if preset and
+            what == "config.json" else "check the network or HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use the cache")
+    return HubError(f"cannot reach {_endpoint()} ({why}) and {what} (revision {revision or 'main'}) is not in the "
+                    f"cache at HF_HOME={_hf_home()}", path=repo_id, hint=hint)
 
 
 @contextlib.contextmanager
 def _progress_bars(show: bool):
-    """huggingface_hub's tqdm bars (stderr) only when asked for; restored afterwards."""
+    """huggingface_hub's tqdm bars (stderr) only when asked for; restored afterwards. They write to
+    stderr, which qtool holds back from libraries (qtool.logs), so let them through while shown."""
+    from qtool.logs import passthrough
+
+    with passthrough() if show else contextlib.nullcontext(), _bars_enabled(show):
+        yield
+
+
+@contextlib.contextmanager
+def _bars_enabled(show: bool):
     from huggingface_hub import constants
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
@@ -208,10 +255,13 @@ def fetch_config(repo_id: str, *, revision: str | None = None) -> Path:
     """Download (or find in the cache) only config.json of `repo_id`; no weights are touched."""
     from huggingface_hub import hf_hub_download
 
+    no_route = _no_route()
     try:
         with _progress_bars(False):
-            return Path(hf_hub_download(repo_id, "config.json", revision=revision, **_hub_kwargs()))
+            return Path(hf_hub_download(repo_id, "config.json", revision=revision, **_hub_kwargs(no_route)))
     except Exception as exc:  # noqa: BLE001 - everything from the hub becomes one line
+        if no_route:
+            raise _redacted(_unreachable_error(repo_id, revision, "config.json", no_route)) from None
         raise _redacted(_map_error(exc, repo_id, revision, "config.json")) from None
 
 
@@ -225,17 +275,20 @@ def download_checkpoint(repo_id: str, *, revision: str | None = None, progress: 
     """
     from huggingface_hub import snapshot_download
 
+    no_route = _no_route()
     try:
         with _progress_bars(progress):
             folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=SMALL_FILES,
-                                            ignore_patterns=SKIPPED, **_hub_kwargs()))
+                                            ignore_patterns=SKIPPED, **_hub_kwargs(no_route)))
             sha = folder.name if _SHA_RE.match(folder.name) else (revision or "")
             weights, skipped = _weight_selection(folder)
             folder = Path(snapshot_download(repo_id, revision=sha or revision, allow_patterns=weights,
-                                            ignore_patterns=skipped, **_hub_kwargs()))
+                                            ignore_patterns=skipped, **_hub_kwargs(no_route)))
     except QtoolError:
         raise
     except Exception as exc:  # noqa: BLE001
+        if no_route:
+            raise _redacted(_unreachable_error(repo_id, revision, "the checkpoint", no_route)) from None
         raise _redacted(_map_error(exc, repo_id, revision, "the checkpoint")) from None
     _check_weights(folder, repo_id)
     return folder, folder.name if _SHA_RE.match(folder.name) else sha

@@ -65,12 +65,21 @@ def check_junit_path(path: Path) -> Path:
         raise BadInput("--junit: directory does not exist", path=parent)
     if not parent.is_dir():
         raise BadInput("--junit: not a directory", path=parent)
+    try:  # the verdict is written as a temporary file renamed into place: try exactly that, now
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise BadInput(f"--junit: cannot write in this directory ({exc.strerror or exc})", path=parent) from None
     return path
 
 
 def write_junit(report: dict, path: Path) -> None:
     path = check_junit_path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise BadInput(f"--junit: cannot write in this directory ({exc.strerror or exc})", path=path.parent) from None
     try:
         with os.fdopen(fd, "wb") as f:
             junit_tree(report).write(f, encoding="utf-8", xml_declaration=True)

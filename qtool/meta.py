@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from qtool.errors import ConfigError
+from qtool.errors import ConfigError, one_line
 from qtool.plan import (
     KEEP, QUANTIZE, REASON_BIAS, REASON_CONV1D, REASON_FP32, REASON_FUSED, REASON_LINEAR,
     REASON_NOT_LINEAR, REASON_SKIPPED, REASON_USER_SKIP, ModelPlan, TensorPlan, group_tensors,
@@ -39,12 +39,7 @@ def hf_config(config: dict, *, source: object = "config.json", trust_remote_code
     try:
         return AutoConfig.for_model(model_type, **kwargs)
     except Exception as exc:  # transformers 5 validates fields with its own exception types
-        raise ConfigError(f"invalid config.json: {_first_line(exc)}", path=source) from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        raise ConfigError(f"invalid config.json: {one_line(exc)}", path=source) from exc
 
 
 def _remote_config(source: object):
@@ -59,7 +54,7 @@ def _remote_config(source: object):
     try:
         return AutoConfig.from_pretrained(str(path.parent), trust_remote_code=True)
     except Exception as exc:
-        raise ConfigError(f"cannot load the repository's config code: {_first_line(exc)}", path=source) from exc
+        raise ConfigError(f"cannot load the repository's config code: {one_line(exc)}", path=source) from exc
 
 
 def model_class(cfg):
@@ -95,7 +90,7 @@ def meta_model(config: dict, *, source: object = "config.json", trust_remote_cod
         with torch.device("meta"):
             return cls._from_config(cfg)
     except Exception as exc:  # transformers raises many types for configs it cannot build
-        raise ConfigError(f"cannot build {cls.__name__} from config.json: {exc}", path=source) from exc
+        raise ConfigError(f"cannot build {cls.__name__} from config.json: {one_line(exc)}", path=source) from exc
 
 
 def modules_to_not_convert(model, skip_modules: Sequence[str] | None) -> list[str]:

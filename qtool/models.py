@@ -79,8 +79,55 @@ def approximate_config(n_params: float) -> dict:
     }
 
 
+MAX_CONFIG_BYTES = 16 * 2**20  # real config.json files are a few KB
+# Sizes a config.json may give, with the largest value any real model comes near (x several). Layers and
+# experts bound the work of building the model on the meta device (a module each); the rest keep the
+# arithmetic sane. Checked wherever they appear (top level, text_config, ...).
+_SIZE_FIELDS = {
+    "num_hidden_layers": 1024, "n_layer": 1024, "num_layers": 1024, "num_local_experts": 4096,
+    "num_experts": 4096, "n_routed_experts": 4096, "num_experts_per_tok": 4096,
+    "hidden_size": 1 << 20, "n_embd": 1 << 20, "d_model": 1 << 20, "intermediate_size": 1 << 22,
+    "moe_intermediate_size": 1 << 22, "ffn_dim": 1 << 22, "n_inner": 1 << 22, "vocab_size": 1 << 24,
+    "num_attention_heads": 1 << 16, "n_head": 1 << 16, "num_key_value_heads": 1 << 16, "head_dim": 1 << 16,
+    "max_position_embeddings": 1 << 28, "n_positions": 1 << 28,
+}
+_DTYPES = {"float32", "float16", "bfloat16", "float", "half", "float64", "auto"}
+
+
+def _check_fields(cfg: dict, path: Path, where: str = "") -> None:
+    for key, limit in _SIZE_FIELDS.items():
+        if key not in cfg or cfg[key] is None:
+            continue
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"invalid config.json: {where}{key} is {v!r} ({type(v).__name__}), expected an integer",
+                              path=path)
+        if not 1 <= v <= limit:
+            raise ConfigError(f"invalid config.json: {where}{key} {v:,} is not a real model's "
+                              f"(expected 1 to {limit:,})", path=path)
+    heads, kv = cfg.get("num_attention_heads"), cfg.get("num_key_value_heads")
+    if isinstance(heads, int) and isinstance(kv, int) and kv and heads % kv:
+        raise ConfigError(f"invalid config.json: {where}num_attention_heads {heads} is not a multiple of "
+                          f"num_key_value_heads {kv}", path=path)
+    arch = cfg.get("architectures")
+    if arch is not None and (not isinstance(arch, list) or not all(isinstance(a, str) for a in arch)):
+        raise ConfigError(f"invalid config.json: {where}architectures is {arch!r}, expected a list of class names",
+                          path=path)
+    for key in ("model_type", "torch_dtype", "dtype"):
+        v = cfg.get(key)
+        if v is not None and not isinstance(v, str):
+            raise ConfigError(f"invalid config.json: {where}{key} is {v!r}, expected a string", path=path)
+        if key != "model_type" and v is not None and v not in _DTYPES:
+            raise ConfigError(f"invalid config.json: {where}{key} {v!r} is not a floating-point dtype", path=path)
+    for key, sub in cfg.items():
+        if key.endswith("_config") and isinstance(sub, dict) and key != "quantization_config":
+            _check_fields(sub, path, f"{where}{key}.")
+
+
 def read_config_json(path: Path) -> dict:
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"too large for a config.json ({path.stat().st_size:,} bytes)", path=path)
         text = path.read_text()
     except FileNotFoundError:
         raise ConfigError("file not found", path=path) from None
@@ -90,10 +137,13 @@ def read_config_json(path: Path) -> dict:
         data = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"invalid JSON: {exc}", path=path) from None
+    except RecursionError:
+        raise ConfigError("invalid config.json: nested too deeply", path=path) from None
     if not isinstance(data, dict):
         raise ConfigError("invalid config.json: expected a JSON object", path=path)
     if "model_type" not in data:
         raise ConfigError("invalid config.json: no 'model_type'", path=path)
+    _check_fields(data, path)
     return data
 
 

@@ -74,3 +74,16 @@ def load_settings_preset(name: str) -> dict:
         data = tomllib.load(f)
     data.pop("description", None)
     return data
+
+
+def preset_for_hub_id(repo_id: str) -> str | None:
+    """The model preset a hub id most likely is: 'mistralai/Mistral-7B-v0.1' -> 'mistral-7b',
+    'meta-llama/Meta-Llama-3-8B-Instruct' -> 'llama-3-8b' (the longest preset name inside the repo name)."""
+    name = _norm(repo_id.rsplit("/", 1)[-1])
+    found = []
+    for preset in model_presets():
+        m = re.search(rf"(^|-){re.escape(preset)}($|-)", name)
+        # gpt2-xl is not gpt2: a size word after the match means another model
+        if m and not set(name[m.end():].split("-")) & {"xs", "xl", "xxl", "small", "medium", "large"}:
+            found.append(preset)
+    return max(found, key=len) if found else None

@@ -24,6 +24,7 @@ tests/test_quantize.py against `from_pretrained(quantization_config=...)` + `sav
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import resource
 import shutil
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qtool.config import QuantSettings
-from qtool.errors import BadInput, ConfigError, DeviceError, WeightsError
+from qtool.errors import BadInput, ConfigError, DeviceError, WeightsError, one_line
 from qtool.plan import KEEP, QUANTIZE, REASON_CONV1D, REASON_FUSED, ModelPlan
 from qtool.sizes import format_bytes
 
@@ -41,7 +42,9 @@ DEFAULT_MAX_SHARD_SIZE = 50 * 10**9  # save_pretrained's default "50GB"
 # Files that are weights (never copied) or that we write ourselves.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf", ".onnx", ".onnx_data")
 _OWN_FILES = {"config.json", "README.md", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
-_SMALL_FILE_LIMIT = 50 * 2**20
+_SMALL_FILE_LIMIT = 50 * 2**20  # for extra files; tokenizer files are copied whatever their size
+_TOKENIZER_PREFIXES = ("tokenizer", "vocab", "merges", "spm", "sentencepiece", "special_tokens_map", "added_tokens",
+                       "chat_template", "preprocessor_config", "processor_config")
 # Buffers some checkpoints carry that current transformers recomputes and drops on load (unexpected keys).
 _DROPPABLE_BUFFERS = re.compile(r"(\.rotary_emb\.inv_freq|\.inv_freq|\.attn\.bias|\.attn\.masked_bias|\.position_ids)$")
 
@@ -167,6 +170,10 @@ def _load_dtype(config: dict, ckpt, hf_cfg, setting: str):
     if isinstance(dt, str):
         dt = getattr(torch, dt, None)
     if isinstance(dt, torch.dtype):
+        if dt not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ConfigError(f"config.json dtype {str(dt).removeprefix('torch.')} cannot be loaded in 4-bit "
+                              "(bitsandbytes takes float16, bfloat16 or float32)", path=ckpt.root / "config.json",
+                              hint="pass --dtype bfloat16, float16 or float32")
         return dt
     from qtool.checkpoint import is_float_dtype, torch_dtype
 
@@ -187,7 +194,7 @@ def _meta_model(hf_cfg, dtype, source):
         with torch.device("meta"):
             return cls._from_config(hf_cfg, dtype=dtype)
     except Exception as exc:  # transformers raises many types for configs it cannot build
-        raise ConfigError(f"cannot build {cls.__name__} from config.json: {exc}", path=source) from exc
+        raise ConfigError(f"cannot build {cls.__name__} from config.json: {one_line(exc)}", path=source) from exc
 
 
 def plan_quantization(
@@ -397,6 +404,7 @@ class QuantizeResult:
     kept: int
     stage_seconds: dict = field(default_factory=dict)  # where the time went (see qtool.streamio)
     single_pass: bool = True  # False: a shard boundary depended on blob lengths, written twice
+    warnings: list[str] = field(default_factory=list)  # files of the source that were not copied, and why
 
     def to_dict(self) -> dict:
         d = self.__dict__.copy()
@@ -456,16 +464,76 @@ def write_config(plan: QuantizePlan, out_dir: Path, trust_remote_code: bool = Fa
     cfg.save_pretrained(str(out_dir))
 
 
-def copy_small_files(source: Path, out_dir: Path, plan: QuantizePlan) -> list[str]:
-    """Tokenizer, generation config and other small files; never weights, never our own files."""
-    copied = []
-    for p in sorted(source.iterdir()):
-        if not p.is_file() or p.name.startswith(".") or p.name in _OWN_FILES:
+def _safe_file(path: Path, allowed: list[Path]) -> str | None:
+    """Why `path` must not be copied, or None: only regular files whose real location is inside the
+    checkpoint (a symlink to /proc/self/environ or /etc/shadow would copy secrets into the output)."""
+    try:
+        real = path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return "a broken or looping symlink"
+    if not any(real == a or a in real.parents for a in allowed):
+        return f"a symlink to {real}, outside the checkpoint"
+    if not real.is_file():
+        return "not a regular file"
+    return None
+
+
+def _copy_tree(src: Path, dst: Path, allowed: list[Path], skipped: list[tuple[str, str]], rel: str) -> None:
+    """A sentence-transformers module folder (1_Pooling/, 2_Dense/ ...), with the same regular-file rule."""
+    dst.mkdir(exist_ok=True)
+    for p in sorted(src.iterdir()):
+        name = f"{rel}/{p.name}"
+        if p.is_dir() and not p.is_symlink():
+            _copy_tree(p, dst / p.name, allowed, skipped, name)
             continue
-        if p.name.endswith(_WEIGHT_SUFFIXES) or p.stat().st_size > _SMALL_FILE_LIMIT:
+        why = _safe_file(p, allowed)
+        if why:
+            skipped.append((name, why))
+        else:
+            shutil.copyfile(p, dst / p.name)
+
+
+def _module_folders(source: Path) -> list[str]:
+    """The folders sentence-transformers' modules.json names (its loader needs them beside the model)."""
+    try:
+        modules = json.loads((source / "modules.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return []
+    if not isinstance(modules, list):
+        return []
+    folders = []
+    for m in modules:
+        path = m.get("path") if isinstance(m, dict) else None
+        if isinstance(path, str) and path and "/" not in path and path not in (".", "..") and not path.startswith("."):
+            folders.append(path)
+    return folders
+
+
+def copy_small_files(source: Path, out_dir: Path, plan: QuantizePlan) -> tuple[list[str], list[tuple[str, str]]]:
+    """Tokenizer, generation config, other small files and sentence-transformers module folders; never
+    weights, never our own files, never anything outside the checkpoint. -> (copied, [(skipped, why)])."""
+    from qtool.checkpoint import _allowed_roots
+
+    allowed = _allowed_roots(source)
+    copied: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    for p in sorted(source.iterdir()):
+        if p.name.startswith(".") or p.name in _OWN_FILES or p.is_dir():
+            continue
+        if p.name.endswith(_WEIGHT_SUFFIXES):
+            continue
+        why = _safe_file(p, allowed)
+        if why is None and p.stat().st_size > _SMALL_FILE_LIMIT and not p.name.startswith(_TOKENIZER_PREFIXES):
+            why = f"{format_bytes(p.stat().st_size)}, over the {format_bytes(_SMALL_FILE_LIMIT)} limit for extra files"
+        if why:
+            skipped.append((p.name, why))
             continue
         shutil.copyfile(p, out_dir / p.name)
         copied.append(p.name)
+    for folder in _module_folders(source):
+        if (source / folder).is_dir() and not (source / folder).is_symlink():
+            _copy_tree(source / folder, out_dir / folder, allowed, skipped, folder)
+            copied.append(folder + "/")
     if "generation_config.json" not in copied:
         try:  # save_pretrained writes one for generative models
             from transformers import GenerationConfig
@@ -478,7 +546,7 @@ def copy_small_files(source: Path, out_dir: Path, plan: QuantizePlan) -> list[st
                 copied.append("generation_config.json")
         except Exception:
             pass
-    return copied
+    return copied, skipped
 
 
 def run_quantization(
@@ -491,8 +559,10 @@ def run_quantization(
     trust_remote_code: bool = False,
     on_progress: Callable[[int, int, str], None] | None = None,
     ckpt=None,
+    allow_nonfinite: bool = False,
 ) -> QuantizeResult:
-    """Stream the planned tensors into `destination`. Nothing is left behind on failure or Ctrl-C."""
+    """Stream the planned tensors into `destination`. Nothing is left behind on failure or Ctrl-C.
+    A NaN/inf in a tensor that passes through memory is refused unless `allow_nonfinite`."""
     import torch
 
     from qtool.checkpoint import Checkpoint
@@ -505,7 +575,8 @@ def run_quantization(
         torch.cuda.reset_peak_memory_stats()
     ckpt = ckpt or Checkpoint.open(plan.source)
     try:
-        return _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_code, on_progress)
+        return _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_code, on_progress,
+                       allow_nonfinite=allow_nonfinite)
     except OSError as exc:
         err = output_error(exc, destination)
         if err is None:
@@ -558,7 +629,23 @@ def _copyable(plan: QuantizePlan, ckpt, sink, idx: int) -> bool:
             and sink.can_copy(t.name))
 
 
-def _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_code, on_progress) -> QuantizeResult:
+def check_finite(t, tensor, ckpt) -> None:
+    """Refuse NaN/inf: bitsandbytes quantizes them silently, and with double quant a few NaNs make every
+    value of their absmax group NaN (256 blocks). transformers does not check; a pre-flight tool should."""
+    import torch
+
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    nan = int(torch.isnan(tensor).sum())
+    info = ckpt.tensors.get(t.source)
+    raise WeightsError(f"{t.source} has {bad:,} non-finite value{'s' if bad > 1 else ''} ({nan:,} NaN, "
+                       f"{bad - nan:,} inf) of {tensor.numel():,}", path=info.file if info else ckpt.root,
+                       hint="pass --allow-nonfinite to quantize it anyway")
+
+
+def _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_code, on_progress, *,
+            allow_nonfinite: bool = False) -> QuantizeResult:
     import torch
 
     from qtool.modelcard import model_card
@@ -597,6 +684,8 @@ def _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_co
         if t.action == KEEP:
             with clock("cast"):
                 value = src.to(dtype)
+            if not allow_nonfinite:
+                check_finite(t, value, ckpt)
             if value is not src:
                 lease.release()
                 lease = None
@@ -611,6 +700,9 @@ def _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_co
                 w = src.to(dtype)
         if t.transpose:
             w = w.T
+        if not allow_nonfinite:
+            with clock("check_finite"):
+                check_finite(t, w, ckpt)
         with clock("quantize"):
             parts = quantize_tensor(w, settings=plan.settings)
             sync()
@@ -677,7 +769,7 @@ def _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_co
                 write_index(tmp, result["weight_map"],
                             {"total_parameters": plan.total_parameters, "total_size": result["total_size"]})
             write_config(plan, tmp, trust_remote_code=trust_remote_code)
-            copy_small_files(plan.source, tmp, plan)
+            _, skipped = copy_small_files(plan.source, tmp, plan)
         output_bytes = sum((tmp / f).stat().st_size for f in result["files"])
         seconds = time.monotonic() - start
         clock.add("run", seconds)
@@ -688,6 +780,7 @@ def _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_co
             quantized=sum(1 for t in plan.tensors if t.action == QUANTIZE),
             kept=sum(1 for t in plan.tensors if t.action == KEEP),
             stage_seconds=clock.rounded(), single_pass=shards is not None,
+            warnings=[f"not copied: {name} ({why})" for name, why in skipped],
         )
         (tmp / "README.md").write_text(model_card(plan, res), encoding="utf-8")
     return res
@@ -705,6 +798,7 @@ def quantize(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     on_progress: Callable[[int, int, str], None] | None = None,
+    allow_nonfinite: bool = False,
 ) -> tuple[QuantizePlan, QuantizeResult]:
     """Library entry point: resolve, plan, check the destination, stream."""
     from qtool.checkpoint import Checkpoint
@@ -717,5 +811,6 @@ def quantize(
         plan = plan_quantization(source, settings, source_name=name, revision=rev, allow_pickle=allow_pickle,
                                  trust_remote_code=trust_remote_code, ckpt=ckpt)
         result = run_quantization(plan, dest, device=device, max_shard_size=max_shard_size, force=force,
-                                  trust_remote_code=trust_remote_code, on_progress=on_progress, ckpt=ckpt)
+                                  trust_remote_code=trust_remote_code, on_progress=on_progress, ckpt=ckpt,
+                                  allow_nonfinite=allow_nonfinite)
     return plan, result

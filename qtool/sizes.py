@@ -41,8 +41,10 @@ def parse_size(text: str | int, *, what: str = "size") -> int:
     return round(value)
 
 
-def format_bytes(n: float, *, binary: bool = False) -> str:
-    """1.41e11 -> '141.1 GB'; binary=True -> '131.4 GiB'."""
+def format_bytes(n: float, *, binary: bool = True) -> str:
+    """1.41e11 -> '131.4 GiB' (powers of 1024, as nvidia-smi and torch report memory); binary=False -> '141.1 GB'.
+
+    GiB is qtool's one convention for memory; the CLI's --units gb switches its own output to powers of 1000."""
     base, units = (1024.0, ["B", "KiB", "MiB", "GiB", "TiB"]) if binary else (1000.0, ["B", "KB", "MB", "GB", "TB"])
     value = float(n)
     for unit in units:

@@ -21,6 +21,7 @@ the error the CLI raises (DoesNotFit -> 3, NotFinite -> 4). Bad input raises Bad
 from __future__ import annotations
 
 import gc
+import json
 import math
 import re
 import resource
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from qtool.config import Settings
-from qtool.errors import BadInput, DeviceError, DoesNotFit, NotFinite, QtoolError, WeightsError
+from qtool.errors import BadInput, DeviceError, DoesNotFit, NotFinite, QtoolError, WeightsError, one_line
 from qtool.models import ModelSpec
 
 DEVICES = ("cuda", "cpu")
@@ -134,6 +135,73 @@ def check_device(options: VerifyOptions) -> None:
         raise DeviceError(f"no device {dev}: {torch.cuda.device_count()} GPU(s) visible")
     if options.device_map not in (None, "auto"):
         raise DeviceError(f"invalid --device-map {options.device_map!r}: only 'auto' is supported")
+
+
+def fit_positions(spec: ModelSpec, settings: Settings) -> tuple[Settings, str | None]:
+    """A sequence longer than the model's positions is refused when asked for (learned position embeddings
+    index out of range; rotary ones run, but measure a model used out of its range); the default 2048 is
+    cut to the model's positions, with a note. -> (settings to run, note or None)."""
+    import dataclasses
+
+    from qtool.memory import _first
+
+    cfg = spec.config.get("text_config") if isinstance(spec.config.get("text_config"), dict) else spec.config
+    limit = _first(cfg, "max_position_embeddings", "n_positions", "max_sequence_length")
+    seq = settings.run.seq_len
+    if not isinstance(limit, int) or seq <= limit:
+        return settings, None
+    if settings.sources.get("seq_len", "default") != "default":
+        raise BadInput(f"--seq-len {seq:,} is beyond {spec.name}'s {limit:,} positions (max_position_embeddings)")
+    run = dataclasses.replace(settings.run, seq_len=limit)
+    return (dataclasses.replace(settings, run=run, values={**settings.values, "seq_len": limit}),
+            f"seq_len {limit} (the model's max_position_embeddings) instead of the default {seq}")
+
+
+def _available_ram() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_size(spec: ModelSpec, settings: Settings, options: VerifyOptions) -> None:
+    """Runs that cannot work are refused before loading: the estimate over the machine's available RAM
+    (--device cpu, exit 2) or well over every GPU's memory (exit 3: it does not fit)."""
+    from qtool.sizes import format_bytes
+
+    est = _estimate(spec, settings, options).get("allocated_peak_bytes")
+    if not est:
+        return
+    if options.device == "cpu":
+        avail = _available_ram()
+        if avail is not None and est > avail:
+            raise BadInput(f"{spec.name} at batch {settings.run.batch_size} x {settings.run.seq_len:,} tokens needs about "
+                           f"{format_bytes(est)} (qtool estimate); this machine has {format_bytes(avail)} available")
+        return
+    import torch
+
+    ids = range(torch.cuda.device_count()) if options.device_map == "auto" else [
+        int(options.device[5:]) if options.device.startswith("cuda:") else 0]
+    total = sum(torch.cuda.get_device_properties(i).total_memory for i in ids)
+    if est > 1.5 * total:  # the model's own estimate is within a few % measured: 1.5x is no borderline case
+        raise DoesNotFit(f"{spec.name} needs about {format_bytes(est)} (qtool estimate), "
+                         f"{est / total:.1f}x the {format_bytes(total)} of {len(ids)} GPU(s): not run")
+
+
+def check_same_architecture(spec: ModelSpec, reference: Path) -> None:
+    """--reference must be the same model in 16-bit: same model_type and architecture."""
+    from qtool.models import read_config_json
+
+    ref = read_config_json(Path(reference) / "config.json")
+    mine = (spec.config.get("model_type"), (spec.config.get("architectures") or [None])[0])
+    theirs = (ref.get("model_type"), (ref.get("architectures") or [None])[0])
+    if mine[0] != theirs[0] or (mine[1] and theirs[1] and mine[1] != theirs[1]):
+        raise BadInput(f"--reference is a {theirs[0]} model ({theirs[1]}), {spec.name} a {mine[0]} "
+                       f"({mine[1]}): not the same model", path=reference)
 
 
 # --------------------------------------------------------------------------------------------- memory
@@ -273,6 +341,22 @@ def random_state_dict(model_cls, cfg, dtype, *, seed: int = 0) -> dict:
     return out
 
 
+def portable_cpu_kernels(model) -> int:
+    """Keep bitsandbytes' 4-bit layers on its portable CPU path, whatever the CPU.
+
+    On AVX512-BF16 CPUs, `Linear4bit.forward` in eval mode repacks the weight for a fused bf16 kernel
+    (`_convert_weight_packed_for_cpu`), which needs out_features % 32 == 0 and in_features % blocksize == 0
+    (an intermediate size of 96 dies with "shape '[64, 1]' is invalid"), rounds absmax to bf16 and rewrites
+    the module's weight in place. The dequantize-and-matmul path works for every shape and computes the
+    same thing on every CPU, so a CPU verify means the same on any machine. Returns the layers changed."""
+    n = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
 def _is_causal_lm(cls) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -307,8 +391,23 @@ def load_model(spec: ModelSpec, source: Source, settings: Settings, options: Ver
 # ---------------------------------------------------------------------------------------------- inputs
 
 
+def check_tokenizer_code(tokenizer_dir: Path | None, trust_remote_code: bool) -> None:
+    """A tokenizer whose tokenizer_config.json maps to the repository's own classes runs that code when
+    loaded. Never without --trust-remote-code, and never by asking (transformers prompts in a terminal)."""
+    if tokenizer_dir is None or trust_remote_code:
+        return
+    path = Path(tokenizer_dir) / "tokenizer_config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return  # unreadable: the tokenizer load reports it
+    if isinstance(cfg, dict) and cfg.get("auto_map"):
+        raise BadInput("the tokenizer needs code from the repository (auto_map in tokenizer_config.json)",
+                       path=path, hint="pass --trust-remote-code if you trust it")
+
+
 def make_batch(vocab_size: int, batch: int, seq_len: int, *, seed: int, data: Path | None,
-               tokenizer_dir: Path | None):
+               tokenizer_dir: Path | None, trust_remote_code: bool = False):
     """batch x seq_len token ids: random, or the text of `data` tokenized (repeated to fill)."""
     import torch
 
@@ -325,7 +424,9 @@ def make_batch(vocab_size: int, batch: int, seq_len: int, *, seed: int, data: Pa
         raise BadInput(f"cannot read as UTF-8 text: {exc}", path=data) from None
     from transformers import AutoTokenizer
 
-    ids = AutoTokenizer.from_pretrained(tokenizer_dir)(text)["input_ids"]
+    check_tokenizer_code(tokenizer_dir, trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)  # never a prompt
+    ids = tok(text)["input_ids"]
     if not ids:
         raise BadInput("no tokens in file", path=data)
     need = batch * seq_len
@@ -575,9 +676,6 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
     run = settings.run
     if options.steps < 0:
         raise BadInput(f"invalid --steps {options.steps}: must be 0 or more")
-    check_device(options)
-    if run.mode in ("qlora", "inference") and not _has_bitsandbytes():
-        raise DeviceError("bitsandbytes is not installed: 4-bit loading needs it (pip install bitsandbytes)")
     if settings.quant.blocksize != 64 and run.mode in ("qlora", "inference"):
         raise BadInput(f"--blocksize {settings.quant.blocksize}: transformers' loader quantizes with "
                        "bitsandbytes' default block size 64 only")
@@ -586,10 +684,22 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
 
         require_trl() if run.recipe == "sft" else require_unsloth()
     check_inputs(options)
-    source = resolve_source(spec, options)
+    settings, seq_note = fit_positions(spec, settings)
+    run = settings.run
+    # Local input is checked before torch is imported (seconds); a hub download waits for the device check.
+    source = resolve_source(spec, options) if spec.kind != "hub" else None
+    check_device(options)
+    if run.mode in ("qlora", "inference") and not _has_bitsandbytes():
+        raise DeviceError("bitsandbytes is not installed: 4-bit loading needs it (pip install bitsandbytes)")
+    check_size(spec, settings, options)
+    source = source or resolve_source(spec, options)
     if source.kind == "checkpoint-4bit" and run.mode in ("lora", "full"):
         raise BadInput(f"--mode {run.mode} trains 16-bit weights; this checkpoint is already 4-bit", path=source.path)
     reference = _resolve_reference(options) if options.reference else None
+    if reference is not None:
+        check_same_architecture(spec, reference[0])
+    if options.data is not None:
+        check_tokenizer_code(source.tokenizer_dir, options.trust_remote_code)
 
     import torch
 
@@ -627,6 +737,8 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
         "step_seconds": None, "tokens_per_second": None, "quality": None, "error": None, "notes": [],
         "steps_requested": options.steps,
     }
+    if seq_note:
+        report["notes"].append(seq_note)
     if not cuda and run.optimizer == "paged_adamw8bit" and run.mode != "inference":
         report["notes"].append("paged_adamw8bit on CPU: bitsandbytes keeps the 8-bit state in ordinary (unpaged) "
                                "tensors; paging needs CUDA unified memory")
@@ -645,6 +757,8 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
             t0 = time.perf_counter()
             with _quiet_transformers():
                 model, _ = load_model(spec, source, settings, options, device_map, quantize=quantize)
+            if not cuda:
+                portable_cpu_kernels(model)
             report["load_seconds"] = time.perf_counter() - t0
             report["model"]["kept_dtype"] = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
             if settings.quant.dtype == "auto" and not (spec.config.get("dtype") or spec.config.get("torch_dtype")):
@@ -660,7 +774,8 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
             vocab = model.get_input_embeddings().weight.shape[0]
             stage = "tokenizer"
             ids = make_batch(vocab, run.batch_size, run.seq_len, seed=options.seed, data=options.data,
-                             tokenizer_dir=source.tokenizer_dir).to(first)
+                             tokenizer_dir=source.tokenizer_dir,
+                             trust_remote_code=options.trust_remote_code).to(first)
             quality_ids = ids[:1, :QUALITY_TOKENS]
             report["inputs"] = {"source": f"text file {options.data}" if options.data else "random token ids",
                                 "shape": list(ids.shape), "first_ids": ids[0, :8].tolist()}
@@ -765,8 +880,7 @@ _NAN_INF = re.compile(r"\b(nan|inf)\b", re.IGNORECASE)
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+    return f"{type(exc).__name__}: {one_line(exc)}" if str(exc).strip() else type(exc).__name__
 
 
 def _numerical(exc: BaseException) -> bool:

@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qtool import signals
 from qtool.errors import BadInput, OutputError, WeightsError
 
 WEIGHTS_NAME = "model.safetensors"
@@ -97,6 +98,10 @@ def check_destination(dest: Path, *, force: bool, source: Path | None = None) ->
             raise BadInput("destination already exists", path=dest, hint="pass --force to replace it after success")
         if not dest.is_dir() or dest.is_symlink():
             raise BadInput("destination exists and is not a directory", path=dest)
+    cwd = Path.cwd().resolve()
+    if dest.resolve() == cwd or dest.resolve() in cwd.parents:
+        raise BadInput("destination is the working directory or contains it: it cannot be replaced from inside",
+                       path=dest, hint="cd elsewhere or choose another --out")
     if source is not None:
         src, dst = Path(source).resolve(), dest.resolve()
         if dst == src or src in dst.parents:
@@ -128,12 +133,15 @@ def _missing_parents(dest: Path) -> tuple[Path, list[Path]]:
 
 
 def _folder_error(exc: OSError, dest: Path, where: Path) -> BadInput | OutputError:
-    """mkdir/mkdtemp failing beside the destination -> one line naming the folder."""
+    """mkdir/mkdtemp failing beside the destination -> one line naming the folder. A full disk is an
+    output error (exit 1); anything else says the destination is not a place to write (exit 2)."""
     if exc.errno == errno.ENOTDIR:
         return BadInput(f"cannot create the destination: a parent of it is not a directory ({where})", path=dest)
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return BadInput(f"cannot create the destination: {where} is not writable ({exc.strerror})", path=dest)
-    return OutputError(f"cannot create the destination in {where}: {exc.strerror or exc}", path=dest)
+    if exc.errno in _DISK_FULL:
+        return OutputError(f"cannot create the destination in {where}: {exc.strerror or exc}", path=dest)
+    return BadInput(f"cannot create the destination in {where}: {exc.strerror or exc}", path=dest)
 
 
 def _check_parent(dest: Path) -> None:
@@ -166,10 +174,19 @@ def staging_dir(dest: Path, *, force: bool = False) -> Iterator[Path]:
             tmp = Path(tempfile.mkdtemp(prefix=staging_name(dest), dir=parent))
         except OSError as exc:
             raise _folder_error(exc, dest, parent) from None
+        def undo() -> None:  # what qtool.signals' watchdog runs if it must end the process from outside
+            shutil.rmtree(tmp, ignore_errors=True)
+            for folder in reversed(created):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+
         try:
-            yield tmp
-            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a folder made by mkdir would not be
-            _move_into_place(tmp, dest, parent, force)
+            with signals.cleanup(undo):
+                yield tmp
+                os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a folder made by mkdir would not be
+                with signals.commit_section():  # a signal from here on is held; once renamed, it is ignored
+                    _move_into_place(tmp, dest, parent, force)
+                    signals.mark_committed()
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

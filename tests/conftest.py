@@ -15,6 +15,26 @@ sys.path.insert(0, str(Path(__file__).parent))
 from hubserver import HubServer  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------
+# Every test: a clean environment and a temporary working directory (as simonw/llm isolates user state).
+# ---------------------------------------------------------------------------------------------------
+
+_USER_PREFIXES = ("QTOOL_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_")
+
+
+@pytest.fixture(autouse=True)
+def _hermetic(monkeypatch, tmp_path_factory):
+    """No QTOOL_*/HF_* variable, qtool.toml or pyproject.toml of the caller's reaches a test; the hub is
+    offline unless a test points HF_ENDPOINT at the local server (and sets HF_HUB_OFFLINE itself)."""
+    for key in list(os.environ):
+        if key.startswith(_USER_PREFIXES):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf_home"))
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+
+
+# ---------------------------------------------------------------------------------------------------
 # Hub fixtures: a tiny real Llama checkpoint served over HTTP on 127.0.0.1 (see tests/hubserver.py).
 # ---------------------------------------------------------------------------------------------------
 

@@ -157,7 +157,7 @@ def test_project_files_that_are_not_what_they_claim(tmp_path):
 
 @pytest.mark.parametrize("fields,needle", [
     ({"hidden_size": "abc"}, "hidden_size"),
-    ({"num_attention_heads": 0}, "division"),
+    ({"num_attention_heads": 0}, "num_attention_heads"),
 ])
 def test_invalid_config_fields_are_one_line_errors(tmp_path, capsys, fields, needle):
     path = tmp_path / "config.json"

@@ -27,8 +27,10 @@ def _json(capsys, *args):
 
 
 def test_no_heavy_imports_for_presets():
+    """Nor typer and pydantic: `qtool estimate MODEL [settings]` takes the fast lane (qtool.cli.fast)."""
     code = ("import sys; from qtool.cli.app import main; rc = main(['estimate', '70b', '--json']); "
-            "heavy = [m for m in ('torch', 'transformers', 'bitsandbytes', 'safetensors', 'peft') if m in sys.modules]; "
+            "heavy = [m for m in ('torch', 'transformers', 'bitsandbytes', 'safetensors', 'peft', 'typer', 'pydantic')"
+            " if m in sys.modules]; "
             "print('HEAVY', heavy, rc, file=sys.stderr)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert "HEAVY [] 0" in r.stderr, r.stderr
@@ -228,3 +230,49 @@ def test_sizes_no_dense_shape_fits_are_refused():
     """0.01b would need a 128k vocabulary on a model smaller than its embeddings: say so, do not report 38x."""
     with pytest.raises(ConfigError, match="no preset for 0.01b"):
         approximate_config(0.01e9)
+
+
+# --- report details ----------------------------------------------------------------------------------
+
+TINY_LLAMA_CFG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 64,
+                  "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "max_position_embeddings": 512}
+TINY_BERT_CFG = {"model_type": "bert", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+                 "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 512}
+
+
+def test_config_json_is_titled_after_its_checkpoint(capsys, tmp_path):
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(TINY_LLAMA_CFG))
+    code, r, _ = _json(capsys, str(folder / "config.json"))
+    assert code == 0 and r["model"]["name"] == "my-model"
+    (folder / "config.json").write_text(json.dumps({**TINY_LLAMA_CFG, "_name_or_path": "org/Tiny-Llama"}))
+    code, r, _ = _json(capsys, str(folder / "config.json"))
+    assert r["model"]["name"] == "org/Tiny-Llama"
+
+
+def test_seq_len_beyond_the_model_positions_warns(capsys):
+    code, r, err = _json(capsys, "8b", "--seq-len", "100000")
+    assert code == 0 and "beyond the model's 8192 positions" in err and err.count("\n") == 1
+    code, r, err = _json(capsys, "8b", "--seq-len", "8192")
+    assert "beyond" not in err
+
+
+@pytest.mark.parametrize("arch, logits", [("BertModel", False), ("BertForMaskedLM", True)])
+def test_encoder_without_lm_head_is_charged_no_logits(capsys, tmp_path, arch, logits):
+    (tmp_path / "config.json").write_text(json.dumps({**TINY_BERT_CFG, "architectures": [arch]}))
+    code, r, _ = _json(capsys, str(tmp_path), "--mode", "full", "--seq-len", "128", "-b", "4")
+    assert code == 0 and r["model"]["vocab_logits"] is logits
+    # logits of the vocabulary: batch x seq x vocab, at least 2 bytes each
+    assert (r["breakdown"].get("logits", 0) >= 4 * 128 * 256 * 2) is logits
+
+
+def test_mixtral_explanation_names_the_expert_tensors(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")
+    assert main(["estimate", "mixtral-8x7b"]) == 0
+    why = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Why not"))
+    assert "mostly fused MoE expert tensors" in why
+    assert main(["estimate", "8b"]) == 0
+    why = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Why not"))
+    assert "embeddings and norms, output head" in why and "MoE" not in why

@@ -192,11 +192,12 @@ def test_destination_parent_is_a_file(capsys, ckpt, tmp_path):
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
 def test_destination_folder_cannot_be_created(capsys, ckpt, tmp_path):
+    # not a place to write: bad input (2), found before any work; exit 1 is kept for a full disk
     line = assert_bad_input(capsys, "quantize", ckpt, "-o", "/proc/qout", "--device", "cpu", names="/proc",
-                            match="cannot create the destination", code=1)
+                            match="cannot create the destination", code=2)
     assert "internal error" not in line
     line = assert_bad_input(capsys, "quantize", ckpt, "-o", "/proc/new/qout", "--device", "cpu", names="/proc",
-                            match="cannot create the destination", code=1)
+                            match="cannot create the destination", code=2)
     assert not Path("/proc/new").exists()
 
 

@@ -87,6 +87,27 @@ def test_config_show_offline_uses_cache_without_network(hub_server, hub_env):
     assert json.loads(proc.stdout)["model"]["model_type"] == "llama"
 
 
+def test_unreachable_hub_uses_the_cache_without_being_told_offline(hub_server, hub_env):
+    assert qtool(["config", "show", "org/tiny", "--json"], hub_env).returncode == 0
+    hub_server.stop()
+    proc = qtool(["config", "show", "org/tiny", "--json"], hub_env)  # no HF_HUB_OFFLINE
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert json.loads(proc.stdout)["model"]["model_type"] == "llama"
+
+
+def test_unreachable_hub_not_cached_is_one_line_naming_the_matching_preset(hub_server, hub_env):
+    url = hub_server.url
+    hub_server.stop()
+    proc = qtool(["estimate", "mistralai/Mistral-7B-v0.1"], hub_env)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"qtool: error: mistralai/Mistral-7B-v0.1: cannot reach {url}")
+    assert "qtool estimate mistral-7b" in lines[0]
+    proc = qtool(["estimate", "org/tiny"], hub_env)  # no preset matches: the hint says what to check instead
+    assert proc.returncode == 2 and "HF_ENDPOINT" in proc.stderr and proc.stderr.count("\n") == 1
+
+
 def test_config_show_offline_not_cached_is_one_clear_line(hub_server, hub_env):
     proc = qtool(["config", "show", "org/tiny", "--json"], {**hub_env, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2
@@ -251,7 +272,8 @@ def test_connection_refused_is_one_line(hub_server, hub_env):
     hub_server.stop()
     result, _ = download("org/tiny", hub_env)
     assert result["type"] == "HubError"
-    assert f"connection to {url} failed; run again to resume" in result["error"]
+    # one short connection attempt, not huggingface_hub's retries: "cannot reach", said once
+    assert f"cannot reach {url} (connection refused)" in result["error"]
     assert "\n" not in result["error"]
 
 

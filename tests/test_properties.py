@@ -236,7 +236,7 @@ def test_plausible_headers_ours_accepts_only_what_safetensors_can_read(case):
 
 
 INDEX_VALUES = st.recursive(
-    st.one_of(json_scalars, st.sampled_from(["model.safetensors", "../model.safetensors", "/etc/passwd", "sub/x",
+    st.one_of(json_scalars, st.sampled_from(["shard.safetensors", "../shard.safetensors", "/etc/passwd", "sub/x",
                                              "..", ".", "", "a\\b", "missing.safetensors"])),
     lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
     max_leaves=8,
@@ -253,11 +253,12 @@ def test_random_index_files(weight_map, raw):
         root.mkdir()
         (root / "sub").mkdir()
         (root / "config.json").write_text('{"model_type": "llama"}')
-        save_file({"w": torch.zeros(2)}, root / "model.safetensors")
-        save_file({"w": torch.zeros(2)}, Path(tmp) / "model.safetensors")  # the one '../' would reach
+        # a shard, not model.safetensors: beside model.safetensors the index is not read (as in transformers)
+        save_file({"w": torch.zeros(2)}, root / "shard.safetensors")
+        save_file({"w": torch.zeros(2)}, Path(tmp) / "shard.safetensors")  # the one '../' would reach
         content = raw if raw is not None else json.dumps({"metadata": {}, "weight_map": weight_map}).encode()
         (root / INDEX_NAME).write_bytes(content)
         ck = _only_our_errors(lambda: Checkpoint.open(root))
         if ck is not None:
             assert all(f.parent == root for f in ck.files)
-            assert weight_map == {"w": "model.safetensors"}
+            assert weight_map == {"w": "shard.safetensors"}

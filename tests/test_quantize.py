@@ -366,6 +366,37 @@ def test_cli_dry_run_uses_the_same_plan_and_writes_nothing(sources, tmp_path, ca
     assert main(["quantize", str(src), "-o", str(dest)]) == 2  # exists now
 
 
+def test_model_card_escapes_names_and_carries_the_source_licence(sources, tmp_path, capsys):
+    """A folder name with HTML/markdown stays text in the card; the source's licence id is carried over."""
+    import shutil
+
+    from qtool.cli.app import main
+
+    evil = "<img src=x onerror=alert(1)> [click](http:evil) # `x`"
+    src = tmp_path / evil
+    shutil.copytree(sources("llama", "bf16"), src)
+    (src / "README.md").write_text("---\nlicense: llama3.1\nlanguage: en\n---\n# the source card\n")
+    assert main(["quantize", str(src), "-o", str(tmp_path / "out"), "--json"]) == 0
+    capsys.readouterr()
+    card = (tmp_path / "out" / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "license: llama3.1" in front.splitlines()
+    assert "<img" not in card and "](http:evil)" not in card and "&lt;img" in card
+    assert "\\[click\\]" in card
+    assert not any(line.startswith("# `x`") for line in card.splitlines())
+
+
+def test_quantize_progress_in_a_pipe_is_plain_lines(sources, tmp_path, capsys):
+    """stderr is no terminal here (as in CI): progress comes as plain lines with done/total, no bar codes."""
+    from qtool.cli.app import main
+
+    assert main(["quantize", str(sources("llama", "bf16")), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("quantize ")]
+    assert lines and lines[-1].endswith("(100%)") or "(100%)," in lines[-1]
+    assert "\r" not in err and "\x1b" not in err
+
+
 # ----------------------------------------------------------------------------------- staging folder
 
 

@@ -74,3 +74,17 @@ def test_minilm_matches_transformers_own_quantization(quantized, tmp_path):
     assert sorted(a) == sorted(b)
     assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
     assert json.loads((quantized / "config.json").read_text()) == json.loads((tmp_path / "oracle/config.json").read_text())
+
+
+def test_sentence_transformers_loads_the_output(quantized):
+    """modules.json names 1_Pooling/: the folder is copied, so SentenceTransformer(out) builds the same
+    pipeline (transformer + mean pooling + normalize) and its embeddings stay close to the original's."""
+    st = pytest.importorskip("sentence_transformers")
+
+    assert (quantized / "1_Pooling" / "config.json").is_file()
+    ref = st.SentenceTransformer(str(MODEL), device="cpu")
+    q = st.SentenceTransformer(str(quantized), device="cpu")
+    assert [type(m).__name__ for m in q] == [type(m).__name__ for m in ref]
+    a, b = ref.encode(SENTENCES, convert_to_tensor=True), q.encode(SENTENCES, convert_to_tensor=True)
+    cos = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
+    assert (cos >= 0.97).all(), cos

@@ -111,7 +111,7 @@ def test_budget_too_small_exits_3(tiny, tmp_path, capsys):
                          "--junit", str(junit)], capsys)
     assert code == 3
     assert r["checks"]["fits_budget"]["passed"] is False
-    assert "budget" in err and "2.0 MB" in err
+    assert "budget" in err and "1.9 MiB" in err
     suite = ET.parse(junit).getroot()
     assert suite.tag == "testsuite" and suite.get("failures") == "1"
     cases = {c.get("name"): c for c in suite.iter("testcase")}
@@ -180,6 +180,17 @@ def test_missing_path_exit_2(tmp_path, capsys):
     assert "nope" in err and "no such file" in err
     case = ET.parse(junit).getroot().find("testcase")
     assert case.get("name") == "loads" and case.find("failure") is not None
+
+
+def test_bad_setting_still_leaves_a_junit_verdict(tmp_path, capsys, monkeypatch):
+    """Settings are resolved before the command body runs (qtool.cli.options.with_settings): a bad value there
+    must still leave the JUnit file CI reads."""
+    monkeypatch.setenv("QTOOL_SEQ_LEN", "abc")
+    junit = tmp_path / "bad.xml"
+    code, _, err = _run([str(tmp_path / "nope"), "--device", "cpu", "--junit", str(junit)], capsys)
+    assert code == 2 and "QTOOL_SEQ_LEN" in err
+    failure = ET.parse(junit).getroot().find("testcase").find("failure")
+    assert failure is not None and "seq_len" in failure.get("message", "") + (failure.text or "")
 
 
 def test_directory_without_weights_exit_2(tmp_path, tiny, capsys):

@@ -1,12 +1,8 @@
-"""`qtool estimate`: weights per format, then the memory of the chosen run mode and whether it fits."""
+"""`qtool estimate`: weights per format, then the memory of the chosen run mode and whether it fits.
 
-from __future__ import annotations
-
-from qtool.cli.options import (
-    BatchOpt, BlocksizeOpt, ComputeDtypeOpt, ConfigOpt, DoubleQuantOpt, DtypeOpt, GpuOpt, GradCkptOpt, JsonOpt,
-    LoraAlphaOpt, LoraRankOpt, LoraTargetsOpt, ModeOpt, ModelArg, OptimizerOpt, PrecisionOpt, PresetOpt,
-    QuantStorageOpt, QuantTypeOpt, RecipeOpt, RevisionOpt, SeqLenOpt, SkipModulesOpt, TrustRemoteCodeOpt, VramOpt,
-)
+`run` is the command; `typer_command` declares its options for Typer. Nothing here imports Typer at module
+level: the fast lane (qtool.cli.fast) calls `run` directly. (No `from __future__ import annotations`: the
+Typer signature is declared inside a function and must hold objects.)"""
 
 HELP = """Plan GPU memory from exact parameter counts: FP32/FP16/INT8/FP4/NF4 weights, then the peak of
 inference, QLoRA, LoRA or full fine-tuning, term by term. Presets and sizes never import torch.
@@ -15,83 +11,77 @@ Exit status: 0 fits (or no budget given), 3 does not fit the budget, 2 bad input
 
 Examples:
 
-  qtool estimate 70b                              # Llama-3-70B: weights per format, QLoRA peak
-
-  qtool estimate 8b --vram 24GB                   # fits in 24 GB? (exit 3 if not)
-
-  qtool estimate llama-3-8b --gpu rtx-4090 --seq-len 4096 --batch-size 2
-
+  qtool estimate 70b                        # weights per format, QLoRA peak
+  qtool estimate 8b --vram 24GB             # fits in 24 GB? exit 3 if not
+  qtool estimate llama-3-8b --gpu rtx-4090 --seq-len 4096 -b 2
   qtool estimate 70b --mode inference --seq-len 8192 --json
-
-  qtool estimate ./my-model/config.json --optimizer paged_adamw8bit --lora-rank 64
-
-  qtool estimate mistralai/Mistral-7B-v0.1 --mode lora --no-gradient-checkpointing
+  qtool estimate ./my-model --optimizer paged_adamw8bit -r 64
+  qtool estimate mistralai/Mistral-7B-v0.1 --no-gradient-checkpointing
 """
 
 _BAR = 30
 
 
-def estimate(
-    model: ModelArg,
-    config: ConfigOpt = None,
-    preset: PresetOpt = None,
-    quant_type: QuantTypeOpt = None,
-    double_quant: DoubleQuantOpt = None,
-    compute_dtype: ComputeDtypeOpt = None,
-    blocksize: BlocksizeOpt = None,
-    quant_storage: QuantStorageOpt = None,
-    skip_modules: SkipModulesOpt = None,
-    dtype: DtypeOpt = None,
-    mode: ModeOpt = None,
-    seq_len: SeqLenOpt = None,
-    batch_size: BatchOpt = None,
-    lora_rank: LoraRankOpt = None,
-    lora_alpha: LoraAlphaOpt = None,
-    lora_targets: LoraTargetsOpt = None,
-    optimizer: OptimizerOpt = None,
-    recipe: RecipeOpt = None,
-    precision: PrecisionOpt = None,
-    gradient_checkpointing: GradCkptOpt = None,
-    vram: VramOpt = None,
-    gpu: GpuOpt = None,
-    revision: RevisionOpt = None,
-    trust_remote_code: TrustRemoteCodeOpt = False,
-    as_json: JsonOpt = False,
-) -> None:
-    from qtool.cli.common import settings_from_flags
+def typer_command():
+    """The `estimate` command as Typer sees it: its own options plus the settings table's (with_settings)."""
+    from qtool.cli.options import JsonOpt, ModelArg, RevisionOpt, TrustRemoteCodeOpt, with_settings
+
+    @with_settings("estimate")
+    def estimate(
+        model: ModelArg,
+        settings: object,
+        revision: RevisionOpt = None,
+        trust_remote_code: TrustRemoteCodeOpt = False,
+        as_json: JsonOpt = False,
+    ) -> None:
+        run(model, settings, revision=revision, trust_remote_code=trust_remote_code, as_json=as_json)
+
+    return estimate
+
+
+def run(model: str, settings, *, revision=None, trust_remote_code: bool = False, as_json: bool = False) -> None:
+    """Resolve the model, estimate (qtool.estimate), render or print JSON; exit 3 when it does not fit."""
     from qtool.cli.output import Output
     from qtool.errors import DoesNotFit
     from qtool.estimate import estimate_report
     from qtool.models import resolve_model
-    from qtool.sizes import format_bytes
 
-    settings = settings_from_flags(
-        config, preset=preset, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype,
-        blocksize=blocksize, quant_storage=quant_storage, skip_modules=skip_modules, dtype=dtype, mode=mode,
-        seq_len=seq_len, batch_size=batch_size, lora_rank=lora_rank, lora_alpha=lora_alpha,
-        lora_targets=lora_targets, optimizer=optimizer, recipe=recipe, precision=precision,
-            gradient_checkpointing=gradient_checkpointing,
-        vram=vram, gpu=gpu,
-    )
-    out = Output(as_json=as_json)
+    out = Output(as_json=as_json, units=settings.values["units"])
+    for line in settings.warnings:
+        out.warn(line)
     spec = resolve_model(model, revision=revision)
     report = estimate_report(spec, settings, trust_remote_code=trust_remote_code)
     for line in report["warnings"]:
         out.warn(line)
-    out.result(report, lambda console: render(console, report))
+    out.result(report, lambda console: render(console, report, out.size))
     if report["fits"] is False:
+        size = out.size
         raise DoesNotFit(
-            f"{spec.name} needs {format_bytes(report['peak_bytes'])} at peak ({report['mode']}), "
-            f"over the {format_bytes(report['budget_bytes'])} budget by {format_bytes(-report['headroom_bytes'])}"
+            f"{report['model']['name']} needs {size(report['peak_bytes'])} at peak ({report['mode']}), "
+            f"over the {size(report['budget_bytes'])} budget by {size(-report['headroom_bytes'])}"
         )
 
 
-def render(console, r: dict) -> None:
+def kept_summary(by_reason: dict[str, int]) -> str:
+    """What stays 16-bit, largest first, in words: 'fused MoE expert tensors 99.4%, embeddings and norms ...'."""
+    from qtool import plan
+
+    words = {plan.REASON_NOT_LINEAR: "embeddings and norms", plan.REASON_SKIPPED: "output head",
+             plan.REASON_BIAS: "biases", plan.REASON_FUSED: "fused MoE expert tensors",
+             plan.REASON_USER_SKIP: "--skip-modules", plan.REASON_FP32: "fp32 modules"}
+    total = max(sum(by_reason.values()), 1)
+    parts = sorted(by_reason.items(), key=lambda kv: -kv[1])
+    if len(parts) == 1 or parts[0][1] < 0.9 * total:
+        return ", ".join(words.get(reason, reason) for reason, _ in parts)
+    return f"mostly {words.get(parts[0][0], parts[0][0])}, then " + ", ".join(
+        words.get(reason, reason) for reason, _ in parts[1:])
+
+
+def render(console, r: dict, format_bytes) -> None:
     """The human report: formats table first, then the peak term by term, then the fit."""
     from rich.table import Table
 
     from qtool.formats import FORMATS, TABLE_FORMATS
-    from qtool.sizes import format_bytes
 
     p = r["params"]
     title = f"{r['model']['name']}: {p['total']:,} parameters"
@@ -112,7 +102,7 @@ def render(console, r: dict) -> None:
     nf4 = r["weights"][r["format"]]
     console.print(
         f"Why not exactly 75% less: {kept['params']:,} params ({100 * kept['params'] / max(p['total'], 1):.1f}%: "
-        f"embeddings, lm_head, norms, biases) stay {kept['dtype']} = {format_bytes(kept['bytes'])}, and each "
+        f"{kept_summary(kept['by_reason'])}) stay {kept['dtype']} = {format_bytes(kept['bytes'])}, and each "
         f"quantized weight carries its block scales ({format_bytes(nf4['quantized'] - p['quantized'] // 2)} "
         f"for {p['quantized']:,} quantized params)."
     )

@@ -1,40 +1,133 @@
-"""Options shared by several commands, declared once. Defaults are None = 'not given', so the
-config layer can tell a flag from a default (flag > env > file > preset > default)."""
+"""Command-line options, derived from the settings table (qtool.config.KEYS) and declared once.
+
+`with_settings("estimate")` adds one option per KEYS row that the command uses (name, short name, help with
+the table's default, choices, --help panel) to the command's signature, and hands the command the resolved
+`Settings` instead of the raw flags. Their defaults are None = 'not given', so the config layer can tell a flag
+from a default (flag > env > file > preset > default).
+
+Typer reads a command's parameters with `inspect.signature`, which honours `__signature__`: the decorated
+function declares only its own parameters plus `settings`; everything else comes from the table.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-Q = "Quantization (BitsAndBytesConfig)"
-R = "Run settings"
+from qtool.config import KEYS, Key, Settings, flag_name, resolve_settings
+from qtool.errors import QtoolError
 
-ModelArg = Annotated[str, typer.Argument(help="Size (70b), preset (llama-3-8b), local dir/config.json, or hub id (org/name).", show_default=False)]
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Project settings file (TOML).", show_default=False)]
-PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Settings preset from configs/presets.", show_default=False)]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON report to stdout.")]
-RevisionOpt = Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit).", show_default=False)]
-TrustRemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow architectures that need code from the repository (never implied).")]
+def escape(text: str) -> str:
+    """Help text is rich markup: a literal '[' must be escaped or rich drops '[default: x]' as a tag."""
+    return text.replace("[", "\\[")
 
-QuantTypeOpt = Annotated[Optional[str], typer.Option("--quant-type", help="nf4 | fp4  [default: nf4]", rich_help_panel=Q, show_default=False)]
-DoubleQuantOpt = Annotated[Optional[bool], typer.Option("--double-quant/--no-double-quant", help="Quantize the absmax too  [default: on]", rich_help_panel=Q, show_default=False)]
-ComputeDtypeOpt = Annotated[Optional[str], typer.Option("--compute-dtype", help="bfloat16 | float16 | float32  [default: bfloat16]", rich_help_panel=Q, show_default=False)]
-BlocksizeOpt = Annotated[Optional[int], typer.Option("--blocksize", help="4-bit block size  [default: 64]", rich_help_panel=Q, show_default=False)]
-QuantStorageOpt = Annotated[Optional[str], typer.Option("--quant-storage", help="Storage dtype of packed weights  [default: uint8]", rich_help_panel=Q, show_default=False)]
-SkipModulesOpt = Annotated[Optional[str], typer.Option("--skip-modules", help="Comma-separated modules kept 16-bit (llm_int8_skip_modules).", rich_help_panel=Q, show_default=False)]
-DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="dtype of kept tensors: auto | bfloat16 | float16 | float32  [default: auto]", rich_help_panel=Q, show_default=False)]
 
-ModeOpt = Annotated[Optional[str], typer.Option("--mode", help="inference | qlora | lora | full  [default: qlora]", rich_help_panel=R, show_default=False)]
-SeqLenOpt = Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per sequence  [default: 2048]", rich_help_panel=R, show_default=False)]
-BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Sequences per step  [default: 1]", rich_help_panel=R, show_default=False)]
-LoraRankOpt = Annotated[Optional[int], typer.Option("--lora-rank", "-r", help="LoRA rank  [default: 16]", rich_help_panel=R, show_default=False)]
-LoraAlphaOpt = Annotated[Optional[int], typer.Option("--lora-alpha", help="LoRA alpha  [default: 32]", rich_help_panel=R, show_default=False)]
-LoraTargetsOpt = Annotated[Optional[str], typer.Option("--lora-targets", help="Comma-separated module names, or all-linear  [default: all-linear]", rich_help_panel=R, show_default=False)]
-OptimizerOpt = Annotated[Optional[str], typer.Option("--optimizer", help="adamw | adamw8bit | paged_adamw8bit | paged_adamw32bit | adafactor | sgd, or a TrainingArguments.optim name (adamw_torch, adamw_8bit, ...)  [default: adamw]", rich_help_panel=R, show_default=False)]
-RecipeOpt = Annotated[Optional[str], typer.Option("--recipe", help="What runs the steps: trainer (transformers.Trainer) | sft (trl's SFTTrainer, qtool[trl]) | loop (a plain loop) | unsloth  [default: trainer]", rich_help_panel=R, show_default=False)]
-PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help="Trainer mixed precision: bf16 | fp16 | fp32  [default: bf16]", rich_help_panel=R, show_default=False)]
-GradCkptOpt = Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="[default: on]", rich_help_panel=R, show_default=False)]
-VramOpt = Annotated[Optional[str], typer.Option("--vram", help="Memory budget: 24GB, 24 GiB, 24000MB.", rich_help_panel=R, show_default=False)]
-GpuOpt = Annotated[Optional[str], typer.Option("--gpu", help="GPU from the catalogue (rtx-4090, a100-80gb, ...): its memory is the budget.", rich_help_panel=R, show_default=False)]
+ModelArg = Annotated[str, typer.Argument(
+    metavar="MODEL", show_default=False,
+    help="Size (70b), preset (llama-3-8b), local dir or config.json, or hub id (org/name).")]
+ConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--config", metavar="FILE", show_default=False,
+    help=escape("Settings file (TOML); default ./qtool.toml, else [tool.qtool] of ./pyproject.toml."))]
+JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print one JSON report to stdout.")]
+RevisionOpt = Annotated[Optional[str], typer.Option(
+    "--revision", metavar="REV", show_default=False, help="Hub revision (branch, tag or commit).")]
+TrustRemoteCodeOpt = Annotated[bool, typer.Option(
+    "--trust-remote-code", metavar="", help="Allow architectures that need code from the repository (never implied).")]
+
+
+def shown_default(key: Key) -> str | None:
+    """The table's default as a user writes it (None: no default to show)."""
+    v = key.default
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, tuple):
+        return ",".join(v) if v else "none"
+    return None if v is None else str(v)
+
+
+def option_help(key: Key) -> str:
+    text = key.help
+    if key.choices and key.type is not int:
+        text += f": {' | '.join(map(str, key.choices))}"
+    if key.type is bool:
+        text += f" ({flag_name('no_' + key.name)} turns it off)"
+    default = shown_default(key)
+    if default is not None:
+        text += f"  [default: {default}]"
+    return escape(text)
+
+
+def _complete(choices: tuple):
+    def complete(incomplete: str) -> list[str]:
+        return [str(c) for c in choices if str(c).startswith(incomplete)]
+    return complete
+
+
+def _parameters(key: Key) -> list[inspect.Parameter]:
+    """The typer parameter(s) of one row. A bool row is --x plus a hidden --no-x: two long names side by side
+    do not fit an 80-column help screen."""
+    names = [flag_name(key.name), *key.aliases] + ([key.short] if key.short else [])
+    kw: dict[str, Any] = {"help": option_help(key), "rich_help_panel": key.panel, "show_default": False}
+    if key.choices:
+        kw["autocompletion"] = _complete(key.choices)
+    if key.type is bool:
+        pos = typer.Option(*names, metavar="", **kw)
+        neg = typer.Option(flag_name("no_" + key.name), hidden=True, metavar="")
+        return [inspect.Parameter(key.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                  annotation=Annotated[Optional[bool], pos]),
+                inspect.Parameter("no_" + key.name, inspect.Parameter.KEYWORD_ONLY, default=False,
+                                  annotation=Annotated[bool, neg])]
+    metavar = key.metavar or ("N" if key.type is int else "NAME" if key.choices else "TEXT")
+    opt = typer.Option(*names, metavar=metavar, **kw)
+    return [inspect.Parameter(key.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                              annotation=Annotated[Optional[key.type], opt])]
+
+
+def command_keys(command: str) -> list[Key]:
+    return [k for k in KEYS if command in k.commands]
+
+
+def with_settings(command: str, *, on_error=None):
+    """Decorator: the command gets --config and the table's options, and receives `settings` resolved.
+    `on_error(exc, kwargs)` runs when the settings cannot be resolved (verify still writes its JUnit file)."""
+    keys = command_keys(command)
+
+    def decorate(fn):
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.name != "settings"]
+        added = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ConfigOpt)]
+        for key in keys:
+            added += _parameters(key)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            config = kwargs.pop("config")
+            flags = {}
+            for key in keys:
+                value = kwargs.pop(key.name)
+                if key.type is bool and kwargs.pop("no_" + key.name):
+                    if value:
+                        raise typer.BadParameter(f"give {flag_name(key.name)} or {flag_name('no_' + key.name)}, "
+                                                 "not both")
+                    value = False
+                flags[key.name] = value
+            try:
+                settings = resolve_settings(flags, config_file=config, command=command)
+            except QtoolError as exc:
+                if on_error is not None:
+                    on_error(exc, kwargs)
+                raise
+            return fn(*args, settings=settings, **kwargs)
+
+        wrapper.__signature__ = sig.replace(parameters=own + added)
+        wrapper.__annotations__ = {p.name: p.annotation for p in own + added}
+        return wrapper
+
+    return decorate
+
+
+__all__ = ["ConfigOpt", "JsonOpt", "ModelArg", "RevisionOpt", "Settings", "TrustRemoteCodeOpt", "with_settings"]

@@ -7,10 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from qtool.cli.options import (
-    BlocksizeOpt, ComputeDtypeOpt, ConfigOpt, DoubleQuantOpt, DtypeOpt, JsonOpt, PresetOpt, QuantStorageOpt,
-    QuantTypeOpt, RevisionOpt, SkipModulesOpt, TrustRemoteCodeOpt,
-)
+from qtool.cli.options import JsonOpt, RevisionOpt, Settings, TrustRemoteCodeOpt, escape, with_settings
+from qtool.cli.output import Output
+from qtool.cli.progress import ProgressLine
 
 HELP = """Quantize a checkpoint to bitsandbytes 4-bit (NF4 by default), one tensor at a time.
 
@@ -21,37 +20,34 @@ succeeds.
 
 Examples:
 
-  qtool quantize meta-llama/Meta-Llama-3-8B            # -> ./Meta-Llama-3-8B-bnb-4bit
-
-  qtool quantize ./my-model -o ./my-model-nf4 --dry-run  # the plan: what is kept and why, sizes
-
-  qtool quantize ./my-model --quant-type fp4 --no-double-quant --compute-dtype float16
-
-  qtool quantize ./my-model --skip-modules lm_head,mlp.gate --max-shard-size 5GB --force
-
+  qtool quantize meta-llama/Meta-Llama-3-8B      # -> ./Meta-Llama-3-8B-bnb-4bit
+  qtool quantize ./my-model -o ./my-nf4 --dry-run  # the plan, nothing written
+  qtool quantize ./my-model --quant-type fp4 --no-double-quant
+  qtool quantize ./my-model --skip-modules lm_head --max-shard-size 5GB
   qtool quantize ./my-model --device cpu --json > report.json
 """
 
-OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Destination folder  [default: ./<name>-bnb-4bit]", show_default=False)]
-DeviceOpt = Annotated[str, typer.Option("--device", help="Where to quantize: auto | cpu | cuda (auto = cuda when available).")]
-ShardOpt = Annotated[Optional[str], typer.Option("--max-shard-size", help="Largest output file, e.g. 5GB  [default: 50GB, as save_pretrained]", show_default=False)]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing destination (only after success).")]
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")]
-PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Read .bin/.pt checkpoints (pickle can run code: only if you trust it).")]
+OutOpt = Annotated[Optional[Path], typer.Option(
+    "--out", "-o", metavar="DIR", show_default=False, help=escape("Destination folder  [default: ./NAME-bnb-4bit]"))]
+DeviceOpt = Annotated[str, typer.Option(
+    "--device", metavar="DEV", help="Where to quantize: auto | cpu | cuda (auto = cuda when available).")]
+ShardOpt = Annotated[Optional[str], typer.Option(
+    "--max-shard-size", metavar="SIZE", show_default=False,
+    help=escape("Largest output file, e.g. 5GB  [default: 50GB, as save_pretrained]"))]
+ForceOpt = Annotated[bool, typer.Option(
+    "--force", metavar="", help="Replace an existing destination (only after success).")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", metavar="", help="Print the plan and write nothing.")]
+PickleOpt = Annotated[bool, typer.Option(
+    "--allow-pickle", metavar="", help="Read .bin/.pt checkpoints (pickle can run code: only if you trust it).")]
+ModelArg = Annotated[str, typer.Argument(
+    metavar="MODEL", show_default=False, help="Local checkpoint directory or hub id (org/name).")]
 
 
+@with_settings("quantize")
 def quantize(
-    model: Annotated[str, typer.Argument(help="Local checkpoint directory or hub id (org/name).", show_default=False)],
+    model: ModelArg,
+    settings: Settings,
     out: OutOpt = None,
-    config: ConfigOpt = None,
-    preset: PresetOpt = None,
-    quant_type: QuantTypeOpt = None,
-    double_quant: DoubleQuantOpt = None,
-    compute_dtype: ComputeDtypeOpt = None,
-    blocksize: BlocksizeOpt = None,
-    quant_storage: QuantStorageOpt = None,
-    skip_modules: SkipModulesOpt = None,
-    dtype: DtypeOpt = None,
     device: DeviceOpt = "auto",
     max_shard_size: ShardOpt = None,
     force: ForceOpt = False,
@@ -61,8 +57,6 @@ def quantize(
     trust_remote_code: TrustRemoteCodeOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    from qtool.cli.common import settings_from_flags
-    from qtool.cli.output import Output
     from qtool.checkpoint import Checkpoint
     from qtool.quantize import (
         DEFAULT_MAX_SHARD_SIZE, default_destination, pick_device, plan_quantization, resolve_source,
@@ -70,16 +64,14 @@ def quantize(
     from qtool.sizes import parse_size
     from qtool.writer import check_destination
 
-    settings = settings_from_flags(
-        config, preset=preset, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype,
-        blocksize=blocksize, quant_storage=quant_storage, skip_modules=skip_modules, dtype=dtype,
-    )
     shard = parse_size(max_shard_size, what="--max-shard-size") if max_shard_size is not None else DEFAULT_MAX_SHARD_SIZE
     if shard <= 0:
         from qtool.errors import BadInput
 
         raise BadInput("invalid --max-shard-size 0: must be positive")
-    output = Output(as_json=as_json)
+    output = Output(as_json=as_json, units=settings.values["units"])
+    for line in settings.warnings:
+        output.warn(line)
     dev = pick_device(device)
     source, name, rev = resolve_source(model, revision=revision, progress=not as_json)
     dest = out if out is not None else default_destination(name)
@@ -92,38 +84,32 @@ def quantize(
             output.warn(w)
         if dry_run:
             data = {"dry_run": True, "destination": str(dest), "device": dev, **plan.to_dict(dev)}
-            output.result(data, lambda console: render_plan(console, plan, data))
+            output.result(data, lambda console: render_plan(console, plan, data, output.size))
             return
-        result = _run_with_progress(output, plan, ckpt, dest, dev, shard, force, trust_remote_code)
-    data = {"dry_run": False, **plan.to_dict(dev), **result.to_dict()}
-    output.result(data, lambda console: render_result(console, plan, result))
+        result = _run_with_progress(output, plan, ckpt, dest, dev, shard, force, trust_remote_code,
+                                    settings.values["allow_nonfinite"])
+    for w in result.warnings:
+        output.warn(w)
+    data = {"dry_run": False, **plan.to_dict(dev), **result.to_dict(), "warnings": plan.warnings + result.warnings}
+    output.result(data, lambda console: render_result(console, plan, result, output.size))
 
 
-def _run_with_progress(output, plan, ckpt, dest, dev, shard, force, trust_remote_code):
-    from rich.progress import (
-        BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
-    )
-
+def _run_with_progress(output, plan, ckpt, dest, dev, shard, force, trust_remote_code, allow_nonfinite):
+    """The library streams; this shows how far it got: one line that fits the terminal, or in a pipe or a CI
+    log a plain line every few seconds."""
     from qtool.quantize import run_quantization
 
-    progress = Progress(
-        TextColumn("[bold]quantize[/bold]"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        TimeRemainingColumn(), TextColumn("{task.fields[tensor]}", style="dim"),
-        console=output.err, transient=True, disable=output.quiet,
-    )
-    with progress:
-        task = progress.add_task("quantize", total=plan.input_bytes, tensor="")
-
-        def on_progress(done: int, total: int, name: str) -> None:
-            progress.update(task, completed=done, tensor=name[-48:])
-
+    progress = ProgressLine(output.err.file, total=plan.input_bytes, size=output.size,
+                            tty=output.err.is_terminal, width=output.err.width)
+    try:
         return run_quantization(plan, dest, device=dev, max_shard_size=shard, force=force,
-                                trust_remote_code=trust_remote_code, on_progress=on_progress, ckpt=ckpt)
+                                trust_remote_code=trust_remote_code, on_progress=progress, ckpt=ckpt,
+                                allow_nonfinite=allow_nonfinite)
+    finally:
+        progress.close()
 
 
-def render_plan(console, plan, data: dict) -> None:
-    from qtool.sizes import format_bytes
-
+def render_plan(console, plan, data: dict, format_bytes) -> None:
     c = data["tensors"]
     s = plan.settings
     console.print(f"[bold]{plan.source_name}[/bold] ({plan.architecture}, {plan.total_parameters:,} parameters, "
@@ -140,13 +126,11 @@ def render_plan(console, plan, data: dict) -> None:
     console.print(f"size: {format_bytes(inp)} -> about {format_bytes(outb)} "
                   f"({100 * (1 - outb / inp):.1f}% smaller)" if inp else "size: empty checkpoint")
     console.print(f"peak host memory: about {format_bytes(data['peak_host_bytes_estimate'])} above the process baseline "
-                  f"(~0.5 GB for Python + torch); largest tensor {format_bytes(plan.largest_tensor_bytes)}")
+                  f"(~0.5 GiB for Python + torch); largest tensor {format_bytes(plan.largest_tensor_bytes)}")
     console.print(f"destination: {data['destination']} (dry run: nothing written)")
 
 
-def render_result(console, plan, result) -> None:
-    from qtool.sizes import format_bytes
-
+def render_result(console, plan, result, format_bytes) -> None:
     r = result.to_dict()
     console.print(f"[green]wrote[/green] {result.destination} ({len(result.files)} shard"
                   f"{'s' if len(result.files) > 1 else ''})")

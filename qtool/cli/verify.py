@@ -10,7 +10,6 @@ from typing import Annotated, Optional
 import typer
 
 from qtool.cli import options as o
-from qtool.cli.common import settings_from_flags
 from qtool.cli.output import Output
 
 HELP = """Load a model on the GPU, train a few QLoRA steps (or run inference), and report what it really took.
@@ -23,56 +22,49 @@ a 16-bit checkpoint is quantized while loading; a bnb-4bit checkpoint is loaded 
 
 Examples:
 
-  qtool verify ./Meta-Llama-3-8B-bnb-4bit --max-vram 24GB --junit verify.xml
-
-  qtool verify llama-3-8b --seq-len 4096 --max-vram rtx-4090      # random weights, same memory
-
+  qtool verify ./Meta-Llama-3-8B-bnb-4bit --max-vram 24GB --junit v.xml
+  qtool verify llama-3-8b --seq-len 4096 --max-vram rtx-4090  # random weights
   qtool verify ./Mistral-7B --mode inference --seq-len 8192 --json
-
-  qtool verify ./my-bnb-4bit --reference ./my-16bit --seq-len 512   # KL divergence, top-1 agreement
-
-  qtool verify ./tiny-model --device cpu --steps 1                  # the same steps on the CPU (peak RSS)
+  qtool verify ./my-bnb-4bit --reference ./my-16bit  # KL, top-1 agreement
+  qtool verify ./tiny-model --device cpu --steps 1   # same steps on the CPU
 """
 
 D = "Device and run"
 
-MaxVramOpt = Annotated[Optional[str], typer.Option(
-    "--max-vram", "--vram", help="Budget: a size (24GB, 24 GiB) or a GPU from the catalogue (rtx-4090). Exit 3 if the peak exceeds it. Give it or --gpu, not both (the same GPU name is fine).",
-    rich_help_panel=o.R, show_default=False)]
-DeviceOpt = Annotated[str, typer.Option("--device", help="cuda, cuda:N, or cpu (same steps; peak RSS instead of GPU memory).", rich_help_panel=D)]
-DeviceMapOpt = Annotated[Optional[str], typer.Option("--device-map", help="auto: spread over all GPUs with accelerate; per-GPU peaks are reported.", rich_help_panel=D, show_default=False)]
-StepsOpt = Annotated[int, typer.Option("--steps", help="Optimizer steps (or prefill+decode rounds); 0 = load only.", rich_help_panel=D, min=0)]
-DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Text file tokenized with the model's tokenizer instead of random token ids.", rich_help_panel=D, show_default=False)]
-ReferenceOpt = Annotated[Optional[str], typer.Option("--reference", help="16-bit model (dir or hub id) to compare outputs with: KL and top-1 agreement (cosine for encoders).", rich_help_panel=D, show_default=False)]
-JunitOpt = Annotated[Optional[Path], typer.Option("--junit", help="Write JUnit XML (one testcase per check) to FILE.", rich_help_panel=D, show_default=False)]
-ToleranceOpt = Annotated[float, typer.Option("--tolerance", help="Relative error allowed between estimate and measurement (informational).", rich_help_panel=D, min=0.0)]
-PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Read .bin/.pt checkpoints (pickle can run code: only if you trust it).", rich_help_panel=D)]
-DecodeOpt = Annotated[int, typer.Option("--decode-tokens", help="Decode steps after the prefill in --mode inference.", rich_help_panel=D, min=0)]
+
+def _opt(*names: str, help: str, metavar: str = "", **kw):
+    return typer.Option(*names, help=help, rich_help_panel=D, metavar=metavar, **kw)
 
 
+DeviceOpt = Annotated[str, _opt("--device", metavar="DEV",
+                                help="cuda, cuda:N, or cpu (same steps; peak RSS instead of GPU memory).")]
+DeviceMapOpt = Annotated[Optional[str], _opt("--device-map", metavar="MAP", show_default=False,
+                                             help="auto: spread over all GPUs with accelerate; per-GPU peaks.")]
+StepsOpt = Annotated[int, _opt("--steps", metavar="N", min=0,
+                               help="Optimizer steps (or prefill+decode rounds); 0 = load only.")]
+DataOpt = Annotated[Optional[Path], _opt("--data", metavar="FILE", show_default=False,
+                                         help="Text file tokenized with the model's tokenizer instead of random ids.")]
+ReferenceOpt = Annotated[Optional[str], _opt("--reference", metavar="MODEL", show_default=False,
+                                             help="16-bit model (dir or hub id) to compare outputs with: KL and top-1 "
+                                                  "agreement (cosine for encoders).")]
+JunitOpt = Annotated[Optional[Path], _opt("--junit", metavar="FILE", show_default=False,
+                                          help="Write JUnit XML (one testcase per check) to FILE.")]
+ToleranceOpt = Annotated[float, _opt("--tolerance", metavar="X", min=0.0,
+                                     help="Relative error allowed between estimate and measurement (informational).")]
+PickleOpt = Annotated[bool, _opt("--allow-pickle",
+                                 help="Read .bin/.pt checkpoints (pickle can run code: only if you trust it).")]
+DecodeOpt = Annotated[int, _opt("--decode-tokens", metavar="N", help="Decode steps after the prefill in --mode inference.")]
+
+
+def _junit_on_bad_settings(exc, kwargs: dict) -> None:
+    if kwargs.get("junit") is not None:
+        _junit_for_error(kwargs["junit"], kwargs.get("model", ""), exc)
+
+
+@o.with_settings("verify", on_error=_junit_on_bad_settings)
 def verify(
     model: o.ModelArg,
-    config: o.ConfigOpt = None,
-    preset: o.PresetOpt = None,
-    quant_type: o.QuantTypeOpt = None,
-    double_quant: o.DoubleQuantOpt = None,
-    compute_dtype: o.ComputeDtypeOpt = None,
-    blocksize: o.BlocksizeOpt = None,
-    quant_storage: o.QuantStorageOpt = None,
-    skip_modules: o.SkipModulesOpt = None,
-    dtype: o.DtypeOpt = None,
-    mode: o.ModeOpt = None,
-    seq_len: o.SeqLenOpt = None,
-    batch_size: o.BatchOpt = None,
-    lora_rank: o.LoraRankOpt = None,
-    lora_alpha: o.LoraAlphaOpt = None,
-    lora_targets: o.LoraTargetsOpt = None,
-    optimizer: o.OptimizerOpt = None,
-    recipe: o.RecipeOpt = None,
-    precision: o.PrecisionOpt = None,
-    gradient_checkpointing: o.GradCkptOpt = None,
-    max_vram: MaxVramOpt = None,
-    gpu: o.GpuOpt = None,
+    settings: o.Settings,
     device: DeviceOpt = "cuda",
     device_map: DeviceMapOpt = None,
     steps: StepsOpt = 2,
@@ -89,20 +81,14 @@ def verify(
     from qtool.errors import QtoolError
     from qtool.models import resolve_model
 
-    out = Output(as_json=as_json)
+    out = Output(as_json=as_json, units=settings.values["units"])
+    for line in settings.warnings:
+        out.warn(line)
     if junit is not None:
         from qtool.junit import check_junit_path
 
         check_junit_path(junit)  # before anything is loaded: a run must not end unable to write its verdict
     try:
-        vram, gpu = _budget_flags(max_vram, gpu)
-        settings = settings_from_flags(
-            config, preset=preset, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype,
-            blocksize=blocksize, quant_storage=quant_storage, skip_modules=skip_modules, dtype=dtype, mode=mode,
-            seq_len=seq_len, batch_size=batch_size, lora_rank=lora_rank, lora_alpha=lora_alpha,
-            lora_targets=lora_targets, optimizer=optimizer, recipe=recipe, precision=precision,
-            gradient_checkpointing=gradient_checkpointing,
-            vram=vram, gpu=gpu)
         from qtool.verify import VerifyOptions, check_inputs, run_verify
 
         opts = VerifyOptions(device=device, device_map=device_map, steps=steps, decode_tokens=decode_tokens,
@@ -121,34 +107,12 @@ def verify(
         from qtool.junit import write_junit
 
         write_junit(report, junit)
-    out.result(report, lambda console: _render(console, report))
+    out.result(report, lambda console: _render(console, report, out.size))
     from qtool.verify import outcome
 
     err = outcome(report)
     if err is not None:
         raise err
-
-
-def _budget_flags(max_vram: str | None, gpu: str | None) -> tuple[str | None, str | None]:
-    """--max-vram is a size or a catalogue GPU name: a size goes to the config layer as `vram` (which refuses it
-    beside --gpu, as for --vram), a name as `gpu`; a name that disagrees with --gpu is an error."""
-    from qtool import presets
-    from qtool.errors import ConfigError
-
-    if max_vram is None:
-        return None, gpu
-    text = max_vram.strip()
-    if text[:1].isdigit() or text[:1] == ".":
-        return text, gpu
-    named = presets.find_gpu(text)
-    if named is None:
-        known = ", ".join(sorted({g["key"] for g in presets.gpus().values()}))
-        raise ConfigError(f"invalid --max-vram {max_vram!r}: neither a size (24GB) nor a GPU from the catalogue "
-                          f"(known: {known})")
-    other = presets.find_gpu(gpu) if gpu is not None else None
-    if other is not None and other["key"] != named["key"]:
-        raise ConfigError(f"--max-vram {max_vram} and --gpu {gpu} name different GPUs: give one of them")
-    return None, text
 
 
 def _junit_for_error(path: Path, model: str, exc) -> None:
@@ -163,13 +127,8 @@ def _junit_for_error(path: Path, model: str, exc) -> None:
         pass  # the original error is the one to report
 
 
-def _render(console, r: dict) -> None:
+def _render(console, r: dict, b) -> None:
     from rich.table import Table
-
-    from qtool.sizes import format_bytes
-
-    def b(n):
-        return "-" if n is None else format_bytes(n, binary=True)
 
     s, m, dev = r["settings"], r["memory"], r["device"]
     console.print(f"[bold]{r['model']['name']}[/bold]  {r['model']['description']}")

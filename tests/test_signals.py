@@ -1,0 +1,153 @@
+"""Signals at any moment (issue 8): 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP, one line, nothing at the
+destination and no staging folder; or, once the output was renamed into place, exit 0 with nothing printed.
+
+Each case is a real `python -m qtool quantize` process, signalled at one moment of its life: during the
+imports (time after start), once the staging folder exists (the first tensors), half-way through the
+shard, when the model card is in the staging folder (just before the final rename), and when the
+destination exists (just after it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from safetensors.torch import save_file  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+MESSAGES = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminated (SIGTERM)"),
+            signal.SIGHUP: (129, "terminated (SIGHUP)")}
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    """~40 MB of float32 Llama weights: a few seconds of quantizing on one CPU thread."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = dict(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=12, num_attention_heads=4,
+               num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**cfg))
+    g = torch.Generator().manual_seed(0)
+    sd = {k: (torch.rand(v.shape, generator=g) - 0.5) * 0.1 for k, v in model.state_dict().items()}
+    d = tmp_path_factory.mktemp("sig") / "src"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                                               "torch_dtype": "float32", **cfg}))
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    return d
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("QTOOL_", "HF_"))}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+def _default_signals():  # a background test run inherits SIGINT ignored; a terminal's child would not
+    for sig in MESSAGES:
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def _staging(tmp: Path) -> list[Path]:
+    return [p for p in tmp.iterdir() if ".qtool-" in p.name]
+
+
+def _reached(moment, start: float, tmp: Path, dest: Path) -> bool:
+    if isinstance(moment, float):
+        return time.monotonic() - start >= moment
+    staging = _staging(tmp)
+    if moment == "staging":
+        return bool(staging)
+    if moment == "middle":
+        return any(f.stat().st_size > 1 << 20 for s in staging for f in s.glob("*.safetensors"))
+    if moment == "card":
+        return any((s / "README.md").exists() for s in staging) or dest.exists()
+    if moment == "renamed":
+        return dest.exists()
+    raise AssertionError(moment)
+
+
+# Moments that are certainly before the final rename, where exit 0 would be wrong.
+BEFORE_COMMIT = (0.15, 0.6, 1.5, "staging", "middle")
+CASES = [(signal.SIGINT, m) for m in (0.15, 1.5, "staging", "card")] + \
+        [(signal.SIGTERM, m) for m in (0.6, "middle", "card", "renamed")] + \
+        [(signal.SIGHUP, m) for m in (0.15, 1.5, "staging", "renamed")]
+
+
+@pytest.mark.parametrize("sig,moment", CASES, ids=[f"{s.name}-{m}" for s, m in CASES])
+def test_signal_at_any_moment(source, tmp_path, sig, moment):
+    dest = tmp_path / "out"
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "qtool", "quantize", str(source), "--out", str(dest),
+                             "--device", "cpu"], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals)
+    while proc.poll() is None and not _reached(moment, start, tmp_path, dest):
+        time.sleep(0.005)
+    assert proc.poll() is None, f"finished before {moment}: {proc.communicate()[1]}"
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    code, message = MESSAGES[sig]
+    # qtool's own progress lines ("quantize 40.0 MiB / ...", every few seconds in a pipe) are not errors
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("quantize ")]
+    assert not _staging(tmp_path), "a staging folder was left behind"
+    if proc.returncode == 0 and moment not in BEFORE_COMMIT:  # the output was already in place
+        assert lines == [], err
+        assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in dest.iterdir()}
+        return
+    assert proc.returncode == code, (moment, proc.returncode, err)
+    assert lines == [f"qtool: error: {message}"], err
+    assert not dest.exists()
+
+
+def test_ignored_signal_stays_ignored(source, tmp_path):
+    """`nohup qtool quantize ... &`: SIGHUP was ignored by the caller, so the run goes on to the end."""
+    dest = tmp_path / "out"
+
+    def ignore_hup():
+        _default_signals()
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    proc = subprocess.Popen([sys.executable, "-m", "qtool", "quantize", str(source), "--out", str(dest),
+                             "--device", "cpu"], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=ignore_hup)
+    while proc.poll() is None and not _staging(tmp_path):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGHUP)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert (dest / "model.safetensors").is_file()
+
+
+def test_signal_ends_a_verify_stuck_in_one_native_op(tmp_path):
+    """A prefill of 8 x 4096 tokens through one wide layer is one long matmul in native code, where Python
+    runs no signal handler. The watchdog ends the run a few seconds after SIGTERM, with the one line."""
+    cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128, hidden_size=2048,
+               intermediate_size=8192, num_hidden_layers=1, num_attention_heads=16, num_key_value_heads=4,
+               max_position_embeddings=4096, torch_dtype="bfloat16")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "qtool", "verify", str(tmp_path / "config.json"), "--device", "cpu",
+                             "--mode", "inference", "--seq-len", "4096", "--batch-size", "8", "--steps", "1"],
+                            cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_signals)
+    lines = []
+    for line in proc.stderr:  # qtool's own progress: the prefill has started
+        lines.append(line)
+        if line.startswith("inference: prefill"):
+            break
+    time.sleep(1.0)
+    assert proc.poll() is None, "".join(lines)
+    proc.send_signal(signal.SIGTERM)
+    _, rest = proc.communicate(timeout=60)  # without the watchdog: until the matmul returns
+    assert proc.returncode == 143, rest
+    assert [line for line in rest.splitlines() if line.strip()] == ["qtool: error: terminated (SIGTERM)"]
