@@ -224,32 +224,49 @@ def _summarise(report: dict, ids, steps: list) -> None:
 
 
 def generate(model, ids, options, meter, phases: dict, report: dict) -> None:
-    """Inference the way users run it: model.generate (greedy), --decode-tokens new tokens (at least one),
-    repeated --steps times. The logits of each new token are kept to check they are finite."""
+    """Inference the way users run it: model.generate (greedy) of 1 + --decode-tokens new tokens, repeated
+    --steps times. A logits processor -- called once the prefill's forward is done -- splits the peak into
+    prefill_peak and decode_peak, as qtool's loop reports them; the new tokens' logits are checked finite."""
     import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class PrefillDone(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            if "t1" not in mark:
+                phases["prefill_peak"] = max(phases.get("prefill_peak", 0), meter.phase_peak())
+                mark["t1"] = time.perf_counter()
+                meter.reset_peak()
+            return scores
 
     model.eval()
     finite = True
-    new = max(1, options.decode_tokens)
+    new = 1 + options.decode_tokens
     mask = torch.ones_like(ids)
     for step in range(1, options.steps + 1):
+        mark: dict = {}
         meter.sync()
         t0 = time.perf_counter()
         meter.reset_peak()
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                                 do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+                                 do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True,
+                                 logits_processor=LogitsProcessorList([PrefillDone()]))
             finite &= all(bool(torch.isfinite(x).all()) for x in out.logits)
-        phases["generate_peak"] = max(phases.get("generate_peak", 0), meter.phase_peak())
         meter.sync()
-        report["steps"].append({"step": step, "seconds": time.perf_counter() - t0, "new_tokens": new,
+        t2 = time.perf_counter()
+        if options.decode_tokens:
+            phases["decode_peak"] = max(phases.get("decode_peak", 0), meter.phase_peak())
+        t1 = mark.get("t1", t2)
+        report["steps"].append({"step": step, "prefill_seconds": t1 - t0, "decode_seconds": t2 - t1,
                                 "outputs_finite": finite})
         del out
     last = report["steps"][-1]
-    report["loss_finite"] = finite
+    report["loss_finite"] = finite  # no loss in inference: finite outputs stand in
     report["grads_finite"] = None
-    report["step_seconds"] = last["seconds"]
-    report["tokens_per_second"] = ids.numel() / last["seconds"]
+    report["step_seconds"] = last["prefill_seconds"] + last["decode_seconds"]
+    report["tokens_per_second"] = ids.numel() / max(last["prefill_seconds"], 1e-9)
+    if options.decode_tokens:
+        report["decode_tokens_per_second"] = ids.shape[0] * options.decode_tokens / max(last["decode_seconds"], 1e-9)
 
 
 def describe(settings: Settings) -> dict[str, Any]:
@@ -257,8 +274,6 @@ def describe(settings: Settings) -> dict[str, Any]:
     run = settings.run
     out: dict[str, Any] = {"recipe": run.recipe, "precision": run.precision}
     if run.recipe != "loop":
-        # on CPU inference runs qtool's prefill + decode: bitsandbytes 0.50's CPU 4-bit path re-packs weights
-        # inside generate and fails; on CUDA it is model.generate
-        out["runner"] = "model.generate (CUDA)" if run.mode == "inference" else RUNNERS[run.recipe]
+        out["runner"] = "model.generate" if run.mode == "inference" else RUNNERS[run.recipe]
         out["optim"] = TRAINER_OPTIM[run.optimizer]
     return out

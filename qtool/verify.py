@@ -790,7 +790,7 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
                 if run.mode == "inference":
                     stage = "inference"
                     say(f"inference: prefill {run.batch_size}x{run.seq_len} tokens + {options.decode_tokens} decode steps")
-                    if run.recipe != "loop" and causal and cuda:
+                    if run.recipe != "loop" and causal:
                         recipes.generate(model, ids, options, meter, phases, report)
                     else:
                         _infer(model, ids, options, meter, phases, report, causal)
