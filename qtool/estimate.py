@@ -131,6 +131,9 @@ def estimate_report(spec: ModelSpec, settings: Settings, *, trust_remote_code: b
     peak = memory.peak_bytes(breakdown)
 
     warnings = list(plan.warnings)
+    if run.recipe == "unsloth" and run.mode != "inference":
+        warnings.append("--recipe unsloth: a rough figure, measured on one 4-layer model at two lengths only "
+                        "(-10.8% and +0.1%, docs/benchmarks.md)")
     if spec.kind == "approximation" and spec.note:
         warnings.insert(0, f"approximation: {spec.note}")
     positions = _max_positions(config.get("text_config") if isinstance(config.get("text_config"), dict) else config)

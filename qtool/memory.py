@@ -13,6 +13,11 @@ counts (how many tensors of a given shape are alive), fitted once on measured pe
   lora       as qlora with 16-bit base weights and no fp32 upcast
   full       16-bit weights + grads + optimizer states + workspace + context, plus the dynamic peak
 
+Recipe (MemoryInputs.recipe: what runs the steps, qtool.recipes): `loop` is the model above; `trainer`
+(transformers.Trainer, autocast) adds a 16-bit copy of the fp32 lm_head and runs attention 16-bit; `sft` (trl)
+has 16-bit adapters and a chunked loss; `unsloth` no fp32 upcast and CPU-offloaded checkpoints. Fitted on
+per-recipe GPU peaks (docs/recipe_measurements.json).
+
 Dynamic peak of a training step (second step: grads and optimizer states already exist)
   = checkpointed layer inputs + the larger of
   loss phase:  logits + log_softmax output (fp32) + its grad (fp32, and a 16-bit copy for 16-bit
