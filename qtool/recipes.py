@@ -45,10 +45,14 @@ def require_trl() -> None:
 
 
 def require_unsloth() -> None:
-    """The unsloth recipe needs the package; one clear line when it is missing."""
+    """`qtool verify --recipe unsloth` is refused with one line. Unsloth loads with its own from_pretrained from
+    files and patches transformers on import, so it cannot run on the model verify has loaded; it is measured
+    by bench/recipe_gpu.py --unsloth (load_unsloth below) instead."""
     if importlib.util.find_spec("unsloth") is None:
-        raise DeviceError("--recipe unsloth: unsloth is not installed (pip install unsloth); "
-                          "qtool estimate --recipe unsloth still works (not measured)")
+        raise DeviceError("--recipe unsloth: unsloth is not installed (pip install 'qtool[unsloth]'); "
+                          "qtool estimate --recipe unsloth still works (a rough figure)")
+    raise DeviceError("--recipe unsloth: qtool verify does not run Unsloth yet (it loads from files with its own "
+                      "patched classes); bench/recipe_gpu.py --unsloth measures it")
 
 
 def _precision_flags(precision: str, cuda: bool, notes: list[str]) -> dict:

@@ -104,18 +104,24 @@ def test_trainer_optim_names_cover_every_optimizer():
     assert {OptimizerNames(v) for v in TRAINER_OPTIM.values()}  # each is a name TrainingArguments accepts
 
 
-@pytest.mark.parametrize("recipe,package", [("sft", "trl"), ("unsloth", "unsloth")])
-def test_recipe_whose_package_is_missing(tiny, capsys, recipe, package):
-    missing = any(importlib.util.find_spec(m) is None for m in
-                  ((package, "datasets", "triton") if recipe == "sft" else (package,)))
-    code = main(["verify", str(tiny), *SEQ, "--recipe", recipe, "--steps", "1"])
+def test_sft_recipe_needs_trl(tiny, capsys):
+    missing = any(importlib.util.find_spec(m) is None for m in ("trl", "datasets", "triton"))
+    code = main(["verify", str(tiny), *SEQ, "--recipe", "sft", "--steps", "1"])
     err = capsys.readouterr().err
     if missing:
         assert code == 2
         lines = [x for x in err.splitlines() if x.startswith("qtool: error:")]
-        assert len(lines) == 1 and f"--recipe {recipe}" in lines[0] and "Traceback" not in err
+        assert len(lines) == 1 and "--recipe sft" in lines[0] and "Traceback" not in err
     else:  # installed: the recipe runs
         assert code == 0, err
+
+
+def test_verify_refuses_unsloth_in_one_line(tiny, capsys):
+    """Installed or not, verify does not run Unsloth (it loads from files with its own classes): exit 2."""
+    code = main(["verify", str(tiny), *SEQ, "--recipe", "unsloth", "--steps", "1"])
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("qtool: error:")]
+    assert code == 2 and len(lines) == 1 and "--recipe unsloth" in lines[0] and "Traceback" not in err
 
 
 # --- estimate: recipes are arithmetic ---------------------------------------------------------------
