@@ -77,7 +77,7 @@ OPTIMIZER_BYTES_PER_PARAM = {
 SFT_TOKEN_CHUNK = 4096  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE
 SFT_VOCAB_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
 RECIPES_16BIT_ADAPTERS = ("sft", "unsloth")  # trl casts a quantized model's trainable adapters to bf16
-SFT_CHUNK_TENSORS = 2  # a chunk's fp32 logits and their softmax/grad
+SFT_CHUNK_TENSORS = 1  # a chunk's fp32 logits
 
 
 @dataclass(frozen=True)
@@ -352,7 +352,10 @@ def _loss_phase(m: MemoryInputs, logit_bytes: int) -> dict[str, int]:
         # trl's fused LM head: fp32 logits of one chunk of tokens x one chunk of the vocabulary at a time;
         # no full-size 16-bit copy of lm_head (the kernel takes one vocabulary chunk of it at a time)
         chunk = min(b * s, SFT_TOKEN_CHUNK) * min(d.vocab, SFT_VOCAB_CHUNK) * 4
-        return {"loss_chunk": SFT_CHUNK_TENSORS * chunk}
+        # a vocabulary larger than one chunk is sliced: the slice of the fp32 lm_head weight is copied
+        # (contiguous, fp32) while its chunk is computed; a vocabulary of one chunk is used in place
+        head_chunk = SFT_VOCAB_CHUNK * d.hidden * 4 if m.mode == "qlora" and d.vocab > SFT_VOCAB_CHUNK else 0
+        return {"lm_head_chunk": head_chunk, "loss_chunk": SFT_CHUNK_TENSORS * chunk}
     if m.autocast and m.mode == "qlora":
         return {
             "lm_head_16bit": lm_head_copy,
