@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: venv demo test bench preflight clean help
+.PHONY: venv demo test test-bench bench preflight clean help
 
 help:
 	@echo "make demo   set up .venv, then run qtool on its built-in examples"
@@ -34,6 +34,10 @@ demo: venv
 
 test: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# the bench scripts' own end-to-end tests (slow), outside the default run
+test-bench: venv
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m bench $(PYTEST_ARGS)
 
 # CI pre-flight: plan on any machine; measure where CUDA is (README: "CI pre-flight recipe").
 MODEL ?= llama-3-8b

@@ -40,7 +40,7 @@ def make_checkpoint(path: Path, layers: int) -> int:
     import torch
 
     from qtool.meta import meta_model
-    from qtool.writer import safetensors_header
+    from qtool.quantize.sink import safetensors_header
 
     cfg = dict(CONFIG, num_hidden_layers=layers)
     path.mkdir(parents=True, exist_ok=True)
@@ -102,10 +102,10 @@ def _read_single(path: Path) -> None:
 
 
 def _read_parallel(path: Path) -> int:
-    """The read qtool does: chunked pread on qtool.streamio.read_threads() threads into one reused buffer."""
+    """The read qtool does: chunked pread on qtool.quantize.streamio.read_threads() threads into one reused buffer."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from qtool.streamio import CHUNK_BYTES, read_threads
+    from qtool.quantize.streamio import CHUNK_BYTES, read_threads
 
     size = path.stat().st_size
     threads = read_threads()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qtool.dtypes import BY_CODE, MODEL_DTYPES, code_of, is_float_dtype, torch_dtype
 from qtool.errors import ConfigError, WeightsError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -23,58 +24,9 @@ PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 MAX_HEADER_BYTES = 100 * 1000 * 1000  # safetensors' own limit
 
-# safetensors dtype string -> bytes per element (sub-byte F4/F6 types are not supported).
-DTYPE_SIZES: dict[str, int] = {
-    "BOOL": 1, "U8": 1, "I8": 1,
-    "F8_E4M3": 1, "F8_E5M2": 1, "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1, "F8_E8M0": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8, "C64": 8,
-}
-FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F8_E8M0"})
-QUANTIZABLE_DTYPES = frozenset({"F16", "BF16", "F32"})  # what bitsandbytes' 4-bit quantizer takes
-
 # Tensor-name endings that only a bitsandbytes-quantized checkpoint has.
 _BNB_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".SCB", ".weight_format",
                  ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")
-
-
-def is_float_dtype(dtype: str) -> bool:
-    """True for floating-point safetensors dtypes ('F16', 'BF16', 'F32', 'F64', 'F8_*')."""
-    return dtype in FLOAT_DTYPES
-
-
-def is_quantizable_dtype(dtype: str) -> bool:
-    """True for the dtypes the 4-bit quantizer accepts as input: F16, BF16, F32."""
-    return dtype in QUANTIZABLE_DTYPES
-
-
-def torch_dtype(dtype: str):
-    """The torch dtype for a safetensors dtype string."""
-    import torch
-
-    names = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "F16": "float16",
-             "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32", "I64": "int64",
-             "U64": "uint64", "F64": "float64", "C64": "complex64", "F8_E4M3": "float8_e4m3fn",
-             "F8_E5M2": "float8_e5m2", "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz",
-             "F8_E8M0": "float8_e8m0fnu"}
-    result = getattr(torch, names.get(dtype, ""), None)
-    if result is None:
-        raise WeightsError(f"dtype {dtype!r} is not supported by this torch")
-    return result
-
-
-def safetensors_dtype(tdtype) -> str:
-    """The safetensors dtype string for a torch dtype (for pickle checkpoints)."""
-    import torch
-
-    for name in DTYPE_SIZES:
-        try:
-            if torch_dtype(name) == tdtype:
-                return name
-        except WeightsError:
-            continue
-    raise WeightsError(f"unsupported tensor dtype {tdtype}")
 
 
 @dataclass(frozen=True)
@@ -95,7 +47,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * DTYPE_SIZES[self.dtype]
+        return self.numel * BY_CODE[self.dtype].itemsize
 
 
 @dataclass(frozen=True)
@@ -105,9 +57,6 @@ class SafetensorsHeader:
     data_start: int  # 8 + header length
     tensors: dict[str, TensorInfo]  # in header order
     metadata: dict[str, Any]
-
-
-_TORCH_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
 
 
 def weights_dtype(root: Path) -> str | None:
@@ -124,7 +73,8 @@ def weights_dtype(root: Path) -> str | None:
         return None
     for _, info in sorted(header.tensors.items()):
         if is_float_dtype(info.dtype):
-            return _TORCH_NAMES.get(info.dtype)
+            name = BY_CODE[info.dtype].name
+            return name if name in MODEL_DTYPES else None
     return None
 
 
@@ -172,7 +122,7 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
         if not isinstance(entry, dict):
             raise WeightsError(f"corrupt safetensors header: {where} is not an object", path=path)
         dtype = entry.get("dtype")
-        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in BY_CODE:
             raise WeightsError(f"corrupt safetensors header: {where} has unknown dtype {dtype!r}", path=path)
         shape = entry.get("shape")
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
@@ -185,7 +135,7 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
         numel = 1
         for d in shape:
             numel *= d
-        expected = numel * DTYPE_SIZES[dtype]
+        expected = numel * BY_CODE[dtype].itemsize
         if end - begin != expected:
             raise WeightsError(
                 f"corrupt safetensors header: {where} ({dtype}, shape {_short(shape)}) needs {expected} bytes "
@@ -401,7 +351,7 @@ class Checkpoint:
                     raise WeightsError(f"entry {name!r} is not a tensor", path=path)
                 if name in tensors:
                     raise WeightsError(f"tensor {name!r} appears in both {tensors[name].file.name} and {path.name}", path=root)
-                tensors[name] = TensorInfo(str(name), safetensors_dtype(t.dtype), tuple(t.shape), path, -1, -1)
+                tensors[name] = TensorInfo(str(name), code_of(t.dtype), tuple(t.shape), path, -1, -1)
                 pickled[name] = t
         ckpt = cls(root, list(files), tensors, config, index, format="pickle")
         ckpt._pickled = pickled

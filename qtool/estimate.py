@@ -23,12 +23,12 @@ from typing import Any
 
 from qtool import formats, memory, presets
 from qtool.config import Settings
+from qtool.dtypes import MODEL_DTYPES, itemsize
 from qtool.errors import ConfigError
 from qtool.models import ModelSpec
 from qtool.plan import QUANTIZE
 from qtool.sizes import parse_size
 
-_ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 # Architectures whose output is vocabulary logits (and, in training, a loss over them). A bare encoder
 # (BertModel, a sentence-transformers checkpoint) returns hidden states: no logits, no softmax.
 _VOCAB_HEADS = ("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForConditionalGeneration", "WithLMHead",
@@ -64,13 +64,13 @@ def kept_dtype(spec: ModelSpec, settings: Settings) -> str:
     if settings.quant.dtype != "auto":
         return settings.quant.dtype
     cfg_dtype = spec.config.get("dtype") or spec.config.get("torch_dtype")
-    if cfg_dtype in _ITEMSIZE:
+    if cfg_dtype in MODEL_DTYPES:
         return cfg_dtype
     if spec.path is not None:
         from qtool.checkpoint import weights_dtype
 
         found = weights_dtype(spec.path)
-        if found in _ITEMSIZE:
+        if found in MODEL_DTYPES:
             return found
     return "float32"
 
@@ -122,8 +122,8 @@ def estimate_report(spec: ModelSpec, settings: Settings, *, trust_remote_code: b
         dims=dims, mode=run.mode, batch=run.batch_size, seq=run.seq_len, total_params=total,
         kept_params=kept_params, quant_weights_gpu=weights[chosen].gpu, plain_weights_gpu=weights[plain_key].gpu,
         kept_weights_gpu=kept_gpu, lora_params=lora, largest_linear=largest,
-        compute_bytes=_ITEMSIZE[q.compute_dtype], optimizer=run.optimizer,
-        gradient_checkpointing=run.gradient_checkpointing, weight_bytes=_ITEMSIZE[dtype],
+        compute_bytes=itemsize(q.compute_dtype), optimizer=run.optimizer,
+        gradient_checkpointing=run.gradient_checkpointing, weight_bytes=itemsize(dtype),
         recipe=run.recipe, precision=run.precision, lora_rank=run.lora_rank,
         expert_lora="all-linear" in run.lora_targets,
     )

@@ -18,8 +18,11 @@ Format keys (used in `--json` as `weights_bytes.<key>`):
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+from qtool.dtypes import code, itemsize, layout_key
 
 # bitsandbytes constants (bitsandbytes/functional.py, 0.50):
 CODE_4BIT_ENTRIES = 16  # get_4bit_type(): the 16-value fp32 code ("quant_map")
@@ -30,9 +33,6 @@ CUDA_BLOCK = 512  # torch's caching allocator rounds every allocation up to 512 
 # typically 17 significant digits, e.g. 0.05252265930175781 -> 19 characters; 0.00x values -> 21.
 OFFSET_CHARS = 19
 
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "uint8": 1, "int8": 1}
-_DTYPE_RANK = {"uint8": 0, "int8": 1, "float16": 2, "bfloat16": 3, "float32": 4}  # safetensors Dtype order
-_ST_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "uint8": "U8", "int8": "I8"}
 
 
 @dataclass(frozen=True)
@@ -75,17 +75,10 @@ class Part:
 
     @property
     def nbytes(self) -> int:
-        n = _ITEMSIZE[self.dtype]
+        n = itemsize(self.dtype)
         for d in self.shape:
             n *= d
         return n
-
-
-def numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def quant_state_blob(
@@ -112,7 +105,7 @@ def quantized_parts(
     quant_storage: str = "uint8", offset: float | None = None,
 ) -> list[Part]:
     """The tensors bitsandbytes keeps for one quantized Linear weight of `shape` (out, in)."""
-    n = numel(shape)
+    n = math.prod(shape)
     if fmt.quant_type == "int8":
         # Int8Params: CB (int8, same shape) + SCB (fp32, one scale per output row); the state dict
         # adds a 0-d uint8 `weight_format` (Linear8bitLt._save_to_state_dict). SCB/weight_format
@@ -121,7 +114,7 @@ def quantized_parts(
                 Part(".weight_format", "uint8", (), on_gpu=False)]
     if fmt.quant_type not in ("nf4", "fp4"):
         raise ValueError(f"{fmt.key} is not a quantized format")
-    item = _ITEMSIZE[quant_storage]
+    item = itemsize(quant_storage)
     blocks = -(-n // blocksize)
     # _ops.quantize_4bit: out = empty(((n + 1) // (itemsize * 2), 1), dtype=quant_storage)
     parts = [Part(".weight", quant_storage, ((n + 1) // (item * 2), 1))]
@@ -160,24 +153,20 @@ def checkpoint_bytes(parts: Iterable[Part]) -> int:
     return sum(p.nbytes for p in saved_parts(parts))
 
 
-def kept_itemsize(dtype: str, keep_fp32: bool = False) -> int:
-    return 4 if keep_fp32 else _ITEMSIZE[dtype]
-
-
 def safetensors_header_bytes(entries: Iterable[tuple[str, str, Sequence[int]]]) -> int:
     """Size of a safetensors header (8-byte length + JSON, space-padded to 8) for (name, dtype, shape).
 
     safetensors lays tensors out sorted by dtype (widest first) then name and writes each one's byte
     range, so with exact names this is exact.
     """
-    order = sorted(entries, key=lambda e: (-_DTYPE_RANK[e[1]], e[0]))
+    order = sorted(entries, key=lambda e: layout_key(code(e[1]), e[0]))
     size = len('{"__metadata__":{"format":"pt"}}')
     offset = 0
     for name, dtype, shape in order:
-        end = offset + numel(shape) * _ITEMSIZE[dtype]
+        end = offset + math.prod(shape) * itemsize(dtype)
         # ,"name":{"dtype":"F32","shape":[a,b],"data_offsets":[s,e]}
         size += 1 + len(json.dumps(name)) + len(':{"dtype":"","shape":[],"data_offsets":[,]}')
-        size += len(_ST_DTYPE[dtype]) + len(",".join(str(d) for d in shape)) + len(str(offset)) + len(str(end))
+        size += len(code(dtype)) + len(",".join(str(d) for d in shape)) + len(str(offset)) + len(str(end))
         offset = end
     return 8 + -(-size // 8) * 8
 

@@ -128,11 +128,13 @@ def read_config_json(path: Path) -> dict:
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:
             raise ConfigError(f"too large for a config.json ({path.stat().st_size:,} bytes)", path=path)
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError("file not found", path=path) from None
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror}", path=path) from None
+    except UnicodeDecodeError:
+        raise ConfigError("invalid config.json: not UTF-8 text", path=path) from None
     try:
         data = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -172,7 +174,11 @@ def resolve_model(ref: str, *, revision: str | None = None) -> ModelSpec:
                               f"({cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}) stands in")
 
     path = Path(text).expanduser()
-    if path.exists() or text.startswith((".", "/", "~")) or text.endswith(".json"):
+    try:
+        exists = path.exists()
+    except OSError as exc:  # a name too long for the filesystem, say
+        raise ConfigError(f"not a usable path ({exc.strerror})", path=text[:80] + ("..." if len(text) > 80 else "")) from None
+    if exists or text.startswith((".", "/", "~")) or text.endswith(".json"):
         if path.is_dir():
             cfg_path = path / "config.json"
             if not cfg_path.is_file():

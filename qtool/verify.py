@@ -37,7 +37,6 @@ from qtool.config import Settings
 from qtool.errors import BadInput, DeviceError, DoesNotFit, NotFinite, QtoolError, WeightsError, one_line
 from qtool.models import ModelSpec
 
-DEVICES = ("cuda", "cpu")
 QUALITY_TOKENS = 256  # tokens of the first sequence compared against --reference
 
 
@@ -298,9 +297,9 @@ class Meter:
 
 
 def _torch_dtype(name: str):
-    import torch
+    from qtool.dtypes import code, torch_dtype
 
-    return getattr(torch, name)
+    return torch_dtype(code(name))
 
 
 def _kept_dtype(spec: ModelSpec, settings: Settings):

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from qtool.checkpoint import (
-    INDEX_NAME, Checkpoint, TensorInfo, is_float_dtype, is_quantizable_dtype, read_safetensors_header,
+    INDEX_NAME, Checkpoint, TensorInfo, read_safetensors_header,
 )
 from qtool.errors import ConfigError, WeightsError
 
@@ -127,6 +127,8 @@ def test_read_unknown_tensor(tmp_path):
 
 
 def test_dtype_helpers():
+    from qtool.dtypes import is_float_dtype, is_quantizable_dtype
+
     assert all(is_float_dtype(d) for d in ("F16", "BF16", "F32", "F64", "F8_E4M3"))
     assert not any(is_float_dtype(d) for d in ("U8", "I8", "I32", "I64", "BOOL", "nonsense"))
     assert is_quantizable_dtype("BF16") and not is_quantizable_dtype("F8_E4M3") and not is_quantizable_dtype("I64")

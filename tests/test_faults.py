@@ -14,7 +14,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -390,47 +389,7 @@ def _env():
     return env
 
 
-@pytest.fixture(scope="module")
-def mid_ckpt(tmp_path_factory) -> Path:
-    """~110 MB of BF16 weights: seconds of quantizing on CPU, enough to interrupt mid-way."""
-    cfg = TINY | dict(vocab_size=1024, hidden_size=512, intermediate_size=1536, num_hidden_layers=16,
-                      num_attention_heads=4, num_key_value_heads=4, torch_dtype="bfloat16")
-    d = tmp_path_factory.mktemp("mid") / "mid"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps(cfg))
-    save_file(llama_state_dict(cfg, dtype=torch.bfloat16), d / "model.safetensors", metadata={"format": "pt"})
-    return d
-
-
-@pytest.mark.parametrize("sig,code,message", [(signal.SIGINT, 130, "interrupted"),
-                                               (signal.SIGTERM, 143, "terminated (SIGTERM)")])
-def test_signal_during_quantize_leaves_nothing(mid_ckpt, tmp_path, sig, code, message):
-    dest = tmp_path / "out"
-    def default_signals():  # as in a terminal: a test run started in the background inherits SIGINT ignored
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-    proc = subprocess.Popen([sys.executable, "-m", "qtool", "quantize", str(mid_ckpt), "--out", str(dest),
-                             "--device", "cpu"], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
-    # Wait until the run is under way (the staging folder beside the destination exists: quantizing has
-    # started, and a ~110 MB model keeps it busy for seconds), then send the signal.
-    deadline = time.monotonic() + 300
-    staging = []
-    while time.monotonic() < deadline and proc.poll() is None:
-        staging = [p for p in tmp_path.iterdir() if p.name.startswith(".out.qtool-tmp-")]
-        if staging:
-            time.sleep(0.3)
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "quantize finished before it could be interrupted: " + proc.communicate()[1]
-    assert staging, "no staging folder appeared"
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == code, err
-    assert one_error_line(err) == f"qtool: error: {message}"
-    assert not dest.exists()
-    assert not [p.name for p in tmp_path.iterdir() if ".qtool-" in p.name]
+# Signals at every moment of a run (imports, staging, mid-shard, commit) are in tests/test_signals.py.
 
 
 def test_full_disk_while_writing_leaves_nothing(ckpt, tmp_path):

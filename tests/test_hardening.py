@@ -300,3 +300,21 @@ def test_every_test_runs_in_a_clean_environment():
     assert os.environ.get("HF_HUB_OFFLINE") == "1" and "HF_TOKEN" not in os.environ
     assert Path.cwd() != REPO and REPO not in Path.cwd().parents
     assert not (Path.cwd() / "qtool.toml").exists()
+
+
+def test_unusable_paths_are_bad_input(ckpt, tmp_path, capsys, monkeypatch):
+    """Names too long for the filesystem, a binary config.json, absurdly deep --out: one line, exit 2."""
+    monkeypatch.chdir(tmp_path)
+    long = "x" * 5000
+    for argv in (["estimate", long], ["quantize", long], ["verify", long, "--device", "cpu"],
+                 ["quantize", ckpt, "--out", long, "--device", "cpu"],
+                 ["quantize", ckpt, "--out", "y" * 250, "--device", "cpu"],
+                 ["quantize", ckpt, "--out", "a/" * 2000 + "x", "--device", "cpu"]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2, (argv[:2], err)
+        one_line(err)
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny"]  # nothing created for the refused destinations
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "config.json").write_bytes(b"\xff\xfe\x00garbage")
+    code, _, err = run(capsys, "estimate", tmp_path / "bin")
+    assert code == 2 and "not UTF-8" in one_line(err)

@@ -13,7 +13,10 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qtool.checkpoint import DTYPE_SIZES, INDEX_NAME, Checkpoint, read_safetensors_header
+from qtool.checkpoint import INDEX_NAME, Checkpoint, read_safetensors_header
+from qtool.dtypes import BY_CODE
+
+DTYPE_SIZES = {code: d.itemsize for code, d in BY_CODE.items()}
 from qtool.config import KEY_BY_NAME, env_name, flag_name, resolve_settings
 from qtool.errors import ConfigError, WeightsError
 from qtool.presets import load_settings_preset, settings_presets

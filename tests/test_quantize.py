@@ -183,8 +183,8 @@ def test_output_loads_and_gives_oracle_logits(sources, tmp_path, arch):
 
 def _ambiguous_shard_size(plan) -> int:
     """A max_shard_size where a shard boundary depends on the quant-state blob lengths."""
-    from qtool.quantize import entry_specs
-    from qtool.writer import split_shards
+    from qtool.quantize.plan import entry_specs
+    from qtool.quantize.sink import split_shards
 
     specs = entry_specs(plan)
     return next(m for m in range(40_000, 80_000, 7) if split_shards(specs, m) is None)
@@ -214,7 +214,7 @@ def test_split_shards_is_huggingface_hubs_split():
     """Exact sizes: the same shards as huggingface_hub's split; a boundary within the unknown range: None."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
-    from qtool.writer import EntrySpec, split_shards
+    from qtool.quantize.sink import EntrySpec, split_shards
 
     gen = torch.Generator().manual_seed(1)
     sizes = [int(x) for x in torch.randint(1, 400, (60,), generator=gen)] + [900, 5, 1200, 7]
@@ -401,7 +401,7 @@ def test_quantize_progress_in_a_pipe_is_plain_lines(sources, tmp_path, capsys):
 
 
 def test_destination_parent_that_is_a_file_is_refused_before_any_work(tmp_path):
-    from qtool.writer import check_destination
+    from qtool.quantize.staging import check_destination
 
     afile = tmp_path / "afile"
     afile.write_text("x")
@@ -413,7 +413,7 @@ def test_destination_parent_that_is_a_file_is_refused_before_any_work(tmp_path):
 
 
 def test_staging_dir_output_mode_follows_umask_and_keeps_created_parents(tmp_path):
-    from qtool.writer import staging_dir
+    from qtool.quantize.staging import staging_dir
 
     dest = tmp_path / "a" / "b" / "out"
     old = os.umask(0o027)
@@ -428,7 +428,7 @@ def test_staging_dir_output_mode_follows_umask_and_keeps_created_parents(tmp_pat
 
 
 def test_staging_dir_failure_removes_the_parents_it_created(tmp_path):
-    from qtool.writer import staging_dir
+    from qtool.quantize.staging import staging_dir
 
     (tmp_path / "keep").mkdir()
     dest = tmp_path / "keep" / "new" / "deeper" / "out"
@@ -441,7 +441,7 @@ def test_staging_dir_failure_removes_the_parents_it_created(tmp_path):
 
 
 def test_force_puts_the_old_destination_back_when_the_final_rename_fails(tmp_path, monkeypatch):
-    from qtool.writer import staging_dir
+    from qtool.quantize.staging import staging_dir
 
     dest = tmp_path / "out"
     dest.mkdir()

@@ -29,10 +29,10 @@ MESSAGES = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminat
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
-    """~40 MB of float32 Llama weights: a few seconds of quantizing on one CPU thread."""
+    """~20 MB of float32 Llama weights: a few seconds of quantizing on one CPU thread."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    cfg = dict(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=12, num_attention_heads=4,
+    cfg = dict(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=4,
                num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=False)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(LlamaConfig(**cfg))

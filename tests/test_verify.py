@@ -324,6 +324,7 @@ def test_human_output(tiny, capsys):
     assert "peak RSS" in out and "finite loss" in out and "bitsandbytes" in out
 
 
+@pytest.mark.bench
 def test_bench_script_on_cpu(tmp_path):
     """bench/verify_gpu.py's plan, subprocesses and table, on a tiny preset-like config and the CPU."""
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **TINY}

@@ -62,7 +62,7 @@ def quantize(
         DEFAULT_MAX_SHARD_SIZE, default_destination, pick_device, plan_quantization, resolve_source,
     )
     from qtool.sizes import parse_size
-    from qtool.writer import check_destination
+    from qtool.quantize.staging import check_destination
 
     shard = parse_size(max_shard_size, what="--max-shard-size") if max_shard_size is not None else DEFAULT_MAX_SHARD_SIZE
     if shard <= 0:
@@ -140,6 +140,6 @@ def render_result(console, plan, result, format_bytes) -> None:
     console.print(f"  time: {result.seconds:.1f} s ({format_bytes(r['throughput_bytes_per_s'])}/s) on {result.device}")
     gpu = f", GPU peak {format_bytes(result.peak_gpu_bytes)}" if result.peak_gpu_bytes is not None else ""
     console.print(f"  peak host RSS: {format_bytes(result.peak_rss_bytes)}{gpu}")
-    from qtool.modelcard import auto_class
+    from qtool.quantize.card import auto_class
 
     console.print(f"  load it: {auto_class(plan.architecture)}.from_pretrained({str(result.destination)!r})")

@@ -161,7 +161,7 @@ class Reader:
     def _fill(self) -> None:
         import torch
 
-        from qtool.checkpoint import torch_dtype
+        from qtool.dtypes import torch_dtype
 
         while self.direct and self.pos < len(self.names):
             name = self.names[self.pos]

@@ -1,9 +1,4 @@
-"""Safe output: a staging directory beside the destination, and a streaming safetensors shard writer.
-
-Nothing is written at the destination until everything succeeded: `staging_dir` creates
-`.<name>.qtool-tmp-XXXX` beside it and renames it into place at the end; on any error or Ctrl-C the
-staging directory is removed and the destination is untouched (with --force, an existing destination
-is replaced only after success).
+"""The safetensors shard writers (the staging transaction they write into is qtool.quantize.staging).
 
 `LayoutWriter` writes each shard once, straight into its final file. Shard membership is decided
 up front exactly like huggingface_hub's split_torch_state_dict_into_shards (greedy in state-dict
@@ -29,52 +24,19 @@ import contextlib
 import errno
 import json
 import os
-import shutil
 import struct
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 from pathlib import Path
 
-from qtool import signals
-from qtool.errors import BadInput, OutputError, WeightsError
+from qtool import dtypes
+from qtool.errors import WeightsError
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-# safetensors' Dtype enum order (the data layout sorts by it, descending, then by name)
-_DTYPE_RANK = {"BOOL": 0, "U8": 4, "I8": 5, "F8_E5M2": 6, "F8_E4M3": 7, "I16": 9, "U16": 10, "F16": 11, "BF16": 12,
-               "I32": 13, "U32": 14, "F32": 15, "F64": 16, "I64": 17, "U64": 18}
 _COPY_CHUNK = 64 * 2**20
 _WRITE_CHUNK = 1 << 30  # pwrite writes at most ~2 GiB per call
-ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "uint8": "U8", "int8": "I8", "int16": "I16",
-             "int32": "I32", "int64": "I64", "bool": "BOOL", "float64": "F64"}
-
-
-def dtype_name(tdtype) -> str:
-    """'bfloat16' for torch.bfloat16: the key of ST_DTYPES and the name torch uses for getattr."""
-    return str(tdtype).removeprefix("torch.")
-
-
-def st_dtype(tdtype) -> str:
-    """The safetensors dtype ('BF16') of a torch dtype."""
-    return ST_DTYPES[dtype_name(tdtype)]
-
-
-_DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-              errno.EFBIG: "file too large (file-size limit reached)"}
-
-
-def output_error(exc: BaseException, destination: Path) -> OutputError | None:
-    """A full disk, quota or file-size limit while writing -> one clear line naming the file; else None.
-
-    Every file is written in the staging folder, which is gone by now: name it as it would have been
-    in the destination."""
-    if not isinstance(exc, OSError) or exc.errno not in _DISK_FULL:
-        return None
-    where = Path(destination) / Path(exc.filename).name if exc.filename else "the output"
-    return OutputError(f"{_DISK_FULL[exc.errno]} writing {where}; nothing was left at {destination}")
-
-
 @contextlib.contextmanager
 def naming_file(path: Path) -> Iterator[None]:
     """Attach the file name to an OSError from a write (file.write and os.pwrite leave it empty)."""
@@ -84,138 +46,6 @@ def naming_file(path: Path) -> Iterator[None]:
         if exc.filename is None:
             exc.filename = str(path)
         raise
-
-
-def staging_name(dest: Path) -> str:
-    return f".{dest.name}.qtool-tmp-"
-
-
-def check_destination(dest: Path, *, force: bool, source: Path | None = None) -> None:
-    """Refuse what we must not overwrite, or cannot write, before any work is done."""
-    dest = Path(dest)
-    if dest.exists() or dest.is_symlink():
-        if not force:
-            raise BadInput("destination already exists", path=dest, hint="pass --force to replace it after success")
-        if not dest.is_dir() or dest.is_symlink():
-            raise BadInput("destination exists and is not a directory", path=dest)
-    cwd = Path.cwd().resolve()
-    if dest.resolve() == cwd or dest.resolve() in cwd.parents:
-        raise BadInput("destination is the working directory or contains it: it cannot be replaced from inside",
-                       path=dest, hint="cd elsewhere or choose another --out")
-    if source is not None:
-        src, dst = Path(source).resolve(), dest.resolve()
-        if dst == src or src in dst.parents:
-            raise BadInput(f"destination is inside the source checkpoint {source}", path=dest)
-        if dst in src.parents:
-            raise BadInput(f"destination contains the source checkpoint {source}", path=dest)
-    _check_parent(dest)
-
-
-def _parent(dest: Path) -> Path:
-    return dest.parent if str(dest.parent) else Path(".")
-
-
-def _missing_parents(dest: Path) -> tuple[Path, list[Path]]:
-    """(nearest existing ancestor of dest, the folders above dest that do not exist yet, outermost first).
-    Raises BadInput when an ancestor exists but is not a directory."""
-    missing: list[Path] = []
-    p = _parent(dest)
-    while not p.exists():
-        if p.is_symlink():  # a dangling link: mkdir would fail on it
-            raise BadInput(f"cannot create the destination: {p} is a broken symlink", path=dest)
-        missing.append(p)
-        if p.parent == p:
-            break
-        p = p.parent
-    if p.exists() and not p.is_dir():
-        raise BadInput(f"cannot create the destination: parent {p} is not a directory", path=dest)
-    return p, missing[::-1]
-
-
-def _folder_error(exc: OSError, dest: Path, where: Path) -> BadInput | OutputError:
-    """mkdir/mkdtemp failing beside the destination -> one line naming the folder. A full disk is an
-    output error (exit 1); anything else says the destination is not a place to write (exit 2)."""
-    if exc.errno == errno.ENOTDIR:
-        return BadInput(f"cannot create the destination: a parent of it is not a directory ({where})", path=dest)
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return BadInput(f"cannot create the destination: {where} is not writable ({exc.strerror})", path=dest)
-    if exc.errno in _DISK_FULL:
-        return OutputError(f"cannot create the destination in {where}: {exc.strerror or exc}", path=dest)
-    return BadInput(f"cannot create the destination in {where}: {exc.strerror or exc}", path=dest)
-
-
-def _check_parent(dest: Path) -> None:
-    """The destination's folder (or the nearest one that exists) must take a new subfolder: try it."""
-    existing, _ = _missing_parents(dest)
-    try:
-        probe = tempfile.mkdtemp(prefix=staging_name(dest), dir=existing)
-    except OSError as exc:
-        raise _folder_error(exc, dest, existing) from None
-    with contextlib.suppress(OSError):
-        os.rmdir(probe)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def staging_dir(dest: Path, *, force: bool = False) -> Iterator[Path]:
-    """Yield a fresh directory beside `dest`; on success it becomes `dest`, on any failure it vanishes
-    (and so do the parent folders created for it)."""
-    dest = Path(dest)
-    parent = _parent(dest)
-    _, created = _missing_parents(dest)
-    try:
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=staging_name(dest), dir=parent))
-        except OSError as exc:
-            raise _folder_error(exc, dest, parent) from None
-        def undo() -> None:  # what qtool.signals' watchdog runs if it must end the process from outside
-            shutil.rmtree(tmp, ignore_errors=True)
-            for folder in reversed(created):
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
-
-        try:
-            with signals.cleanup(undo):
-                yield tmp
-                os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a folder made by mkdir would not be
-                with signals.commit_section():  # a signal from here on is held; once renamed, it is ignored
-                    _move_into_place(tmp, dest, parent, force)
-                    signals.mark_committed()
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    except BaseException:
-        for folder in reversed(created):  # innermost first; only if still empty
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
-
-
-def _move_into_place(tmp: Path, dest: Path, parent: Path, force: bool) -> None:
-    if not dest.exists():
-        os.rename(tmp, dest)
-        return
-    if not force:
-        raise BadInput("destination appeared while writing", path=dest)
-    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.qtool-old-", dir=parent))
-    try:
-        os.rename(dest, old / "d")
-        try:
-            os.rename(tmp, dest)
-        except BaseException:
-            os.rename(old / "d", dest)  # put the previous output back
-            raise
-    except BaseException:
-        with contextlib.suppress(OSError):
-            old.rmdir()  # empty unless the old output could not be put back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass
@@ -237,7 +67,7 @@ class _Shard:
 
 def safetensors_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict | None) -> tuple[bytes, list]:
     """(header bytes incl. the 8-byte length, entries in data order) exactly as safetensors serializes."""
-    ordered = sorted(entries, key=lambda e: (-_DTYPE_RANK[e[1]], e[0]))
+    ordered = sorted(entries, key=lambda e: dtypes.layout_key(e[1], e[0]))
     head: dict = {}
     if metadata is not None:
         head["__metadata__"] = metadata
@@ -250,8 +80,30 @@ def safetensors_header(entries: list[tuple[str, str, tuple[int, ...], int]], met
     return struct.pack("<Q", len(text)) + text, ordered
 
 
+class Sink(Protocol):
+    """What the stream writes into. Both writers implement it; the stream has one loop for either."""
+
+    def add(self, name: str, tensor) -> None: ...
+
+    def can_copy(self, name: str) -> bool:
+        """Whether `name`'s bytes may go file to file (`copy`) instead of through memory."""
+
+    def copy(self, name: str, src_path, src_offset: int, nbytes: int) -> None: ...
+
+    def finish(self) -> dict:
+        """-> {"files": [...], "weight_map": {...}, "total_size": int}"""
+
+    def abort(self) -> None: ...
+
+
 class ShardWriter:
     """Append tensors in order; `finish()` writes the shards (and the index when there are several)."""
+
+    def can_copy(self, name: str) -> bool:
+        return False  # a shard's layout is known only at the end: every tensor passes through memory
+
+    def copy(self, name: str, src_path, src_offset: int, nbytes: int) -> None:
+        raise NotImplementedError("ShardWriter takes tensors, not byte ranges")
 
     def __init__(self, directory: Path, *, max_shard_size: int, metadata: dict | None = None):
         self.dir = Path(directory)
@@ -294,7 +146,7 @@ class ShardWriter:
         if nbytes:
             with naming_file(self.dir / "model*.safetensors"):  # the final name is known only at finish
                 shard.file.write(t.reshape(-1).view(__import__("torch").uint8).numpy().data)
-        shard.entries.append(_Entry(name, st_dtype(t.dtype), tuple(t.shape), offset, nbytes))
+        shard.entries.append(_Entry(name, dtypes.code_of(t.dtype), tuple(t.shape), offset, nbytes))
         shard.size += nbytes
         self.bytes_written += nbytes
 
@@ -418,7 +270,7 @@ class _Layout:
 
     def __init__(self, path: Path, specs: list[EntrySpec], metadata: dict | None):
         self.path = path
-        self.specs = sorted(specs, key=lambda e: (-_DTYPE_RANK[e.dtype], e.name))
+        self.specs = sorted(specs, key=lambda e: dtypes.layout_key(e.dtype, e.name))
         self.index = {e.name: k for k, e in enumerate(self.specs)}
         if len(self.index) != len(self.specs):
             raise WeightsError("duplicate tensor name in one shard", path=path)
@@ -460,7 +312,7 @@ class _Layout:
             if not e.lo <= nbytes <= e.hi:  # the reserved header would not fit: a planning bug
                 raise RuntimeError(f"{name}: {nbytes} bytes, planned {e.lo}..{e.hi}")
             self.sizes[k], self.shapes[k] = nbytes, (nbytes,)
-        elif nbytes != self.sizes[k] or tuple(t.shape) != tuple(e.shape) or st_dtype(t.dtype) != e.dtype:
+        elif nbytes != self.sizes[k] or tuple(t.shape) != tuple(e.shape) or dtypes.code_of(t.dtype) != e.dtype:
             raise RuntimeError(f"{name}: got {t.dtype} {tuple(t.shape)}, planned {e.dtype} {e.shape}")
         if k < self.resolved:
             self._write(k, t)
