@@ -1,8 +1,10 @@
-"""Recompute `qtool estimate` for every GPU measurement in docs/gpu_measurements.json and print the error.
+"""Recompute `qtool estimate` for every GPU measurement in docs/gpu_measurements.json (qtool verify's loop)
+and docs/recipe_measurements.json (loop, Trainer, SFTTrainer, Unsloth, generate) and print the error.
 
-The measurements come from `qtool verify` on a lent H200 (bench/verify_gpu.py, bench/gpu_run.sh); this
-script needs no GPU, so CI (tests/test_estimate_accuracy.py) checks that the memory model still
-predicts every recorded peak within 3%.
+The measurements come from lent H200s (bench/verify_gpu.py, bench/recipe_gpu.py); this script needs no GPU,
+so CI (tests/test_estimate_accuracy.py) checks that the memory model still predicts every recorded peak.
+Rows of the recipe file name an architecture and a depth (`arch`, `layers`): the config is the preset's
+(or bench/configs'), truncated to `layers` as the measurement was.
 
   python bench/compare_estimate.py            # markdown table
 """
@@ -15,6 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MEASUREMENTS = ROOT / "docs" / "gpu_measurements.json"
+RECIPE_MEASUREMENTS = ROOT / "docs" / "recipe_measurements.json"
 _IGNORED = {"--steps"}  # verify-only options with a value
 
 
@@ -41,20 +44,47 @@ def flags_from_args(args: list[str]) -> dict:
     return flags
 
 
-def compare(rows: list[dict] | None = None) -> list[dict]:
-    from qtool.config import resolve_settings
-    from qtool.estimate import estimate_report
+def _spec(row: dict, tmp: Path):
+    """The model a row measured: a preset, or an architecture's config truncated to `layers`."""
     from qtool.models import resolve_model
 
-    rows = rows if rows is not None else json.loads(MEASUREMENTS.read_text())["rows"]
+    if "arch" not in row:
+        return resolve_model(row["model"])
+    sys.path.insert(0, str(ROOT / "bench"))
+    from recipe_gpu import case_config
+
+    path = tmp / f"{row['arch']}-{row['layers'] or 'full'}" / "config.json"
+    if not path.exists():
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(case_config(row["arch"], row["layers"])))
+    return resolve_model(str(path))
+
+
+def load_rows() -> list[dict]:
+    rows = json.loads(MEASUREMENTS.read_text())["rows"]
+    return rows + json.loads(RECIPE_MEASUREMENTS.read_text())["rows"]
+
+
+def compare(rows: list[dict] | None = None) -> list[dict]:
+    import tempfile
+
+    from qtool.config import resolve_settings
+    from qtool.estimate import estimate_report
+
+    rows = rows if rows is not None else load_rows()
     out = []
+    tmp = Path(tempfile.mkdtemp(prefix="qtool-compare-"))
     for r in rows:
-        settings = resolve_settings(flags_from_args(r["args"]), env={}, cwd=ROOT / "docs")
-        rep = estimate_report(resolve_model(r["model"]), settings)
+        flags = flags_from_args(r["args"])
+        flags.setdefault("recipe", "loop")  # rows from before the recipe setting measured qtool verify's loop
+        settings = resolve_settings(flags, env={}, cwd=ROOT / "docs")
+        rep = estimate_report(_spec(r, tmp), settings)
         load_only = "--steps" in r["args"] and r["args"][r["args"].index("--steps") + 1] == "0"
         est = rep["weights"][rep["format"]]["gpu"] if load_only else rep["allocated_peak_bytes"]
         meas = r["measured_peak_allocated"]
-        out.append({**r, "estimate": est, "error": (est - meas) / meas})
+        out.append({**r, "model": r.get("model") or r["arch"] + (f" ({r['layers']} layers)" if r["layers"] else ""),
+                    "label": r.get("label") or f"{r['recipe']} {r['mode']}", "run": r.get("run") or f"R{r['call']}",
+                    "recipe": flags["recipe"], "estimate": est, "error": (est - meas) / meas})
     return out
 
 

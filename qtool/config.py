@@ -28,7 +28,14 @@ COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 STORAGE_DTYPES = ("uint8", "int8", "bfloat16", "float16", "float32")
 KEPT_DTYPES = ("auto", "bfloat16", "float16", "float32")
 MODES = ("inference", "qlora", "lora", "full")
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw32bit", "adafactor", "sgd")
+# the names users type in transformers' TrainingArguments.optim, accepted as well
+_OPTIMIZER_ALIASES = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_8bit": "adamw8bit",
+                      "adamw_bnb_8bit": "adamw8bit", "paged_adamw_8bit": "paged_adamw8bit",
+                      "paged_adamw_32bit": "paged_adamw32bit"}
+RECIPES = ("trainer", "sft", "loop", "unsloth")
+PRECISIONS = ("bf16", "fp16", "fp32")
+_PRECISION_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 UNITS = ("gib", "gb")
 _UNIT_ALIASES = {"binary": "gib", "iec": "gib", "mib": "gib", "decimal": "gb", "si": "gb", "mb": "gb"}
@@ -179,8 +186,13 @@ KEYS: tuple[Key, ...] = (
     _k("lora_alpha", 32, _int(1, 1_000_000), "LoRA alpha", group="run", panel=R, commands=_EV, type=int, metavar="N"),
     _k("lora_targets", ("all-linear",), _list, "LoRA target modules, comma-separated (all-linear = every quantized "
        "Linear)", group="run", panel=R, commands=_EV, metavar="LIST"),
-    _k("optimizer", "adamw", _choice(OPTIMIZERS), "Optimizer of the training modes", group="run", panel=R,
+    _k("optimizer", "adamw", _choice(OPTIMIZERS, _OPTIMIZER_ALIASES), "Optimizer of the training modes (also "
+       "TrainingArguments.optim names: adamw_torch, adamw_8bit, paged_adamw_32bit, ...)", group="run", panel=R,
        commands=_EV, metavar="NAME"),
+    _k("recipe", "trainer", _choice(RECIPES), "What runs the steps: transformers.Trainer, trl's SFTTrainer "
+       "(qtool[trl]), qtool's loop, or Unsloth", group="run", panel=R, commands=_EV, metavar="RECIPE"),
+    _k("precision", "bf16", _choice(PRECISIONS, _PRECISION_ALIASES), "The Trainer's mixed precision (its bf16/fp16 "
+       "flags; fp32: none)", group="run", panel=R, commands=_EV, metavar="P"),
     _k("gradient_checkpointing", True, _bool, "Recompute activations in the backward pass", group="run", panel=R,
        commands=_EV, type=bool),
     _k("vram", None, _budget, "Memory budget: a size (24GB, 24GiB) or a GPU from the catalogue; exit 3 over it",

@@ -124,11 +124,16 @@ def estimate_report(spec: ModelSpec, settings: Settings, *, trust_remote_code: b
         kept_weights_gpu=kept_gpu, lora_params=lora, largest_linear=largest,
         compute_bytes=itemsize(q.compute_dtype), optimizer=run.optimizer,
         gradient_checkpointing=run.gradient_checkpointing, weight_bytes=itemsize(dtype),
+        recipe=run.recipe, precision=run.precision, lora_rank=run.lora_rank,
+        expert_lora="all-linear" in run.lora_targets,
     )
     breakdown = memory.memory_breakdown(inputs)
     peak = memory.peak_bytes(breakdown)
 
     warnings = list(plan.warnings)
+    if run.recipe == "unsloth" and run.mode != "inference":
+        warnings.append("--recipe unsloth: a rough figure, measured on one 4-layer model at two lengths only "
+                        "(-10.8% and +0.1%, docs/benchmarks.md)")
     if spec.kind == "approximation" and spec.note:
         warnings.insert(0, f"approximation: {spec.note}")
     positions = _max_positions(config.get("text_config") if isinstance(config.get("text_config"), dict) else config)

@@ -13,6 +13,11 @@ counts (how many tensors of a given shape are alive), fitted once on measured pe
   lora       as qlora with 16-bit base weights and no fp32 upcast
   full       16-bit weights + grads + optimizer states + workspace + context, plus the dynamic peak
 
+Recipe (MemoryInputs.recipe: what runs the steps, qtool.verify.recipes): `loop` is the model above; `trainer`
+(transformers.Trainer, autocast) adds a 16-bit copy of the fp32 lm_head and runs attention 16-bit; `sft` (trl)
+has 16-bit adapters and a chunked loss; `unsloth` no fp32 upcast and CPU-offloaded checkpoints. Fitted on
+per-recipe GPU peaks (docs/recipe_measurements.json).
+
 Dynamic peak of a training step (second step: grads and optimizer states already exist)
   = checkpointed layer inputs + the larger of
   loss phase:  logits + log_softmax output (fp32) + its grad (fp32, and a 16-bit copy for 16-bit
@@ -52,6 +57,7 @@ INFER_HIDDEN_TENSORS = 1
 # Training, recomputed layer in backward:
 HIDDEN_GRAD_TENSORS = 2  # grad of a layer's output and of its input, B x S x hidden
 MLP_BACKWARD_TENSORS = 9  # gate, up, act(gate), act*up saved, LoRA branch outputs, and their grads, B x S x inter
+MLP_LORA_TENSORS = 3  # of those, the LoRA branch's: 16-bit under the Trainer's autocast (half the bytes)
 ATTN_BACKWARD_TENSORS = 6  # flash/efficient SDPA: q, k, v, out + grads, B x S x hidden
 ATTN_SCORE_COPIES = 4  # math SDPA backward: probs saved + recomputed scores + two grads, B x H x S x S
 LOSS_FP32_TENSORS = 2  # cross_entropy: log_softmax output (saved) + the grad flowing back, B x S x V fp32
@@ -60,8 +66,18 @@ OPTIMIZER_BYTES_PER_PARAM = {
     "adamw": 8.0,  # exp_avg + exp_avg_sq in fp32 (trainable params are fp32)
     "adamw8bit": 2.0 + 2 * 4 / 256,  # two uint8 states + an fp32 absmax per 256-value block each
     "paged_adamw8bit": 2.0 + 2 * 4 / 256,  # same bytes, in paged (managed) memory
+    "paged_adamw32bit": 8.0,  # two fp32 states, paged
+    "adafactor": 0.0,  # factored: per matrix (rows + cols) fp32, counted by adafactor_bytes
     "sgd": 0.0,  # momentum 0: no state
 }
+
+# --- recipes (what runs the steps; docs/benchmarks.md "recipes") ---------------------------------------
+# trl's SFTTrainer (and Unsloth, which runs it) computes the loss through a fused LM head that walks the
+# sequence in chunks of tokens and the vocabulary in chunks of columns: never B x S x V logits.
+SFT_TOKEN_CHUNK = 4096  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE
+SFT_VOCAB_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
+RECIPES_16BIT_ADAPTERS = ("sft", "unsloth")  # trl casts a quantized model's trainable adapters to bf16
+SFT_CHUNK_TENSORS = 1  # a chunk's fp32 logits
 
 
 @dataclass(frozen=True)
@@ -76,6 +92,7 @@ class Dims:
     intermediate: int
     vocab: int
     experts_per_token: int = 1  # MoE: each token runs through top-k experts' MLPs
+    num_experts: int = 1  # MoE: experts per layer (Mixtral's fused 3-D expert weights, kept 16-bit)
     sliding_window: int | None = None  # local attention window (Mistral), None when unused
     attn_softcapping: bool = False  # Gemma-2: attention logits soft-capped, so eager attention (no SDPA)
     logit_softcapping: bool = False  # Gemma-2: final logits soft-capped (tanh), one more B x S x V tensor
@@ -112,10 +129,11 @@ def dims_from_config(cfg: Mapping) -> Dims:
     inter = _first(text, "intermediate_size", "n_inner", "ffn_dim") and size("intermediate_size", "n_inner", "ffn_dim") or 4 * hidden
     vocab = size("vocab_size")
     top_k = size("num_experts_per_tok", "moe_topk", default=1)
+    experts = size("num_local_experts", "num_experts", default=1)
     window = None
     if text.get("use_sliding_window", True) is not False and text.get("sliding_window") is not None:
         window = size("sliding_window")
-    return Dims(hidden, layers, heads, kv_heads, head_dim, inter, vocab, top_k,
+    return Dims(hidden, layers, heads, kv_heads, head_dim, inter, vocab, top_k, experts,
                 sliding_window=window,
                 attn_softcapping=text.get("attn_logit_softcapping") is not None,
                 logit_softcapping=text.get("final_logit_softcapping") is not None)
@@ -175,9 +193,18 @@ class MemoryInputs:
     optimizer: str = "adamw"
     gradient_checkpointing: bool = True
     weight_bytes: int = 2  # itemsize of 16-bit weights in lora/full modes
+    recipe: str = "loop"  # trainer | sft | loop | unsloth (qtool.config.RECIPES)
+    precision: str = "bf16"  # the Trainer's mixed precision: bf16 | fp16 | fp32
+    lora_rank: int = 16
+    expert_lora: bool = False  # LoRA targets all-linear: peft also wraps fused 3-D expert weights (MoE)
+
+    @property
+    def autocast(self) -> bool:
+        """The Trainer (accelerate) wraps the forward in torch.autocast for bf16/fp16; the loop does not."""
+        return self.recipe != "loop" and self.precision != "fp32"
 
 
-def math_attention(d: Dims, act_bytes: int, seq: int) -> bool:
+def math_attention(d: Dims, act_bytes: int, seq: int, autocast: bool = False) -> bool:
     """Whether attention materialises the S x S scores (SDPA's math kernel, or eager attention).
 
     Flash attention needs 16-bit inputs; the memory-efficient kernel takes fp32 but not grouped-query
@@ -185,11 +212,13 @@ def math_attention(d: Dims, act_bytes: int, seq: int) -> bool:
     QLoRA's fp32 upcast of the norms makes attention inputs fp32, so a GQA model in QLoRA runs the math
     kernel -- unless a sliding window shorter than the sequence forces an explicit mask, when transformers
     repeats K/V and the memory-efficient kernel takes over. Soft-capped attention (Gemma-2) runs eager.
+    Under the Trainer's autocast SDPA is in autocast's 16-bit list: q, k, v are cast down and the flash or
+    memory-efficient kernel runs, whatever the residual stream's dtype.
     """
-    if d.attn_softcapping:
+    if d.attn_softcapping and not autocast:  # measured: no S x S under autocast (bf16 SDPA), Gemma-2 too
         return True
     masked = d.sliding_window is not None and seq >= d.sliding_window
-    return act_bytes == 4 and d.kv_heads < d.heads and not masked
+    return act_bytes == 4 and not autocast and d.kv_heads < d.heads and not masked
 
 
 def attention_scores_bytes(d: Dims, batch: int, seq: int, act_bytes: int) -> int:
@@ -213,7 +242,12 @@ def memory_breakdown(m: MemoryInputs) -> dict[str, int]:
         out["cuda_context"] = CUDA_CONTEXT_BYTES
         return out
 
-    if m.mode == "qlora":
+    if m.mode == "qlora" and m.recipe == "unsloth":
+        # Unsloth loads with its own patched classes and does not upcast: embeddings, norms and lm_head stay
+        # 16-bit, and so does the residual stream
+        out["weights"] = m.quant_weights_gpu
+        act, logit_bytes = c, c
+    elif m.mode == "qlora":
         # prepare_model_for_kbit_training casts every fp16/bf16 non-Params4bit param to fp32:
         # the kept params (embeddings, norms, lm_head) double in size ...
         out["weights"] = m.quant_weights_gpu - m.kept_weights_gpu
@@ -232,37 +266,39 @@ def memory_breakdown(m: MemoryInputs) -> dict[str, int]:
         per = 2 * m.weight_bytes if m.optimizer == "adamw" else OPTIMIZER_BYTES_PER_PARAM[m.optimizer]
         out["optimizer_states"] = int(trainable * per)
     else:
-        out["lora_params"] = m.lora_params * 4  # peft creates adapters in fp32
-        out["lora_grads"] = m.lora_params * 4
+        # peft creates adapters in fp32; trl's SFTTrainer (sft, unsloth) casts a quantized model's to bf16
+        adapter = 2 if m.recipe in RECIPES_16BIT_ADAPTERS and m.mode == "qlora" else 4
+        out["lora_params"] = m.lora_params * adapter
+        out["lora_grads"] = m.lora_params * adapter
         # paged optimizers live in managed memory: on the GPU, but not in torch's allocator
         key = "optimizer_states_paged" if m.optimizer.startswith("paged_") else "optimizer_states"
-        out[key] = optimizer_bytes(m.lora_params, m.optimizer)
+        out[key] = _adapter_optimizer_bytes(m, adapter)
+        experts = expert_adapter_params(m)
+        if experts:
+            per = 2 * adapter + OPTIMIZER_BYTES_PER_PARAM.get(m.optimizer, 0.0)
+            out["expert_adapters"] = int(experts * per)  # params, grads and optimizer states
     out["cublas_workspace"] = CUBLAS_WORKSPACE_BYTES
 
-    if m.gradient_checkpointing:
+    if m.gradient_checkpointing and m.recipe == "unsloth":
+        pass  # use_gradient_checkpointing="unsloth" offloads each layer's input to CPU memory
+    elif m.gradient_checkpointing:
         out["activation_checkpoints"] = checkpoint_bytes(d, b, s, act)
     else:
         per_layer = layer_activation_bytes(d, b, s, act)
-        if math_attention(d, act, s):
+        if math_attention(d, act, s, m.autocast):
             per_layer += LAYER_SCORE_TENSORS * b * d.heads * s * s * act
         out["activations"] = d.layers * per_layer
 
-    logits = logits_bytes(d, b, s, logit_bytes)
     hidden_grads = HIDDEN_GRAD_TENSORS * b * s * d.hidden * act
-    loss_phase = {
-        "logits": logits,  # kept alive by the model output
-        # ForCausalLMLoss upcasts 16-bit logits to fp32 (freed once log_softmax has run); the grad that
-        # flows back into 16-bit logits is cast down again
-        "logits_grad_16bit": logits if logit_bytes != 4 else 0,
-        "loss_softmax_and_grad": LOSS_FP32_TENSORS * logits_bytes(d, b, s, 4),
-        "logits_softcap": logits if d.logit_softcapping else 0,  # tanh(logits / cap) saved for backward
-        "hidden_grads": hidden_grads,
-    }
-    if math_attention(d, act, s):
+    loss_phase = _loss_phase(m, logit_bytes)
+    loss_phase["hidden_grads"] = hidden_grads
+    if math_attention(d, act, s, m.autocast):
         attention = attention_scores_bytes(d, b, s, act)
     else:
         attention = ATTN_BACKWARD_TENSORS * b * s * d.hidden * act
-    mlp = MLP_BACKWARD_TENSORS * b * s * d.intermediate * d.experts_per_token * act
+    mlp_tensors = MLP_BACKWARD_TENSORS - (MLP_LORA_TENSORS / 2 if m.autocast and act == 4 else 0)
+    mlp = int(mlp_tensors * b * s * d.intermediate * d.experts_per_token * act)
+    mlp += _expert_merge_bytes(m)
     layer_phase = {  # logits and the loss' tensors are freed once lm_head's backward has run
         "hidden_grads": hidden_grads,
         # one layer recomputed (checkpointing) and run backward: attention or MLP, whichever is larger
@@ -273,6 +309,69 @@ def memory_breakdown(m: MemoryInputs) -> dict[str, int]:
     out.update({k: v for k, v in phase.items() if v})
     out["cuda_context"] = CUDA_CONTEXT_BYTES
     return out
+
+
+def expert_adapter_params(m: MemoryInputs) -> int:
+    """peft's target_parameters LoRA on fused expert weights (E x 2I x H gate_up, E x H x I down), which
+    'all-linear' reaches in transformers 5: rank r per expert on both, in every layer."""
+    d = m.dims
+    if d.num_experts <= 1 or not m.expert_lora or m.mode not in ("qlora", "lora"):
+        return 0
+    return d.layers * d.num_experts * m.lora_rank * (2 * d.hidden + 3 * d.intermediate)
+
+
+def _expert_merge_bytes(m: MemoryInputs) -> int:
+    """peft's ParamWrapper computes the expert weights as W + B @ A for the whole layer on each (re)compute:
+    the merged gate_up (E x 2I x H) is saved for backward while the down projection's delta and merged
+    weight (E x H x I each) are built -- 4/3 of a layer's expert weights, in fp32 (QLoRA's upcast)."""
+    d = m.dims
+    if not expert_adapter_params(m):
+        return 0
+    itemsize = 4 if m.mode == "qlora" else m.weight_bytes
+    return d.num_experts * d.hidden * d.intermediate * 4 * itemsize
+
+
+def _adapter_optimizer_bytes(m: MemoryInputs, adapter_bytes: int) -> int:
+    if m.optimizer == "adafactor":
+        # factored second moment, no first moment (the Trainer's adafactor): a row and a column vector in
+        # fp32 per LoRA matrix, ~ params / rank each for A (r x in) and B (out x r)
+        return int(4 * m.lora_params / m.lora_rank)
+    if m.optimizer == "adamw":  # torch AdamW: zeros_like(param), twice
+        return 2 * adapter_bytes * m.lora_params
+    return optimizer_bytes(m.lora_params, m.optimizer)
+
+
+def _loss_phase(m: MemoryInputs, logit_bytes: int) -> dict[str, int]:
+    """What the loss holds at the start of backward, per recipe (B x S x V tensors unless said)."""
+    d, b, s, c = m.dims, m.batch, m.seq, m.compute_bytes
+    logits = logits_bytes(d, b, s, logit_bytes)
+    # autocast runs lm_head in 16 bit: the fp32 lm_head weight (QLoRA's upcast) is cast down and the copy is
+    # saved for backward -- vocab x hidden, large for big vocabularies (Qwen, Gemma)
+    lm_head_copy = d.vocab * d.hidden * c if m.autocast and m.mode == "qlora" else 0
+    if m.recipe in RECIPES_16BIT_ADAPTERS:
+        # trl's fused LM head: fp32 logits of one chunk of tokens x one chunk of the vocabulary at a time;
+        # no full-size 16-bit copy of lm_head (the kernel takes one vocabulary chunk of it at a time)
+        chunk = min(b * s, SFT_TOKEN_CHUNK) * min(d.vocab, SFT_VOCAB_CHUNK) * 4
+        # a vocabulary larger than one chunk is sliced: the slice of the fp32 lm_head weight is copied
+        # (contiguous, fp32) while its chunk is computed; a vocabulary of one chunk is used in place
+        head_chunk = SFT_VOCAB_CHUNK * d.hidden * 4 if m.mode == "qlora" and d.vocab > SFT_VOCAB_CHUNK else 0
+        return {"lm_head_chunk": head_chunk, "loss_chunk": SFT_CHUNK_TENSORS * chunk}
+    if m.autocast and m.mode == "qlora":
+        return {
+            "lm_head_16bit": lm_head_copy,
+            # 16-bit logits, upcast by the loss; log_softmax output and its grad in fp32
+            "logits": logits, "loss_softmax_and_grad": LOSS_FP32_TENSORS * logits_bytes(d, b, s, 4),
+            # final-logit soft-capping runs in the compute dtype under autocast: tanh output saved in 16 bit
+            "logits_softcap": logits_bytes(d, b, s, c) if d.logit_softcapping else 0,
+        }
+    return {
+        "logits": logits,  # kept alive by the model output
+        # ForCausalLMLoss upcasts 16-bit logits to fp32 (freed once log_softmax has run); the grad that
+        # flows back into 16-bit logits is cast down again
+        "logits_grad_16bit": logits if logit_bytes != 4 else 0,
+        "loss_softmax_and_grad": LOSS_FP32_TENSORS * logits_bytes(d, b, s, 4),
+        "logits_softcap": logits if d.logit_softcapping else 0,  # tanh(logits / cap) saved for backward
+    }
 
 
 def peak_bytes(breakdown: Mapping[str, int]) -> int:

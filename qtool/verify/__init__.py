@@ -66,6 +66,10 @@ def preflight(spec: ModelSpec, settings: Settings, options: VerifyOptions):
     if settings.quant.blocksize != 64 and run.mode in ("qlora", "inference"):
         raise BadInput(f"--blocksize {settings.quant.blocksize}: transformers' loader quantizes with "
                        "bitsandbytes' default block size 64 only")
+    if run.recipe in ("sft", "unsloth") and run.mode != "inference":
+        from qtool.verify.recipes import require_trl, require_unsloth
+
+        require_trl() if run.recipe == "sft" else require_unsloth()
     check_inputs(options)
     settings, seq_note = fit_positions(spec, settings)
     source = resolve_source(spec, options) if spec.kind != "hub" else None
@@ -140,12 +144,15 @@ class _Run:
         self.report = self._new_report()
 
     def _new_report(self) -> dict[str, Any]:
+        from qtool.verify import recipes
+
         s, source, run = self.settings, self.source, self.settings.run
         report: dict[str, Any] = {
             "model": {"ref": self.spec.ref, "name": self.spec.name, "kind": self.spec.kind, "source": source.kind,
                       "description": source.description, "path": str(source.path) if source.path else None,
                       "architecture": self.cls.__name__, "quantization_config": source.quantization_config},
             "settings": {**s.run.to_dict(), "quant": s.quant.to_dict()},
+            "recipe": recipes.describe(s),
             "device": _device_info(self.devices, self.cuda),
             "versions": versions(),
             "steps": [], "phases": {}, "memory": {}, "loss": None, "loss_finite": None, "grads_finite": None,
@@ -236,11 +243,16 @@ class _Run:
         return ids
 
     def _steps(self, ids) -> None:
+        from qtool.verify import recipes
+
         run, options, meter, phases = self.settings.run, self.options, self.meter, self.report["phases"]
         if run.mode == "inference":
             self.stage = Stage.INFERENCE
             self.say(f"inference: prefill {run.batch_size}x{run.seq_len} tokens + {options.decode_tokens} decode steps")
-            _infer(self.model, ids, options, meter, phases, self.report, self.causal)
+            if run.recipe != "loop" and self.causal:
+                recipes.generate(self.model, ids, options, meter, phases, self.report)
+            else:
+                _infer(self.model, ids, options, meter, phases, self.report, self.causal)
             return
         self.stage = Stage.PEFT_WRAP
         self.model = wrap_for_training(self.model, self.settings)
@@ -249,7 +261,10 @@ class _Run:
         meter.reset_peak()
         self.stage = Stage.TRAINING
         self.say(f"{run.mode}: {options.steps} step(s) of {run.batch_size}x{run.seq_len} tokens, {run.optimizer}")
-        _train(self.model, ids, self.settings, options, meter, phases, self.report)
+        if run.recipe == "loop":
+            _train(self.model, ids, self.settings, options, meter, phases, self.report)
+        else:
+            recipes.train_with_trainer(self.model, ids, self.settings, options, meter, phases, self.report)
 
     def measure(self) -> None:
         """The memory section: allocator peaks per device on CUDA, the process's peak RSS on CPU."""

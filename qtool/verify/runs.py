@@ -18,6 +18,10 @@ def _make_optimizer(name: str, params: list, lr: float):
         return torch.optim.AdamW(params, lr=lr)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr)
+    if name == "adafactor":  # as the Trainer builds it for optim="adafactor"
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False)
     import bitsandbytes as bnb
 
     if name == "adamw8bit":
@@ -25,6 +29,8 @@ def _make_optimizer(name: str, params: list, lr: float):
     if name == "paged_adamw8bit":
         # Paged state lives in CUDA unified memory; on CPU bitsandbytes keeps it in ordinary tensors.
         return bnb.optim.PagedAdamW8bit(params, lr=lr)
+    if name == "paged_adamw32bit":
+        return bnb.optim.PagedAdamW32bit(params, lr=lr)
     raise BadInput(f"unknown optimizer {name!r}")
 
 

@@ -1,0 +1,161 @@
+"""The recipes users launch, on the CPU: a real transformers.Trainer under `qtool verify --recipe trainer`,
+the optimizer names of TrainingArguments, the recipe arithmetic of `qtool estimate`, and the one-line errors
+for recipes whose packages are missing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("bitsandbytes")
+pytest.importorskip("peft")
+
+from qtool.cli.app import main  # noqa: E402
+
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, torch_dtype="bfloat16",
+            tie_word_embeddings=False)
+SEQ = ["--seq-len", "24", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    AutoModelForCausalLM.from_config(LlamaConfig(**TINY)).to(torch.bfloat16).save_pretrained(root)
+    return root
+
+
+def _verify(argv, capsys) -> tuple[int, dict | None, str]:
+    code = main(["verify", *argv, "--json"])
+    out = capsys.readouterr()
+    return code, (json.loads(out.out) if out.out.strip() else None), out.err
+
+
+def test_default_recipe_is_a_real_trainer(tiny, capsys):
+    code, r, _ = _verify([str(tiny), *SEQ, "--optimizer", "adamw_8bit"], capsys)
+    assert code == 0, r
+    assert r["settings"]["recipe"] == "trainer" and r["settings"]["optimizer"] == "adamw8bit"
+    # what ran: TrainingArguments as a user writes them
+    assert r["trainer"] == {"class": "transformers.Trainer", "optim": "adamw_bnb_8bit", "bf16": True, "fp16": False,
+                            "gradient_checkpointing": True}
+    assert [s["step"] for s in r["steps"]] == [1, 2] and r["loss_finite"] and r["grads_finite"]
+    assert {"forward_peak", "backward_peak", "optimizer_step_peak", "after_step"} <= set(r["phases"])
+    assert r["recipe"]["runner"] == "transformers.Trainer"
+
+
+def test_loop_recipe_is_qtools_loop(tiny, capsys):
+    code, r, _ = _verify([str(tiny), *SEQ, "--recipe", "loop", "--steps", "1"], capsys)
+    assert code == 0
+    assert "trainer" not in r and r["recipe"] == {"recipe": "loop", "precision": "bf16"}
+
+
+def test_fp16_on_cpu_runs_fp32_with_a_note(tiny, capsys):
+    code, r, _ = _verify([str(tiny), *SEQ, "--precision", "fp16", "--steps", "1"], capsys)
+    assert code == 0
+    assert r["trainer"]["fp16"] is False and r["trainer"]["bf16"] is False
+    assert any("fp16" in n for n in r["notes"])
+
+
+def test_a_second_trainer_on_the_same_model_still_autocasts(tiny):
+    """accelerate marks a prepared model and skips it the next time: recipes.release must undo that, or every
+    Trainer after the first on one model (bench/recipe_gpu.py runs several) trains without autocast."""
+    from transformers import AutoModelForCausalLM
+
+    from qtool.verify import recipes
+    from qtool.config import resolve_settings
+    from qtool.verify import Meter, VerifyOptions, wrap_for_training
+
+    settings = resolve_settings({"mode": "lora", "seq_len": 16, "recipe": "trainer"}, env={})
+    model = wrap_for_training(AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.bfloat16), settings)
+    seen: list[bool] = []
+    model.get_output_embeddings().register_forward_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+    ids = torch.randint(0, TINY["vocab_size"], (1, 16))
+    for _ in range(2):
+        report = {"steps": [], "notes": []}
+        recipes.train_with_trainer(model, ids, settings, VerifyOptions(device="cpu", steps=1),
+                                   Meter([torch.device("cpu")]), {}, report)
+        assert report["loss_finite"]
+    assert seen == [True, True]
+    assert "_is_accelerate_prepared" not in model.__dict__ and "forward" not in model.__dict__
+
+
+def test_trainer_optim_names_cover_every_optimizer():
+    from qtool.config import OPTIMIZERS
+    from qtool.verify.recipes import TRAINER_OPTIM
+    from transformers.training_args import OptimizerNames
+
+    assert set(TRAINER_OPTIM) == set(OPTIMIZERS)
+    assert {OptimizerNames(v) for v in TRAINER_OPTIM.values()}  # each is a name TrainingArguments accepts
+
+
+def test_sft_recipe_needs_trl(tiny, capsys):
+    missing = any(importlib.util.find_spec(m) is None for m in ("trl", "datasets", "triton"))
+    code = main(["verify", str(tiny), *SEQ, "--recipe", "sft", "--steps", "1"])
+    err = capsys.readouterr().err
+    if missing:
+        assert code == 2
+        lines = [x for x in err.splitlines() if x.startswith("qtool: error:")]
+        assert len(lines) == 1 and "--recipe sft" in lines[0] and "Traceback" not in err
+    else:  # installed: the recipe runs
+        assert code == 0, err
+
+
+def test_verify_refuses_unsloth_in_one_line(tiny, capsys):
+    """Installed or not, verify does not run Unsloth (it loads from files with its own classes): exit 2."""
+    code = main(["verify", str(tiny), *SEQ, "--recipe", "unsloth", "--steps", "1"])
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("qtool: error:")]
+    assert code == 2 and len(lines) == 1 and "--recipe unsloth" in lines[0] and "Traceback" not in err
+
+
+# --- estimate: recipes are arithmetic ---------------------------------------------------------------
+
+
+def _estimate(*args) -> dict:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "qtool", "estimate", "llama-3-8b", "--json", *args], cwd=root,
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+def test_estimate_trainer_holds_a_16bit_copy_of_lm_head():
+    cfg = json.loads((Path(__file__).resolve().parents[1] / "configs" / "models" / "llama-3-8b.json").read_text())
+    loop = _estimate("--recipe", "loop", "--seq-len", "512")
+    trainer = _estimate("--recipe", "trainer", "--seq-len", "512")
+    copy = cfg["vocab_size"] * cfg["hidden_size"] * 2  # autocast's bf16 cast of the fp32 lm_head weight
+    assert trainer["breakdown"]["lm_head_16bit"] == copy
+    assert trainer["settings"]["recipe"] == "trainer" and loop["settings"]["recipe"] == "loop"
+    assert trainer["peak_bytes"] > loop["peak_bytes"]
+
+
+def test_estimate_sft_has_no_full_logits_and_16bit_adapters():
+    trainer = _estimate("--recipe", "trainer", "--seq-len", "8192")
+    sft = _estimate("--recipe", "sft", "--seq-len", "8192")
+    assert "logits" not in sft["breakdown"] and "logits" in trainer["breakdown"]
+    assert sft["breakdown"]["lora_params"] * 2 == trainer["breakdown"]["lora_params"]
+    assert sft["peak_bytes"] < trainer["peak_bytes"]
+
+
+def test_estimate_unsloth_keeps_embeddings_16bit_and_offloads_checkpoints():
+    unsloth = _estimate("--recipe", "unsloth")
+    assert "kept_fp32" not in unsloth["breakdown"] and "activation_checkpoints" not in unsloth["breakdown"]
+    assert unsloth["breakdown"]["weights"] == unsloth["weights"]["nf4_dq"]["gpu"]
