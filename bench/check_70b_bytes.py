@@ -18,7 +18,7 @@ def build(layers):
     c = dict(cfg, num_hidden_layers=layers); c.pop("_qtool_note", None)
     d = work / f"src{layers}"; d.mkdir()
     (d / "config.json").write_text(json.dumps(c))
-    from qtool.meta import meta_model
+    from qtool.core.meta import meta_model
     m = meta_model(c)
     g = torch.Generator().manual_seed(0)
     sd = {}
@@ -33,9 +33,9 @@ for layers in (1, 2):
     q = AutoModelForCausalLM.from_pretrained(d, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16), device_map="cpu")
     q.save_pretrained(work / f"q{layers}"); del q
     size = sum(p.stat().st_size for p in (work / f"q{layers}").glob("*.safetensors"))
-    from qtool.config import resolve_settings
+    from qtool.core.config import resolve_settings
     from qtool.estimate import estimate_report
-    from qtool.models import resolve_model
+    from qtool.core.models import resolve_model
     est = estimate_report(resolve_model(str(d / "config.json")), resolve_settings({}, env={}))["weights_bytes"]["nf4_dq"]
     out[layers] = (size, est)
     print(layers, "layers: transformers checkpoint", size, "qtool estimate", est, "diff", est - size, round(time.time()-t,1), "s", flush=True)

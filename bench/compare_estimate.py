@@ -23,7 +23,7 @@ _IGNORED = {"--steps"}  # verify-only options with a value
 
 def flags_from_args(args: list[str]) -> dict:
     """verify's command-line options -> config-layer flags (later options win, as on the command line). The
-    flag names come from the settings table (qtool.config.KEYS), as the CLI's own do."""
+    flag names come from the settings table (qtool.core.config.KEYS), as the CLI's own do."""
     from qtool.cli.fast import setting_flags
 
     known = setting_flags("verify")
@@ -46,7 +46,7 @@ def flags_from_args(args: list[str]) -> dict:
 
 def _spec(row: dict, tmp: Path):
     """The model a row measured: a preset, or an architecture's config truncated to `layers`."""
-    from qtool.models import resolve_model
+    from qtool.core.models import resolve_model
 
     if "arch" not in row:
         return resolve_model(row["model"])
@@ -68,7 +68,7 @@ def load_rows() -> list[dict]:
 def compare(rows: list[dict] | None = None) -> list[dict]:
     import tempfile
 
-    from qtool.config import resolve_settings
+    from qtool.core.config import resolve_settings
     from qtool.estimate import estimate_report
 
     rows = rows if rows is not None else load_rows()

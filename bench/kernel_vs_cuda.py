@@ -321,7 +321,7 @@ def references(work: Path) -> tuple[dict, dict]:
     import reference_models as rm
     from transformers import AutoModelForCausalLM
 
-    from qtool.config import QuantSettings
+    from qtool.core.config import QuantSettings
     from qtool.quantize import plan_quantization, run_quantization
 
     ref: dict = {"_about": {}}

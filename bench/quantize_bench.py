@@ -39,7 +39,7 @@ def make_checkpoint(path: Path, layers: int) -> int:
     """Write config.json + model.safetensors with random bf16 tensors; returns the file size."""
     import torch
 
-    from qtool.meta import meta_model
+    from qtool.core.meta import meta_model
     from qtool.quantize.sink import safetensors_header
 
     cfg = dict(CONFIG, num_hidden_layers=layers)

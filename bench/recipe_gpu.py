@@ -65,8 +65,8 @@ def worker(a) -> None:
     import torch
 
     from qtool.verify import recipes
-    from qtool.config import resolve_settings
-    from qtool.models import resolve_model
+    from qtool.core.config import resolve_settings
+    from qtool.core.models import resolve_model
     from qtool.verify import Meter, Source, VerifyOptions, _infer, _train, load_model, make_batch, wrap_for_training
 
     arch, layers = parse_case(a.one)
@@ -156,7 +156,7 @@ def unsloth_worker(a) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from qtool.verify import recipes
-    from qtool.config import resolve_settings
+    from qtool.core.config import resolve_settings
     from qtool.verify import Meter, VerifyOptions, make_batch
 
     arch, layers = parse_case(a.unsloth_one)

@@ -1,13 +1,13 @@
 """`python -m qtool` and the `qtool` console script.
 
-Signals are taken over first (qtool.signals), before typer, rich or anything heavy is imported, so that
+Signals are taken over first (qtool.core.signals), before typer, rich or anything heavy is imported, so that
 Ctrl-C or a kill at any moment ends with one line and the right exit code."""
 
 import sys
 
 
 def run() -> None:
-    from qtool import signals
+    from qtool.core import signals
 
     def emit(line: str) -> None:
         sys.stderr.write(line + "\n")

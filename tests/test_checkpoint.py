@@ -1,4 +1,4 @@
-"""qtool.checkpoint: real safetensors files written by safetensors itself, then corrupted byte by byte."""
+"""qtool.core.checkpoint: real safetensors files written by safetensors itself, then corrupted byte by byte."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from qtool.checkpoint import (
+from qtool.core.checkpoint import (
     INDEX_NAME, Checkpoint, TensorInfo, read_safetensors_header,
 )
-from qtool.errors import ConfigError, WeightsError
+from qtool.core.errors import ConfigError, WeightsError
 
 torch.set_num_threads(1)
 CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
@@ -127,7 +127,7 @@ def test_read_unknown_tensor(tmp_path):
 
 
 def test_dtype_helpers():
-    from qtool.dtypes import is_float_dtype, is_quantizable_dtype
+    from qtool.core.dtypes import is_float_dtype, is_quantizable_dtype
 
     assert all(is_float_dtype(d) for d in ("F16", "BF16", "F32", "F64", "F8_E4M3"))
     assert not any(is_float_dtype(d) for d in ("U8", "I8", "I32", "I64", "BOOL", "nonsense"))

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from qtool.cli.app import main
-from qtool.config import KEYS, QuantSettings, RunSettings, flag_name, resolve_settings
-from qtool.errors import ConfigError
+from qtool.core.config import KEYS, QuantSettings, RunSettings, flag_name, resolve_settings
+from qtool.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = ("estimate", "quantize", "verify")
@@ -233,7 +233,7 @@ class _Clock:
 
 def _progress(tty: bool, width: int = 80):
     from qtool.cli.progress import ProgressLine
-    from qtool.sizes import format_bytes
+    from qtool.core.sizes import format_bytes
 
     stream, clock = io.StringIO(), _Clock()
     line = ProgressLine(stream, total=100 * 2**30, size=format_bytes, tty=tty, width=width, clock=clock)

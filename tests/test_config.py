@@ -7,10 +7,10 @@ import json
 import pytest
 
 from qtool.cli.app import main
-from qtool.config import KEYS, resolve_settings
-from qtool.errors import ConfigError
-from qtool.models import approximate_config, resolve_model
-from qtool.sizes import parse_size
+from qtool.core.config import KEYS, resolve_settings
+from qtool.core.errors import ConfigError
+from qtool.core.models import approximate_config, resolve_model
+from qtool.core.sizes import parse_size
 
 
 def test_defaults_are_the_seed_recipe(tmp_path):

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from qtool.errors import ConfigError
+from qtool.core.errors import ConfigError
 
-from qtool import memory
+from qtool.estimate import memory
 from qtool.cli.app import main
-from qtool.config import resolve_settings
+from qtool.core.config import resolve_settings
 from qtool.estimate import estimate_report
-from qtool.models import approximate_config, resolve_model
+from qtool.core.models import approximate_config, resolve_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,8 +102,8 @@ def test_approximation_is_labelled(capsys):
 
 
 def test_analytic_plan_equals_meta_plan():
-    from qtool.meta import build_plan
-    from qtool.plancache import analytic_plan, linear_shapes
+    from qtool.core.meta import build_plan
+    from qtool.core.plancache import analytic_plan, linear_shapes
 
     for n in (0.45e9, 1.5e9):
         cfg = approximate_config(n)
@@ -163,7 +163,7 @@ def test_lora_params_match_peft(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from qtool.estimate import lora_linears
-    from qtool.plancache import meta_plan
+    from qtool.core.plancache import meta_plan
 
     cfg = dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)

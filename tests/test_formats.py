@@ -1,4 +1,4 @@
-"""qtool.formats predicts, byte for byte, what transformers + bitsandbytes save for 4-bit models.
+"""qtool.estimate.formats predicts, byte for byte, what transformers + bitsandbytes save for 4-bit models.
 
 Tiny Llama, GPT-2 (Conv1D) and tied Qwen2 models are quantized with transformers' own path
 (from_pretrained(quantization_config=BitsAndBytesConfig(...)) + save_pretrained) and every saved
@@ -16,8 +16,8 @@ import pytest
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
 
-from qtool import formats  # noqa: E402
-from qtool.formats import FORMATS, quant_state_blob, quantized_parts, weights_for_format  # noqa: E402
+from qtool.estimate import formats  # noqa: E402
+from qtool.estimate.formats import FORMATS, quant_state_blob, quantized_parts, weights_for_format  # noqa: E402
 
 TINY = {
     "llama": dict(model_type="llama", vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -62,7 +62,7 @@ def _saved(path):
 def test_predicted_bytes_equal_saved(sources, tmp_path, arch, key):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from qtool.meta import build_plan
+    from qtool.core.meta import build_plan
 
     fmt = FORMATS[key]
     src = sources[arch]

@@ -1,4 +1,4 @@
-"""qtool.hub against a real HTTP server on 127.0.0.1 (tests/hubserver.py), reached through HF_ENDPOINT.
+"""qtool.core.hub against a real HTTP server on 127.0.0.1 (tests/hubserver.py), reached through HF_ENDPOINT.
 
 Everything runs in subprocesses: huggingface_hub reads some HF_* variables at import time, and a
 subprocess with its own environment is what a user's shell does.
@@ -21,8 +21,8 @@ WEIGHT_SUFFIXES_NOT_WANTED = (".bin", ".onnx")
 
 DOWNLOAD = """
 import json, sys
-from qtool.errors import QtoolError
-from qtool.hub import download_checkpoint
+from qtool.core.errors import QtoolError
+from qtool.core.hub import download_checkpoint
 try:
     path, sha = download_checkpoint(sys.argv[1], revision=(sys.argv[2] if len(sys.argv) > 2 else None))
 except QtoolError as exc:
@@ -290,7 +290,7 @@ def test_download_offline(hub_server, hub_env):
 
 
 def test_redact(monkeypatch):
-    from qtool.hub import redact
+    from qtool.core.hub import redact
 
     assert redact(f"Authorization: Bearer {HUB_ALLOWED_TOKEN} x") == "Authorization: Bearer hf_*** x"
     monkeypatch.setenv("HF_TOKEN", "plain-secret-value")
@@ -321,7 +321,7 @@ QUANTIZE_LIB = """
 import sys, torch
 torch.set_num_threads(1)
 from pathlib import Path
-from qtool.config import resolve_settings
+from qtool.core.config import resolve_settings
 from qtool.quantize import quantize
 plan, result = quantize(sys.argv[1], resolve_settings().quant, destination=Path(sys.argv[2]), device="cpu")
 print("written")
@@ -329,7 +329,7 @@ print("written")
 
 
 def test_quantize_library_from_hub_loads_in_transformers_no_token(hub_server, hub_env, hub_repos, tmp_path):
-    """qtool.quantize.quantize('org/gated') downloads through qtool.hub, then writes a checkpoint that stock
+    """qtool.quantize.quantize('org/gated') downloads through qtool.core.hub, then writes a checkpoint that stock
     transformers loads; the token is used for the download and found nowhere afterwards."""
     dst = tmp_path / "out"
     env = {**hub_env, "HF_TOKEN": HUB_ALLOWED_TOKEN}

@@ -21,7 +21,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import reference_models as rm  # noqa: E402
 from qtool.quantize import kernel  # noqa: E402
-from qtool.config import QuantSettings  # noqa: E402
+from qtool.core.config import QuantSettings  # noqa: E402
 from qtool.quantize import plan_quantization, run_quantization  # noqa: E402
 from qtool.quantize.stream import quantize_tensor  # noqa: E402
 
@@ -166,7 +166,7 @@ def test_quantize_tensor_on_cpu_uses_the_kernel_and_never_imports_bitsandbytes(t
     import subprocess
     import sys
 
-    code = ("import sys, torch\nfrom qtool.config import QuantSettings\nfrom qtool.quantize.stream import quantize_tensor\n"
+    code = ("import sys, torch\nfrom qtool.core.config import QuantSettings\nfrom qtool.quantize.stream import quantize_tensor\n"
             "p = quantize_tensor(torch.randn(64, 64), settings=QuantSettings())\n"
             "print(sorted(p), 'bitsandbytes' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

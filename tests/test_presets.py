@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from qtool import presets
-from qtool.config import resolve_settings
+from qtool.core import presets
+from qtool.core.config import resolve_settings
 from qtool.estimate import estimate_report
-from qtool.models import resolve_model
-from qtool.plancache import load_cached, plans_dir
+from qtool.core.models import resolve_model
+from qtool.core.plancache import load_cached, plans_dir
 
 # Public config.json files and published parameter totals (facts, copied from the team's reference folder).
 REFERENCE = Path(__file__).parent / "data" / "reference"
@@ -27,8 +27,8 @@ def _signature(cfg: dict) -> tuple:
 
 @pytest.mark.parametrize("name", sorted(presets.model_presets()))
 def test_cached_plan_equals_fresh_build(name):
-    from qtool.meta import build_plan
-    from qtool.plancache import linear_shapes
+    from qtool.core.meta import build_plan
+    from qtool.core.plancache import linear_shapes
 
     config = presets.load_model_preset(name)
     cached = load_cached(name, config)

@@ -13,14 +13,14 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qtool.checkpoint import INDEX_NAME, Checkpoint, read_safetensors_header
-from qtool.dtypes import BY_CODE
+from qtool.core.checkpoint import INDEX_NAME, Checkpoint, read_safetensors_header
+from qtool.core.dtypes import BY_CODE
 
 DTYPE_SIZES = {code: d.itemsize for code, d in BY_CODE.items()}
-from qtool.config import KEY_BY_NAME, env_name, flag_name, resolve_settings
-from qtool.errors import ConfigError, WeightsError
-from qtool.presets import load_settings_preset, settings_presets
-from qtool.sizes import format_bytes, parse_size
+from qtool.core.config import KEY_BY_NAME, env_name, flag_name, resolve_settings
+from qtool.core.errors import ConfigError, WeightsError
+from qtool.core.presets import load_settings_preset, settings_presets
+from qtool.core.sizes import format_bytes, parse_size
 
 FAST = settings(max_examples=60, deadline=10_000, suppress_health_check=[HealthCheck.too_slow])
 

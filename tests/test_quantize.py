@@ -23,8 +23,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")
 torch.set_num_threads(1)
 
-from qtool.config import QuantSettings  # noqa: E402
-from qtool.errors import BadInput, WeightsError  # noqa: E402
+from qtool.core.config import QuantSettings  # noqa: E402
+from qtool.core.errors import BadInput, WeightsError  # noqa: E402
 from qtool.quantize import plan_quantization, run_quantization  # noqa: E402
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -494,7 +494,7 @@ def test_cli_is_the_library_plus_parsing_and_rendering(sources, tmp_path, capsys
     import json as _json
 
     from qtool.cli.app import main
-    from qtool.config import QuantSettings
+    from qtool.core.config import QuantSettings
     from qtool.quantize import quantize
 
     src = sources("llama", "bf16")

@@ -63,7 +63,7 @@ def test_minilm_matches_transformers_own_quantization(quantized, tmp_path, monke
     from safetensors import safe_open
     from transformers import AutoModel
 
-    from qtool.config import QuantSettings
+    from qtool.core.config import QuantSettings
 
     use_cuda_arithmetic_in_bitsandbytes(monkeypatch)
     oracle = AutoModel.from_pretrained(MODEL, quantization_config=QuantSettings().bnb_config(), device_map="cpu")

@@ -78,7 +78,7 @@ def test_a_second_trainer_on_the_same_model_still_autocasts(tiny):
     from transformers import AutoModelForCausalLM
 
     from qtool.verify import recipes
-    from qtool.config import resolve_settings
+    from qtool.core.config import resolve_settings
     from qtool.verify import Meter, VerifyOptions, wrap_for_training
 
     settings = resolve_settings({"mode": "lora", "seq_len": 16, "recipe": "trainer"}, env={})
@@ -96,7 +96,7 @@ def test_a_second_trainer_on_the_same_model_still_autocasts(tiny):
 
 
 def test_trainer_optim_names_cover_every_optimizer():
-    from qtool.config import OPTIMIZERS
+    from qtool.core.config import OPTIMIZERS
     from qtool.verify.recipes import TRAINER_OPTIM
     from transformers.training_args import OptimizerNames
 

@@ -364,7 +364,7 @@ def test_numerical_error_words():
 
 def test_numerical_error_fails_finite_loss_exit_4(tiny, capsys):
     """A NaN/inf error raised during the run (recorded as report['error']) fails finite_loss: exit 4."""
-    from qtool.config import resolve_settings
+    from qtool.core.config import resolve_settings
     from qtool.verify import checks, outcome
 
     code, r, _ = _run([str(tiny), "--device", "cpu", *SEQ, "--steps", "0", "--json"], capsys)
@@ -399,9 +399,9 @@ def test_kept_dtype_matches_estimate(tmp_path, source, capsys):
     weights from its config alike; --dtype overrides both."""
     from transformers import AutoModelForCausalLM
 
-    from qtool.config import resolve_settings
+    from qtool.core.config import resolve_settings
     from qtool.estimate import estimate_report
-    from qtool.models import resolve_model
+    from qtool.core.models import resolve_model
 
     root = _strip_dtype(_save_tiny(tmp_path / "no-dtype"))
     oracle = str(AutoModelForCausalLM.from_pretrained(root).model.norm.weight.dtype).removeprefix("torch.")

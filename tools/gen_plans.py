@@ -4,7 +4,7 @@
     .venv/bin/python tools/gen_plans.py gpt2 ...   # some
 
 Each file holds the preset's ModelPlan.to_dict() (groups, not the full tensor list) from
-qtool.meta.build_plan on the meta device, the quantized Linear shapes by module name (for LoRA
+qtool.core.meta.build_plan on the meta device, the quantized Linear shapes by module name (for LoRA
 targets), and a hash of the preset's config so a stale cache is ignored. tests/test_presets.py
 rebuilds every plan and compares.
 """
@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qtool import presets  # noqa: E402
-from qtool.meta import build_plan  # noqa: E402
-from qtool.plancache import cache_record, plans_dir  # noqa: E402
+from qtool.core import presets  # noqa: E402
+from qtool.core.meta import build_plan  # noqa: E402
+from qtool.core.plancache import cache_record, plans_dir  # noqa: E402
 
 
 def main(names: list[str]) -> int:

@@ -11,8 +11,8 @@ from typing import Annotated, Optional
 
 from qtool import __version__
 from qtool.cli.fast import parse_estimate, run_estimate
-from qtool.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, QtoolError
-from qtool.signals import Stopped
+from qtool.core.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, QtoolError
+from qtool.core.signals import Stopped
 
 HELP = """Fit large language models onto the GPUs you have.
 
@@ -117,7 +117,7 @@ def _verbose(argv: list[str]) -> bool:
 
 
 def _emit(line: str) -> None:
-    from qtool.logs import stderr
+    from qtool.core.logs import stderr
 
     err = stderr()
     try:
@@ -190,9 +190,10 @@ def main(argv: list[str] | None = None) -> int:
 
     Typer runs in non-standalone mode: its usage errors come back as exceptions and are printed here as
     one line, like every other error. A signal wins over whatever exception it caused on its way out
-    (qtool.signals); what libraries print to stderr is held unless -v/--debug (qtool.logs).
+    (qtool.core.signals); what libraries print to stderr is held unless -v/--debug (qtool.core.logs).
     """
-    from qtool import logs, signals
+    from qtool.core import logs
+    from qtool.core import signals
 
     args = sys.argv[1:] if argv is None else list(argv)
     signals.install(_emit)

@@ -8,7 +8,7 @@ import typer
 
 from qtool.cli.options import ConfigOpt, JsonOpt, escape
 from qtool.cli.output import Output
-from qtool.config import COMMANDS, KEY_BY_NAME, env_name, flag_name, resolve_settings
+from qtool.core.config import COMMANDS, KEY_BY_NAME, env_name, flag_name, resolve_settings
 
 app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_help=True)
 
@@ -46,7 +46,7 @@ def show(
         out.warn(line)
     spec = None
     if model is not None:
-        from qtool.models import resolve_model
+        from qtool.core.models import resolve_model
 
         spec = resolve_model(model)
     data = {

@@ -42,9 +42,9 @@ def typer_command():
 def run(model: str, settings, *, revision=None, trust_remote_code: bool = False, as_json: bool = False) -> None:
     """Resolve the model, estimate (qtool.estimate), render or print JSON; exit 3 when it does not fit."""
     from qtool.cli.output import Output
-    from qtool.errors import DoesNotFit
+    from qtool.core.errors import DoesNotFit
     from qtool.estimate import estimate_report
-    from qtool.models import resolve_model
+    from qtool.core.models import resolve_model
 
     out = Output(as_json=as_json, units=settings.values["units"])
     for line in settings.warnings:
@@ -64,7 +64,7 @@ def run(model: str, settings, *, revision=None, trust_remote_code: bool = False,
 
 def kept_summary(by_reason: dict[str, int]) -> str:
     """What stays 16-bit, largest first, in words: 'fused MoE expert tensors 99.4%, embeddings and norms ...'."""
-    from qtool import plan
+    from qtool.core import plan
 
     words = {plan.REASON_NOT_LINEAR: "embeddings and norms", plan.REASON_SKIPPED: "output head",
              plan.REASON_BIAS: "biases", plan.REASON_FUSED: "fused MoE expert tensors",
@@ -81,7 +81,7 @@ def render(console, r: dict, format_bytes) -> None:
     """The human report: formats table first, then the peak term by term, then the fit."""
     from rich.table import Table
 
-    from qtool.formats import FORMATS, TABLE_FORMATS
+    from qtool.estimate.formats import FORMATS, TABLE_FORMATS
 
     p = r["params"]
     title = f"{r['model']['name']}: {p['total']:,} parameters"

@@ -4,7 +4,7 @@ Typer builds a pydantic validator for every parameter of a command on each run, 
 given: importing pydantic and building ~25 validators is most of the start-up time of `qtool estimate 70b`
 (about 120 ms of 260 ms here). An argument list made only of the model and the settings table's own flags
 (`--seq-len 4096`, `-b 2`, `--no-gradient-checkpointing`, `--vram=24GB`) needs none of that: it is read here,
-from the same table (qtool.config.KEYS), and the command runs with the same resolved settings.
+from the same table (qtool.core.config.KEYS), and the command runs with the same resolved settings.
 
 estimate's own --json, --revision, --config and --trust-remote-code are read too. Anything else (--help, an
 unknown or malformed option, a value that looks like an option, shell completion) returns None and goes through
@@ -18,7 +18,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from qtool.config import KEYS, flag_name
+from qtool.core.config import KEYS, flag_name
 
 # estimate's own options (qtool.cli.options), read here too: name -> (parameter, True for a flag)
 _OWN = {"--json": ("as_json", True), "--trust-remote-code": ("trust_remote_code", True),
@@ -83,7 +83,7 @@ def parse_estimate(argv: Sequence[str]) -> tuple[str, dict[str, Any], dict[str, 
 
 def _plain(key: str, value: str) -> bool:
     """A value Typer would pass on unchanged: int options must be integers (Typer reports the others)."""
-    from qtool.config import KEY_BY_NAME
+    from qtool.core.config import KEY_BY_NAME
 
     return KEY_BY_NAME[key].type is not int or value.strip().lstrip("+").isdigit()
 
@@ -93,7 +93,7 @@ def run_estimate(model: str, flags: dict[str, Any], own: dict[str, Any]) -> None
     from pathlib import Path
 
     from qtool.cli import estimate
-    from qtool.config import resolve_settings
+    from qtool.core.config import resolve_settings
 
     config = own.pop("config", None)
     settings = resolve_settings(flags, config_file=Path(config) if config is not None else None, command="estimate")

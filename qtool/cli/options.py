@@ -1,4 +1,4 @@
-"""Command-line options, derived from the settings table (qtool.config.KEYS) and declared once.
+"""Command-line options, derived from the settings table (qtool.core.config.KEYS) and declared once.
 
 `with_settings("estimate")` adds one option per KEYS row that the command uses (name, short name, help with
 the table's default, choices, --help panel) to the command's signature, and hands the command the resolved
@@ -18,8 +18,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from qtool.config import KEYS, Key, Settings, flag_name, resolve_settings
-from qtool.errors import QtoolError
+from qtool.core.config import KEYS, Key, Settings, flag_name, resolve_settings
+from qtool.core.errors import QtoolError
 
 def escape(text: str) -> str:
     """Help text is rich markup: a literal '[' must be escaped or rich drops '[default: x]' as a tag."""

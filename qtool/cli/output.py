@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from qtool.sizes import format_bytes
+from qtool.core.sizes import format_bytes
 
 
 def _console(**kw):
@@ -38,9 +38,9 @@ class Output:
 
     @functools.cached_property
     def err(self):
-        from qtool.logs import stderr
+        from qtool.core.logs import stderr
 
-        # the real stderr (what libraries write to sys.stderr is held: qtool.logs); one line per message
+        # the real stderr (what libraries write to sys.stderr is held: qtool.core.logs); one line per message
         return _console(file=stderr(), highlight=False, soft_wrap=True)
 
     def size(self, n: float | None) -> str:

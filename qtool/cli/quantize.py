@@ -58,7 +58,7 @@ def quantize(
     as_json: JsonOpt = False,
 ) -> None:
     from qtool.quantize import DEFAULT_MAX_SHARD_SIZE, QuantizeJob
-    from qtool.sizes import parse_size
+    from qtool.core.sizes import parse_size
 
     shard = parse_size(max_shard_size, what="--max-shard-size") if max_shard_size is not None else DEFAULT_MAX_SHARD_SIZE
     output = Output(as_json=as_json, units=settings.values["units"])

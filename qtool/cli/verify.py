@@ -78,8 +78,8 @@ def verify(
     junit: JunitOpt = None,
     as_json: o.JsonOpt = False,
 ) -> None:
-    from qtool.errors import QtoolError
-    from qtool.models import resolve_model
+    from qtool.core.errors import QtoolError
+    from qtool.core.models import resolve_model
 
     out = Output(as_json=as_json, units=settings.values["units"])
     for line in settings.warnings:
@@ -117,7 +117,7 @@ def verify(
 
 def _junit_for_error(path: Path, model: str, exc) -> None:
     """Input that could not even be loaded still leaves a JUnit file saying so."""
-    from qtool.errors import QtoolError
+    from qtool.core.errors import QtoolError
     from qtool.verify.junit import write_junit
 
     checks = {"loads": {"passed": False, "message": str(exc), "informational": False}}

@@ -1,6 +1,6 @@
 """`qtool quantize` as a library, one module per step:
 
-  source    where the weights come from: a local folder, or a hub id downloaded (qtool.hub)
+  source    where the weights come from: a local folder, or a hub id downloaded (qtool.core.hub)
   plan      every output tensor decided from the headers and the meta-device model, before a byte is written
   stream    read, cast, check, quantize, hand to the sink, tensor by tensor; staging renamed on success
   sink      the safetensors shard writers (one Sink protocol)
@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from qtool.config import QuantSettings
+from qtool.core.config import QuantSettings
 from qtool.quantize.plan import DEFAULT_MAX_SHARD_SIZE, QuantizePlan, plan_quantization
 from qtool.quantize.source import default_destination, resolve_source
 from qtool.quantize.stream import QuantizeResult, pick_device, run_quantization
@@ -33,8 +33,8 @@ class QuantizeJob:
                  revision: str | None = None, device: str = "auto", max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
                  force: bool = False, allow_pickle: bool = False, trust_remote_code: bool = False,
                  allow_nonfinite: bool = False, dry_run: bool = False, download_progress: bool = False):
-        from qtool.checkpoint import Checkpoint
-        from qtool.errors import BadInput
+        from qtool.core.checkpoint import Checkpoint
+        from qtool.core.errors import BadInput
         from qtool.quantize.staging import check_destination
 
         if max_shard_size <= 0:

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from qtool import __version__
-from qtool.sizes import format_bytes
+from qtool.core.sizes import format_bytes
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _LICENSE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+_-]*$")  # hub licence ids: apache-2.0, llama3.1, cc-by-nc-4.0, other

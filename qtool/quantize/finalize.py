@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from qtool.quantize.plan import QuantizePlan
-from qtool.sizes import format_bytes
+from qtool.core.sizes import format_bytes
 
 # Files that are weights (never copied) or that we write ourselves.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf", ".onnx", ".onnx_data")
@@ -22,7 +22,7 @@ def write_config(plan: QuantizePlan, out_dir: Path, trust_remote_code: bool = Fa
     """config.json as save_pretrained writes it for a model loaded with this BitsAndBytesConfig."""
     from transformers import AutoConfig
 
-    from qtool.meta import hf_config
+    from qtool.core.meta import hf_config
 
     try:
         cfg = AutoConfig.from_pretrained(str(plan.source), trust_remote_code=trust_remote_code)
@@ -87,7 +87,7 @@ def _module_folders(source: Path) -> list[str]:
 def copy_small_files(source: Path, out_dir: Path, plan: QuantizePlan) -> tuple[list[str], list[tuple[str, str]]]:
     """Tokenizer, generation config, other small files and sentence-transformers module folders; never
     weights, never our own files, never anything outside the checkpoint. -> (copied, [(skipped, why)])."""
-    from qtool.checkpoint import _allowed_roots
+    from qtool.core.checkpoint import _allowed_roots
 
     allowed = _allowed_roots(source)
     copied: list[str] = []
@@ -113,7 +113,7 @@ def copy_small_files(source: Path, out_dir: Path, plan: QuantizePlan) -> tuple[l
         try:  # save_pretrained writes one for generative models
             from transformers import GenerationConfig
 
-            from qtool.meta import hf_config
+            from qtool.core.meta import hf_config
 
             if plan.architecture.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")):
                 gc = GenerationConfig.from_model_config(hf_config(plan.config))

@@ -1,7 +1,7 @@
 """Step 2: the plan. Everything the run will do, decided before a byte is written.
 
 Open the checkpoint (headers only), build the architecture on the meta device with the dtype transformers
-would load it in, take the shared per-parameter plan (`qtool.meta.build_plan`), map every checkpoint
+would load it in, take the shared per-parameter plan (`qtool.core.meta.build_plan`), map every checkpoint
 tensor to a model parameter with transformers' own key renaming/conversion rules, and fail on anything
 missing, unexpected or mis-shaped. The result lists every output tensor in the order `save_pretrained`
 would write it; `--dry-run` prints it and the real run executes the same object.
@@ -14,11 +14,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qtool.config import QuantSettings
-from qtool.dtypes import is_float_dtype
-from qtool.errors import ConfigError, WeightsError, one_line
-from qtool.plan import KEEP, QUANTIZE, REASON_CONV1D, REASON_FUSED
-from qtool.sizes import format_bytes
+from qtool.core.config import QuantSettings
+from qtool.core.dtypes import is_float_dtype
+from qtool.core.errors import ConfigError, WeightsError, one_line
+from qtool.core.plan import KEEP, QUANTIZE, REASON_CONV1D, REASON_FUSED
+from qtool.core.sizes import format_bytes
 
 DEFAULT_MAX_SHARD_SIZE = 50 * 10**9  # save_pretrained's default "50GB"
 # Buffers some checkpoints carry that current transformers recomputes and drops on load (unexpected keys).
@@ -125,7 +125,7 @@ def _load_dtype(config: dict, ckpt, hf_cfg, setting: str):
                               "(bitsandbytes takes float16, bfloat16 or float32)", path=ckpt.root / "config.json",
                               hint="pass --dtype bfloat16, float16 or float32")
         return dt
-    from qtool.dtypes import is_float_dtype, torch_dtype
+    from qtool.core.dtypes import is_float_dtype, torch_dtype
 
     first = sorted((n, t) for n, t in ckpt.tensors.items() if t.file == ckpt.files[0])
     for _, t in first:
@@ -137,7 +137,7 @@ def _load_dtype(config: dict, ckpt, hf_cfg, setting: str):
 def _meta_model(hf_cfg, dtype, source):
     import torch
 
-    from qtool.meta import model_class
+    from qtool.core.meta import model_class
 
     cls = model_class(hf_cfg)
     try:
@@ -164,9 +164,9 @@ def plan_quantization(
     t0 = time.perf_counter()
     from transformers.core_model_loading import dot_natural_key
 
-    from qtool.checkpoint import Checkpoint
-    from qtool.dtypes import name_of
-    from qtool.meta import build_plan, hf_config
+    from qtool.core.checkpoint import Checkpoint
+    from qtool.core.dtypes import name_of
+    from qtool.core.meta import build_plan, hf_config
 
     timings["imports"] = time.perf_counter() - t0  # torch + transformers, when not yet imported
     t0 = time.perf_counter()
@@ -304,8 +304,8 @@ def _output_tensors(ckpt, model, model_plan, mapping: _Mapping, settings: QuantS
                     source: Path) -> _Outputs:
     """Output tensors and their slots in save_pretrained's state-dict order. A quantized weight's parts
     (absmax, quant map, ...) follow its module's bias when there is one."""
-    from qtool import formats
-    from qtool.dtypes import itemsize, name_of
+    from qtool.estimate import formats
+    from qtool.core.dtypes import itemsize, name_of
 
     fmt = formats.FORMATS[formats.format_key(settings.quant_type, settings.double_quant)]
     by_param = {t.name: t for t in model_plan.tensors}
@@ -365,7 +365,7 @@ def quant_suffixes(settings: QuantSettings) -> list[str]:
 
 def _header_bytes(tensors: list[OutputTensor], slots: list[tuple[str, int, str]], settings: QuantSettings) -> int:
     """The exact size of the safetensors header of the whole output (one file)."""
-    from qtool import formats
+    from qtool.estimate import formats
 
     fmt = formats.FORMATS[formats.format_key(settings.quant_type, settings.double_quant)]
     entries = []
@@ -394,8 +394,8 @@ def _plan_warnings(model_plan, out: _Outputs) -> list[str]:
 
 def entry_specs(plan: QuantizePlan) -> list:
     """Every output tensor in state-dict order with its exact size, or a size range for quant-state blobs."""
-    from qtool import formats
-    from qtool.dtypes import code
+    from qtool.estimate import formats
+    from qtool.core.dtypes import code
     from qtool.quantize.sink import EntrySpec
 
     fmt = formats.FORMATS[formats.format_key(plan.settings.quant_type, plan.settings.double_quant)]

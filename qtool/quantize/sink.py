@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 from pathlib import Path
 
-from qtool import dtypes
-from qtool.errors import WeightsError
+from qtool.core import dtypes
+from qtool.core.errors import WeightsError
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"

@@ -1,14 +1,14 @@
-"""Step 1: where the weights come from (a local folder, or a hub id downloaded with qtool.hub)."""
+"""Step 1: where the weights come from (a local folder, or a hub id downloaded with qtool.core.hub)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from qtool.errors import BadInput
+from qtool.core.errors import BadInput
 
 def resolve_source(ref: str, *, revision: str | None = None, progress: bool = False) -> tuple[Path, str, str | None]:
-    """A local checkpoint directory, or a hub id downloaded with qtool.hub. -> (dir, display name, revision)."""
-    from qtool.models import is_hub_id
+    """A local checkpoint directory, or a hub id downloaded with qtool.core.hub. -> (dir, display name, revision)."""
+    from qtool.core.models import is_hub_id
 
     path = Path(ref).expanduser()
     try:
@@ -20,7 +20,7 @@ def resolve_source(ref: str, *, revision: str | None = None, progress: bool = Fa
             raise BadInput("expected a checkpoint directory (config.json + *.safetensors)", path=path)
         return path, path.resolve().name, revision
     if is_hub_id(ref):
-        from qtool import hub
+        from qtool.core import hub
 
         folder, sha = hub.download_checkpoint(ref, revision=revision, progress=progress)
         return Path(folder), ref, sha or revision

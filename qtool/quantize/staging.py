@@ -16,8 +16,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from qtool import signals
-from qtool.errors import BadInput, OutputError
+from qtool.core import signals
+from qtool.core.errors import BadInput, OutputError
 
 _DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
               errno.EFBIG: "file too large (file-size limit reached)"}
@@ -133,7 +133,7 @@ def staging_dir(dest: Path, *, force: bool = False) -> Iterator[Path]:
             tmp = Path(tempfile.mkdtemp(prefix=staging_name(dest), dir=parent))
         except OSError as exc:
             raise _folder_error(exc, dest, parent) from None
-        def undo() -> None:  # what qtool.signals' watchdog runs if it must end the process from outside
+        def undo() -> None:  # what qtool.core.signals' watchdog runs if it must end the process from outside
             shutil.rmtree(tmp, ignore_errors=True)
             for folder in reversed(created):
                 with contextlib.suppress(OSError):

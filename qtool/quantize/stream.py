@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qtool.config import QuantSettings
-from qtool.errors import BadInput, DeviceError, WeightsError
-from qtool.plan import KEEP, QUANTIZE
+from qtool.core.config import QuantSettings
+from qtool.core.errors import BadInput, DeviceError, WeightsError
+from qtool.core.plan import KEEP, QUANTIZE
 from qtool.quantize.plan import DEFAULT_MAX_SHARD_SIZE, QuantizePlan, entry_specs
 
 @dataclass
@@ -57,14 +57,16 @@ def pick_device(device: str) -> str:
     return device
 
 
-def quantize_tensor(t, *, settings: QuantSettings):
+def quantize_tensor(t, *, settings: QuantSettings, known_finite: bool = False):
     """Params4bit._quantize on one tensor -> {suffix: tensor} as Linear4bit saves it, with the bytes
     bitsandbytes' CUDA kernel gives: bitsandbytes itself on CUDA, qtool.quantize.kernel (its exact CPU twin)
     on CPU."""
     import torch
 
     storage = getattr(torch, settings.quant_storage)
-    if t.device.type == "cpu":
+    # NaN/inf reach here only with --allow-nonfinite (the stream refuses them otherwise): qtool's kernel
+    # refuses them, so bitsandbytes' own CPU kernel quantizes such a tensor, garbage in, garbage out.
+    if t.device.type == "cpu" and (known_finite or bool(torch.isfinite(t).all())):
         from qtool.quantize.kernel import quantize_4bit as cpu_quantize_4bit
 
         try:
@@ -103,7 +105,7 @@ def run_quantization(
     A NaN/inf in a tensor that passes through memory is refused unless `allow_nonfinite`."""
     import torch
 
-    from qtool.checkpoint import Checkpoint
+    from qtool.core.checkpoint import Checkpoint
     from qtool.quantize.staging import check_destination, output_error
 
     destination = Path(destination)
@@ -143,7 +145,7 @@ def _arena_bytes(big: int, dev: str) -> int:
 
 def _copyable(plan: QuantizePlan, ckpt, sink, idx: int) -> bool:
     """A kept tensor whose bytes do not change goes file to file (copy_file_range), never through memory."""
-    from qtool.dtypes import BY_NAME
+    from qtool.core.dtypes import BY_NAME
 
     t = plan.tensors[idx]
     info = ckpt.tensors.get(t.source)
@@ -206,7 +208,7 @@ class _Feed:
             with clock("check_finite"):
                 check_finite(t, w, self.ckpt)
         with clock("quantize"):
-            parts = quantize_tensor(w, settings=self.plan.settings)
+            parts = quantize_tensor(w, settings=self.plan.settings, known_finite=not self.allow_nonfinite)
             self.sync()
         del w
         lease.release()

@@ -20,7 +20,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
-from qtool.errors import WeightsError
+from qtool.core.errors import WeightsError
 
 ALIGN = 4096
 CHUNK_BYTES = 32 * 2**20
@@ -161,7 +161,7 @@ class Reader:
     def _fill(self) -> None:
         import torch
 
-        from qtool.dtypes import torch_dtype
+        from qtool.core.dtypes import torch_dtype
 
         while self.direct and self.pos < len(self.names):
             name = self.names[self.pos]

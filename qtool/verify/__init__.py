@@ -27,9 +27,9 @@ from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
-from qtool.config import Settings
-from qtool.errors import BadInput, DeviceError, WeightsError
-from qtool.models import ModelSpec
+from qtool.core.config import Settings
+from qtool.core.errors import BadInput, DeviceError, WeightsError
+from qtool.core.models import ModelSpec
 from qtool.verify.inputs import (
     QUALITY_TOKENS, Source, VerifyOptions, _has_bitsandbytes, _resolve_reference, check_device, check_inputs,
     check_same_architecture, check_size, check_tokenizer_code, fit_positions, make_batch, resolve_source,
@@ -117,7 +117,7 @@ class _Run:
                  say: Callable[[str], None]):
         import torch
 
-        from qtool.meta import hf_config, model_class
+        from qtool.core.meta import hf_config, model_class
 
         self.spec, self.settings, self.options, self.source, self.reference, self.say = (
             spec, settings, options, source, reference, say)

@@ -7,9 +7,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from qtool.config import Settings
-from qtool.errors import BadInput, DeviceError, DoesNotFit, WeightsError
-from qtool.models import ModelSpec
+from qtool.core.config import Settings
+from qtool.core.errors import BadInput, DeviceError, DoesNotFit, WeightsError
+from qtool.core.models import ModelSpec
 
 QUALITY_TOKENS = 256  # tokens of the first sequence compared against --reference
 
@@ -51,7 +51,7 @@ def resolve_source(spec: ModelSpec, options: VerifyOptions) -> Source:
     if spec.kind == "local" and spec.config_path is not None and Path(spec.ref).expanduser().is_file():
         return Source("random", None, f"random weights from {spec.config_path} (no checkpoint)")
     if spec.kind == "hub":
-        from qtool import hub
+        from qtool.core import hub
 
         root, sha = hub.download_checkpoint(spec.name, revision=options.revision)
         where = f"{spec.name}@{sha[:12]}" if sha else spec.name
@@ -61,7 +61,7 @@ def resolve_source(spec: ModelSpec, options: VerifyOptions) -> Source:
 
 
 def _checkpoint_source(root: Path, where: str, *, allow_pickle: bool = False) -> Source:
-    from qtool.checkpoint import Checkpoint
+    from qtool.core.checkpoint import Checkpoint
 
     with Checkpoint.open(root, allow_pickle=allow_pickle) as ckpt:
         method = ckpt.prequantized_method()
@@ -116,7 +116,7 @@ def fit_positions(spec: ModelSpec, settings: Settings) -> tuple[Settings, str | 
     cut to the model's positions, with a note. -> (settings to run, note or None)."""
     import dataclasses
 
-    from qtool.memory import _first
+    from qtool.estimate.memory import _first
 
     cfg = spec.config.get("text_config") if isinstance(spec.config.get("text_config"), dict) else spec.config
     limit = _first(cfg, "max_position_embeddings", "n_positions", "max_sequence_length")
@@ -144,7 +144,7 @@ def _available_ram() -> int | None:
 def check_size(spec: ModelSpec, settings: Settings, options: VerifyOptions) -> None:
     """Runs that cannot work are refused before loading: the estimate over the machine's available RAM
     (--device cpu, exit 2) or well over every GPU's memory (exit 3: it does not fit)."""
-    from qtool.sizes import format_bytes
+    from qtool.core.sizes import format_bytes
     from qtool.verify.verdict import _estimate
 
     est = _estimate(spec, settings, options).get("allocated_peak_bytes")
@@ -168,7 +168,7 @@ def check_size(spec: ModelSpec, settings: Settings, options: VerifyOptions) -> N
 
 def check_same_architecture(spec: ModelSpec, reference: Path) -> None:
     """--reference must be the same model in 16-bit: same model_type and architecture."""
-    from qtool.models import read_config_json
+    from qtool.core.models import read_config_json
 
     ref = read_config_json(Path(reference) / "config.json")
     mine = (spec.config.get("model_type"), (spec.config.get("architectures") or [None])[0])
@@ -230,7 +230,7 @@ def _has_bitsandbytes() -> bool:
 
 
 def _reference_spec(options: VerifyOptions) -> ModelSpec:
-    from qtool.models import resolve_model
+    from qtool.core.models import resolve_model
 
     ref = resolve_model(options.reference, revision=options.revision)
     if ref.kind in ("preset", "shorthand", "approximation") or (ref.kind == "local" and Path(ref.ref).expanduser().is_file()):

@@ -13,7 +13,7 @@ import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from qtool.errors import BadInput
+from qtool.core.errors import BadInput
 
 TITLES = {
     "loads": "loads",

@@ -6,13 +6,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-from qtool.config import Settings
-from qtool.models import ModelSpec
+from qtool.core.config import Settings
+from qtool.core.models import ModelSpec
 from qtool.verify.inputs import Source, VerifyOptions
 
 
 def _torch_dtype(name: str):
-    from qtool.dtypes import code, torch_dtype
+    from qtool.core.dtypes import code, torch_dtype
 
     return torch_dtype(code(name))
 
@@ -83,7 +83,7 @@ def _is_causal_lm(cls) -> bool:
 def load_model(spec: ModelSpec, source: Source, settings: Settings, options: VerifyOptions, device_map, *,
                quantize: bool, path: Path | None = None):
     """from_pretrained, once, the way a user would call it. `quantize=False` loads 16-bit."""
-    from qtool.meta import hf_config, model_class
+    from qtool.core.meta import hf_config, model_class
 
     cfg = hf_config(spec.config, source=spec.config_path or spec.ref, trust_remote_code=options.trust_remote_code)
     cls = model_class(cfg)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import gc
 
-from qtool.config import Settings
-from qtool.errors import BadInput, WeightsError
+from qtool.core.config import Settings
+from qtool.core.errors import BadInput, WeightsError
 from qtool.verify.inputs import VerifyOptions
 from qtool.verify.load import _quiet_transformers, _torch_dtype
 from qtool.verify.verdict import _first_line
@@ -45,8 +45,8 @@ def _reference_quality(reference, settings: Settings, options: VerifyOptions, de
                        causal: bool) -> dict:
     import torch
 
-    from qtool.meta import hf_config, model_class
-    from qtool.models import read_config_json
+    from qtool.core.meta import hf_config, model_class
+    from qtool.core.models import read_config_json
 
     root = reference[0]
     cfg = hf_config(read_config_json(root / "config.json"), source=root / "config.json",

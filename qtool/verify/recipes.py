@@ -26,8 +26,8 @@ import tempfile
 import time
 from typing import Any
 
-from qtool.config import Settings
-from qtool.errors import DeviceError
+from qtool.core.config import Settings
+from qtool.core.errors import DeviceError
 
 RUNNERS = {"trainer": "transformers.Trainer", "sft": "trl.SFTTrainer", "unsloth": "unsloth.FastLanguageModel + Trainer",
            "loop": "qtool's loop"}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import time
 
-from qtool.config import Settings
-from qtool.errors import BadInput
+from qtool.core.config import Settings
+from qtool.core.errors import BadInput
 from qtool.verify.inputs import VerifyOptions
 from qtool.verify.meter import Meter
 

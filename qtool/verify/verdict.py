@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from qtool.config import Settings
-from qtool.errors import DoesNotFit, NotFinite, QtoolError, one_line
-from qtool.models import ModelSpec
+from qtool.core.config import Settings
+from qtool.core.errors import DoesNotFit, NotFinite, QtoolError, one_line
+from qtool.core.models import ModelSpec
 from qtool.verify.inputs import VerifyOptions
 
 
@@ -64,7 +64,7 @@ class Check:
 
 def checks(report: dict, settings: Settings) -> dict[str, dict]:
     """The verdicts, in a fixed order. The estimate check is informational: it never fails the run."""
-    from qtool.sizes import format_bytes
+    from qtool.core.sizes import format_bytes
 
     err = report.get("error") or {}
     oom = err.get("kind") == "out_of_memory"

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qtool.dtypes import BY_CODE, MODEL_DTYPES, code_of, is_float_dtype, torch_dtype
-from qtool.errors import ConfigError, WeightsError
+from qtool.core.dtypes import BY_CODE, MODEL_DTYPES, code_of, is_float_dtype, torch_dtype
+from qtool.core.errors import ConfigError, WeightsError
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
@@ -279,7 +279,7 @@ class Checkpoint:
         config = None
         cfg_path = root / "config.json"
         if cfg_path.is_file():
-            from qtool.models import read_config_json
+            from qtool.core.models import read_config_json
 
             config = read_config_json(cfg_path)
         elif require_config:

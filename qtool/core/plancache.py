@@ -1,11 +1,11 @@
 """Tensor plans without torch where possible.
 
-  presets/shorthands  configs/plans/<preset>.json, written by tools/gen_plans.py from qtool.meta.build_plan
+  presets/shorthands  configs/plans/<preset>.json, written by tools/gen_plans.py from qtool.core.meta.build_plan
                       (tests/test_presets.py rebuilds each one and compares, so the cache cannot go stale;
                       a cache whose config hash differs from the preset file is ignored)
-  approximations      built analytically (the dense Llama-style config of qtool.models.approximate_config;
+  approximations      built analytically (the dense Llama-style config of qtool.core.models.approximate_config;
                       tests compare it to build_plan)
-  anything else       qtool.meta.build_plan on the meta device (imports torch/transformers)
+  anything else       qtool.core.meta.build_plan on the meta device (imports torch/transformers)
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from qtool import presets
-from qtool.plan import KEEP, QUANTIZE, REASON_LINEAR, REASON_NOT_LINEAR, REASON_SKIPPED, ModelPlan, TensorPlan, group_tensors
+from qtool.core import presets
+from qtool.core.plan import KEEP, QUANTIZE, REASON_LINEAR, REASON_NOT_LINEAR, REASON_SKIPPED, ModelPlan, TensorPlan, group_tensors
 
 CACHE_VERSION = 1
 
@@ -59,7 +59,7 @@ def cache_record(preset: str, plan: ModelPlan) -> dict:
         "version": CACHE_VERSION,
         "preset": preset,
         "config_sha256": config_hash(presets.load_model_preset(preset)),
-        "generated_by": "tools/gen_plans.py (qtool.meta.build_plan)",
+        "generated_by": "tools/gen_plans.py (qtool.core.meta.build_plan)",
         "plan": plan.to_dict(),
         "linears": {k: [[list(s), n] for s, n in v] for k, v in linear_shapes(plan).items()},
     }
@@ -109,7 +109,7 @@ def analytic_plan(cfg: dict) -> CachedPlan:
 
 def meta_plan(config: dict, *, skip_modules: Sequence[str] = (), source: object = "config.json",
               trust_remote_code: bool = False) -> CachedPlan:
-    from qtool.meta import build_plan
+    from qtool.core.meta import build_plan
 
     plan = build_plan(config, skip_modules=list(skip_modules) or None, source=source,
                       trust_remote_code=trust_remote_code)

@@ -26,7 +26,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from qtool.errors import HubError, QtoolError, WeightsError
+from qtool.core.errors import HubError, QtoolError, WeightsError
 
 ACCESS_HINT = "set HF_TOKEN to a token with access; accept the model's license on the hub"
 
@@ -131,7 +131,7 @@ def _no_route() -> str | None:
 
 
 def _unreachable_error(repo_id: str, revision: str | None, what: str, why: str) -> HubError:
-    from qtool.presets import preset_for_hub_id
+    from qtool.core.presets import preset_for_hub_id
 
     preset = preset_for_hub_id(repo_id)
     hint = (f"a local preset matches: qtool estimate {preset}" if preset and
@@ -143,8 +143,8 @@ def _unreachable_error(repo_id: str, revision: str | None, what: str, why: str) 
 @contextlib.contextmanager
 def _progress_bars(show: bool):
     """huggingface_hub's tqdm bars (stderr) only when asked for; restored afterwards. They write to
-    stderr, which qtool holds back from libraries (qtool.logs), so let them through while shown."""
-    from qtool.logs import passthrough
+    stderr, which qtool holds back from libraries (qtool.core.logs), so let them through while shown."""
+    from qtool.core.logs import passthrough
 
     with passthrough() if show else contextlib.nullcontext(), _bars_enabled(show):
         yield
@@ -296,7 +296,7 @@ def download_checkpoint(repo_id: str, *, revision: str | None = None, progress: 
 
 def _weight_selection(folder: Path) -> tuple[list[str], list[str]]:
     """Which weight files to fetch: the index's shards exactly, else every top-level *.safetensors."""
-    # Not qtool.checkpoint._read_index: it requires the shards on disk, and they are not downloaded yet.
+    # Not qtool.core.checkpoint._read_index: it requires the shards on disk, and they are not downloaded yet.
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -308,7 +308,7 @@ def _weight_selection(folder: Path) -> tuple[list[str], list[str]]:
 
 
 def _check_weights(folder: Path, repo_id: str) -> None:
-    # Not qtool.checkpoint._read_index: its "missing shard" error names the cache path, this one the repo;
+    # Not qtool.core.checkpoint._read_index: its "missing shard" error names the cache path, this one the repo;
     # shard names are validated there anyway when Checkpoint.open reads this folder next.
     index = folder / "model.safetensors.index.json"
     if index.is_file():

@@ -1,6 +1,6 @@
 """The tensor plan: one record per tensor saying what happens to it.
 
-Built once (from the meta-device model, see `qtool.meta`) and shared by `estimate`,
+Built once (from the meta-device model, see `qtool.core.meta`) and shared by `estimate`,
 `quantize --dry-run` and `quantize`, so the numbers they print cannot disagree.
 Pure Python: no torch here, so a plan summary cached for a preset loads instantly.
 """

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qtool.errors import WeightsError
+from qtool.core.errors import WeightsError
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import tomllib
 from functools import lru_cache
 from pathlib import Path
 
-from qtool.errors import ConfigError
+from qtool.core.errors import ConfigError
 
 
 def configs_dir() -> Path:
@@ -18,7 +18,7 @@ def configs_dir() -> Path:
     if env:
         return Path(env)
     here = Path(__file__).resolve().parent
-    for cand in (here / "configs", here.parent / "configs"):
+    for cand in (here.parent / "configs", here.parent.parent / "configs"):
         if (cand / "models").is_dir():
             return cand
     raise ConfigError("configs/ directory not found (set QTOOL_CONFIGS_DIR)")

@@ -3,7 +3,7 @@
   '70b', '8B', '1.5b'         size shorthand (configs/shorthands.toml), else a dense approximation
   'llama-3-8b'                model preset (configs/models/<name>.json)
   './dir', './config.json'    local checkpoint directory or config file
-  'org/name'                  hub id: only config.json is fetched (qtool.hub)
+  'org/name'                  hub id: only config.json is fetched (qtool.core.hub)
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from qtool import presets
-from qtool.errors import ConfigError
+from qtool.core import presets
+from qtool.core.errors import ConfigError
 
 _SIZE_RE = re.compile(r"^(?P<n>\d+(?:\.\d+)?)\s*[bB]$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -189,7 +189,7 @@ def resolve_model(ref: str, *, revision: str | None = None) -> ModelSpec:
         raise ConfigError("no such file or directory", path=path)
 
     if _HUB_ID_RE.match(text):
-        from qtool import hub
+        from qtool.core import hub
 
         cfg_path = hub.fetch_config(text, revision=revision)
         return ModelSpec(ref, "hub", text, read_config_json(cfg_path), config_path=cfg_path)

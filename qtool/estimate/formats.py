@@ -22,7 +22,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from qtool.dtypes import code, itemsize, layout_key
+from qtool.core.dtypes import code, itemsize, layout_key
 
 # bitsandbytes constants (bitsandbytes/functional.py, 0.50):
 CODE_4BIT_ENTRIES = 16  # get_4bit_type(): the 16-value fp32 code ("quant_map")
@@ -189,7 +189,7 @@ class WeightBytes:
 
 def _plan_tensors(plan) -> Iterable[tuple[str, tuple[int, ...], bool, bool, int]]:
     """(name, shape, quantize?, keep_fp32, count): the full tensor list when known, else the groups."""
-    from qtool.plan import QUANTIZE
+    from qtool.core.plan import QUANTIZE
 
     if plan.tensors is not None:
         for t in plan.tensors:

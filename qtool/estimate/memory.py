@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from qtool.errors import ConfigError
+from qtool.core.errors import ConfigError
 
 GiB = 1024**3
 MiB = 1024**2
@@ -193,7 +193,7 @@ class MemoryInputs:
     optimizer: str = "adamw"
     gradient_checkpointing: bool = True
     weight_bytes: int = 2  # itemsize of 16-bit weights in lora/full modes
-    recipe: str = "loop"  # trainer | sft | loop | unsloth (qtool.config.RECIPES)
+    recipe: str = "loop"  # trainer | sft | loop | unsloth (qtool.core.config.RECIPES)
     precision: str = "bf16"  # the Trainer's mixed precision: bf16 | fp16 | fp32
     lora_rank: int = 16
     expert_lora: bool = False  # LoRA targets all-linear: peft also wraps fused 3-D expert weights (MoE)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from qtool.errors import ConfigError, one_line
-from qtool.plan import (
+from qtool.core.errors import ConfigError, one_line
+from qtool.core.plan import (
     KEEP, QUANTIZE, REASON_BIAS, REASON_CONV1D, REASON_FP32, REASON_FUSED, REASON_LINEAR,
     REASON_NOT_LINEAR, REASON_SKIPPED, REASON_USER_SKIP, ModelPlan, TensorPlan, group_tensors,
 )
-from qtool.sizes import format_bytes
+from qtool.core.sizes import format_bytes
 
 
 def hf_config(config: dict, *, source: object = "config.json", trust_remote_code: bool = False):

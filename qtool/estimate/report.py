@@ -9,7 +9,7 @@ Report keys (also what `qtool estimate --json` prints):
   weights          format key -> {checkpoint, gpu, data, quantized, kept, header, bits_per_param,
                    reduction_vs_fp16}
   kept             params and bytes of what stays 16-bit in the 4-bit formats, and why
-  breakdown        component -> bytes at the peak (qtool.memory), peak_bytes its sum,
+  breakdown        component -> bytes at the peak (qtool.estimate.memory), peak_bytes its sum,
                    allocated_peak_bytes what torch.cuda.max_memory_allocated() should show
   budget_bytes, gpu, fits, headroom_bytes, fits_on (catalogue GPUs that hold the peak)
   approximation    true when no exact config stands behind the numbers; warnings: list of lines
@@ -21,13 +21,15 @@ import dataclasses
 import re
 from typing import Any
 
-from qtool import formats, memory, presets
-from qtool.config import Settings
-from qtool.dtypes import MODEL_DTYPES, itemsize
-from qtool.errors import ConfigError
-from qtool.models import ModelSpec
-from qtool.plan import QUANTIZE
-from qtool.sizes import parse_size
+from qtool.estimate import formats
+from qtool.estimate import memory
+from qtool.core import presets
+from qtool.core.config import Settings
+from qtool.core.dtypes import MODEL_DTYPES, itemsize
+from qtool.core.errors import ConfigError
+from qtool.core.models import ModelSpec
+from qtool.core.plan import QUANTIZE
+from qtool.core.sizes import parse_size
 
 # Architectures whose output is vocabulary logits (and, in training, a loss over them). A bare encoder
 # (BertModel, a sentence-transformers checkpoint) returns hidden states: no logits, no softmax.
@@ -67,7 +69,7 @@ def kept_dtype(spec: ModelSpec, settings: Settings) -> str:
     if cfg_dtype in MODEL_DTYPES:
         return cfg_dtype
     if spec.path is not None:
-        from qtool.checkpoint import weights_dtype
+        from qtool.core.checkpoint import weights_dtype
 
         found = weights_dtype(spec.path)
         if found in MODEL_DTYPES:
@@ -87,7 +89,7 @@ def lora_linears(linears: dict, targets: tuple[str, ...]) -> list[tuple[tuple[in
 
 
 def estimate_report(spec: ModelSpec, settings: Settings, *, trust_remote_code: bool = False) -> dict[str, Any]:
-    from qtool.plancache import plan_for
+    from qtool.core.plancache import plan_for
 
     q, run = settings.quant, settings.run
     cached = plan_for(spec, skip_modules=q.skip_modules, trust_remote_code=trust_remote_code)
@@ -111,7 +113,7 @@ def estimate_report(spec: ModelSpec, settings: Settings, *, trust_remote_code: b
     largest = max((g.numel for g in plan.groups if g.action == QUANTIZE), default=0)
     config = spec.config
     if cached.source == "meta":  # complete missing fields with transformers' defaults, as the plan did
-        from qtool.meta import hf_config
+        from qtool.core.meta import hf_config
 
         config = hf_config(spec.config, source=spec.config_path or spec.name,
                            trust_remote_code=trust_remote_code).to_dict()

@@ -70,4 +70,4 @@ class OutputError(QtoolError):
     exit_code = EXIT_INTERNAL
 
 
-# Signals (130 SIGINT, 143 SIGTERM, 129 SIGHUP) are not QtoolErrors: see qtool.signals.Stopped.
+# Signals (130 SIGINT, 143 SIGTERM, 129 SIGHUP) are not QtoolErrors: see qtool.core.signals.Stopped.

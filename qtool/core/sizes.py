@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-from qtool.errors import ConfigError
+from qtool.core.errors import ConfigError
 
 _UNITS = {
     "": 1, "b": 1,

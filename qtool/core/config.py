@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
-from qtool import presets
-from qtool.errors import ConfigError
-from qtool.sizes import parse_size
+from qtool.core import presets
+from qtool.core.errors import ConfigError
+from qtool.core.sizes import parse_size
 
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
