@@ -226,6 +226,31 @@ def attention_scores_bytes(d: Dims, batch: int, seq: int, act_bytes: int) -> int
     return int(ATTN_SCORE_COPIES * batch * d.heads * seq * seq * act_bytes)
 
 
+def _trainable_state(m: MemoryInputs) -> dict[str, int]:
+    """What training keeps between steps: gradients and optimizer states of the trainable parameters
+    (every parameter in full fine-tuning, the LoRA adapters otherwise)."""
+    out: dict[str, int] = {}
+    if m.mode == "full":
+        trainable = m.total_params
+        out["grads"] = trainable * m.weight_bytes  # grads in the params' dtype
+        # torch AdamW states are zeros_like(param): 2 x itemsize per param; 8-bit ones 2 B + absmax
+        per = 2 * m.weight_bytes if m.optimizer == "adamw" else OPTIMIZER_BYTES_PER_PARAM[m.optimizer]
+        out["optimizer_states"] = int(trainable * per)
+    else:
+        # peft creates adapters in fp32; trl's SFTTrainer (sft, unsloth) casts a quantized model's to bf16
+        adapter = 2 if m.recipe in RECIPES_16BIT_ADAPTERS and m.mode == "qlora" else 4
+        out["lora_params"] = m.lora_params * adapter
+        out["lora_grads"] = m.lora_params * adapter
+        # paged optimizers live in managed memory: on the GPU, but not in torch's allocator
+        key = "optimizer_states_paged" if m.optimizer.startswith("paged_") else "optimizer_states"
+        out[key] = _adapter_optimizer_bytes(m, adapter)
+        experts = expert_adapter_params(m)
+        if experts:
+            per = 2 * adapter + OPTIMIZER_BYTES_PER_PARAM.get(m.optimizer, 0.0)
+            out["expert_adapters"] = int(experts * per)  # params, grads and optimizer states
+    return out
+
+
 def memory_breakdown(m: MemoryInputs) -> dict[str, int]:
     """component -> bytes at the peak. The sum is the peak (see peak_bytes)."""
     d, b, s, c = m.dims, m.batch, m.seq, m.compute_bytes
@@ -259,24 +284,7 @@ def memory_breakdown(m: MemoryInputs) -> dict[str, int]:
         out["weights"] = m.plain_weights_gpu
         act, logit_bytes = c, c
 
-    if m.mode == "full":
-        trainable = m.total_params
-        out["grads"] = trainable * m.weight_bytes  # grads in the params' dtype
-        # torch AdamW states are zeros_like(param): 2 x itemsize per param; 8-bit ones 2 B + absmax
-        per = 2 * m.weight_bytes if m.optimizer == "adamw" else OPTIMIZER_BYTES_PER_PARAM[m.optimizer]
-        out["optimizer_states"] = int(trainable * per)
-    else:
-        # peft creates adapters in fp32; trl's SFTTrainer (sft, unsloth) casts a quantized model's to bf16
-        adapter = 2 if m.recipe in RECIPES_16BIT_ADAPTERS and m.mode == "qlora" else 4
-        out["lora_params"] = m.lora_params * adapter
-        out["lora_grads"] = m.lora_params * adapter
-        # paged optimizers live in managed memory: on the GPU, but not in torch's allocator
-        key = "optimizer_states_paged" if m.optimizer.startswith("paged_") else "optimizer_states"
-        out[key] = _adapter_optimizer_bytes(m, adapter)
-        experts = expert_adapter_params(m)
-        if experts:
-            per = 2 * adapter + OPTIMIZER_BYTES_PER_PARAM.get(m.optimizer, 0.0)
-            out["expert_adapters"] = int(experts * per)  # params, grads and optimizer states
+    out.update(_trainable_state(m))
     out["cublas_workspace"] = CUBLAS_WORKSPACE_BYTES
 
     if m.gradient_checkpointing and m.recipe == "unsloth":

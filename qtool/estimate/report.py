@@ -88,6 +88,26 @@ def lora_linears(linears: dict, targets: tuple[str, ...]) -> list[tuple[tuple[in
     return [sc for t in targets for sc in linears[t]]
 
 
+def _warnings(spec: ModelSpec, run, plan, positions: int | None) -> list[str]:
+    warnings = list(plan.warnings)
+    if spec.kind == "approximation" and spec.note:
+        warnings.insert(0, f"approximation: {spec.note}")
+    if run.recipe == "unsloth" and run.mode != "inference":
+        warnings.append("--recipe unsloth: a rough figure, measured on one 4-layer model at two lengths only "
+                        "(-10.8% and +0.1%, docs/benchmarks.md)")
+    if positions is not None and run.seq_len > positions:
+        warnings.append(f"--seq-len {run.seq_len} is beyond the model's {positions} positions "
+                        f"(max_position_embeddings): the model was not trained for sequences that long")
+    return warnings
+
+
+def _weights_table(weights: dict, total: int) -> dict:
+    fp16 = weights["fp16"].checkpoint
+    return {k: {**w.as_dict(), "bits_per_param": round(8 * w.checkpoint / total, 4) if total else 0.0,
+                "reduction_vs_fp16": round(1 - w.checkpoint / fp16, 4) if fp16 else 0.0}
+            for k, w in weights.items()}
+
+
 def estimate_report(spec: ModelSpec, settings: Settings, *, trust_remote_code: bool = False) -> dict[str, Any]:
     from qtool.core.plancache import plan_for
 
@@ -97,11 +117,8 @@ def estimate_report(spec: ModelSpec, settings: Settings, *, trust_remote_code: b
     dtype = kept_dtype(spec, settings)
     total = plan.total_params
 
-    weights = {}
-    for key in formats.FORMATS:
-        w = formats.weights_for_format(plan, key, blocksize=q.blocksize, dtype=dtype, quant_storage=q.quant_storage)
-        weights[key] = w
-    fp16 = weights["fp16"].checkpoint
+    weights = {key: formats.weights_for_format(plan, key, blocksize=q.blocksize, dtype=dtype,
+                                               quant_storage=q.quant_storage) for key in formats.FORMATS}
     chosen = formats.format_key(q.quant_type, q.double_quant)
 
     plain_key = "fp32" if dtype == "float32" else "fp16"
@@ -132,16 +149,8 @@ def estimate_report(spec: ModelSpec, settings: Settings, *, trust_remote_code: b
     breakdown = memory.memory_breakdown(inputs)
     peak = memory.peak_bytes(breakdown)
 
-    warnings = list(plan.warnings)
-    if run.recipe == "unsloth" and run.mode != "inference":
-        warnings.append("--recipe unsloth: a rough figure, measured on one 4-layer model at two lengths only "
-                        "(-10.8% and +0.1%, docs/benchmarks.md)")
-    if spec.kind == "approximation" and spec.note:
-        warnings.insert(0, f"approximation: {spec.note}")
     positions = _max_positions(config.get("text_config") if isinstance(config.get("text_config"), dict) else config)
-    if positions is not None and run.seq_len > positions:
-        warnings.append(f"--seq-len {run.seq_len} is beyond the model's {positions} positions "
-                        f"(max_position_embeddings): the model was not trained for sequences that long")
+    warnings = _warnings(spec, run, plan, positions)
     budget = run.budget_bytes
     fits = None if budget is None else peak <= budget
     fits_on = sorted(
@@ -163,11 +172,7 @@ def estimate_report(spec: ModelSpec, settings: Settings, *, trust_remote_code: b
         },
         "format": chosen,
         "weights_bytes": {k: w.checkpoint for k, w in weights.items()},
-        "weights": {
-            k: {**w.as_dict(), "bits_per_param": round(8 * w.checkpoint / total, 4) if total else 0.0,
-                "reduction_vs_fp16": round(1 - w.checkpoint / fp16, 4) if fp16 else 0.0}
-            for k, w in weights.items()
-        },
+        "weights": _weights_table(weights, total),
         "kept": {"params": kept_params, "bytes": weights[chosen].kept, "dtype": dtype, "by_reason": kept_by_reason},
         "breakdown": breakdown,
         "peak_bytes": peak,
