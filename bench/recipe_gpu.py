@@ -67,7 +67,9 @@ def worker(a) -> None:
     from qtool.verify import recipes
     from qtool.core.config import resolve_settings
     from qtool.core.models import resolve_model
-    from qtool.verify import Meter, Source, VerifyOptions, _infer, _train, load_model, make_batch, wrap_for_training
+    from qtool.verify import (
+        Meter, Source, VerifyOptions, VerifyReport, _infer, _train, load_model, make_batch, wrap_for_training,
+    )
 
     arch, layers = parse_case(a.one)
     out = Path(a.out)
@@ -97,7 +99,7 @@ def worker(a) -> None:
         ids = make_batch(vocab, 1, seq, seed=0, data=None, tokenizer_dir=None).to(dev)
         meter = Meter([dev])
         phases: dict = {}
-        report: dict = {"steps": [], "notes": []}
+        report = VerifyReport(model={}, settings={}, device={}, versions={})
         gc.collect()
         torch.cuda.empty_cache()
         start = torch.cuda.memory_allocated(dev)
@@ -113,13 +115,13 @@ def worker(a) -> None:
             err = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         meter.phase_peak()
         free, total = torch.cuda.mem_get_info(dev)
-        row = {**base, "mode": mode, "seq": seq, "recipe": recipe, "runner": report.get("trainer", {}).get("class"),
+        row = {**base, "mode": mode, "seq": seq, "recipe": recipe, "runner": (report.trainer or {}).get("class"),
                "args": args_for(mode, seq, recipe, a.optimizer), "start_allocated": start,
                "measured_peak_allocated": meter.peak_allocated, "peak_reserved": meter.peak_reserved,
                "outside_torch": max(0, total - free - torch.cuda.memory_reserved(dev)), "phases": phases,
-               "loss": report.get("loss"), "loss_finite": report.get("loss_finite"),
-               "tokens_per_second": report.get("tokens_per_second"), "seconds": round(time.perf_counter() - t, 1),
-               "error": err, "notes": report.get("notes")}
+               "loss": report.loss, "loss_finite": report.loss_finite,
+               "tokens_per_second": report.tokens_per_second, "seconds": round(time.perf_counter() - t, 1),
+               "error": err, "notes": report.notes}
         with open(out / "rows.jsonl", "a") as f:
             f.write(json.dumps(row, default=str) + "\n")
         print(f"  {arch}:{layers or 'full'} {mode} {seq} {recipe}: peak {row['measured_peak_allocated'] / 2**30:.3f} GiB"
@@ -157,7 +159,7 @@ def unsloth_worker(a) -> None:
 
     from qtool.verify import recipes
     from qtool.core.config import resolve_settings
-    from qtool.verify import Meter, VerifyOptions, make_batch
+    from qtool.verify import Meter, VerifyOptions, VerifyReport, make_batch
 
     arch, layers = parse_case(a.unsloth_one)
     out = Path(a.out)
@@ -176,7 +178,7 @@ def unsloth_worker(a) -> None:
         settings = resolve_settings({"mode": "qlora", "seq_len": seq, "recipe": "unsloth", "optimizer": a.optimizer},
                                     env={}, cwd=tmp)
         ids = make_batch(vocab, 1, seq, seed=0, data=None, tokenizer_dir=None).to(dev)
-        meter, phases, report = Meter([dev]), {}, {"steps": [], "notes": []}
+        meter, phases, report = Meter([dev]), {}, VerifyReport(model={}, settings={}, device={}, versions={})
         gc.collect()
         torch.cuda.empty_cache()
         start = torch.cuda.memory_allocated(dev)
@@ -191,7 +193,7 @@ def unsloth_worker(a) -> None:
         row = {"arch": arch, "layers": layers, "full_depth": layers is None, "mode": "qlora", "seq": seq,
                "recipe": "unsloth", "args": args_for("qlora", seq, "unsloth", a.optimizer), "start_allocated": start,
                "measured_peak_allocated": meter.peak_allocated, "peak_reserved": meter.peak_reserved,
-               "phases": phases, "loss": report.get("loss"), "error": err, "card": torch.cuda.get_device_name(dev),
+               "phases": phases, "loss": report.loss, "error": err, "card": torch.cuda.get_device_name(dev),
                "versions": {**_versions(), "unsloth": unsloth.__version__}}
         with open(out / "rows.jsonl", "a") as f:
             f.write(json.dumps(row, default=str) + "\n")

@@ -79,7 +79,7 @@ def test_a_second_trainer_on_the_same_model_still_autocasts(tiny):
 
     from qtool.verify import recipes
     from qtool.core.config import resolve_settings
-    from qtool.verify import Meter, VerifyOptions, wrap_for_training
+    from qtool.verify import Meter, VerifyOptions, VerifyReport, wrap_for_training
 
     settings = resolve_settings({"mode": "lora", "seq_len": 16, "recipe": "trainer"}, env={})
     model = wrap_for_training(AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.bfloat16), settings)
@@ -87,10 +87,10 @@ def test_a_second_trainer_on_the_same_model_still_autocasts(tiny):
     model.get_output_embeddings().register_forward_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
     ids = torch.randint(0, TINY["vocab_size"], (1, 16))
     for _ in range(2):
-        report = {"steps": [], "notes": []}
+        report = VerifyReport(model={}, settings={}, device={}, versions={})
         recipes.train_with_trainer(model, ids, settings, VerifyOptions(device="cpu", steps=1),
                                    Meter([torch.device("cpu")]), {}, report)
-        assert report["loss_finite"]
+        assert report.loss_finite
     assert seen == [True, True]
     assert "_is_accelerate_prepared" not in model.__dict__ and "forward" not in model.__dict__
 

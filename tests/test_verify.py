@@ -365,7 +365,7 @@ def test_numerical_error_words():
 def test_numerical_error_fails_finite_loss_exit_4(tiny, capsys):
     """A NaN/inf error raised during the run (recorded as report['error']) fails finite_loss: exit 4."""
     from qtool.core.config import resolve_settings
-    from qtool.verify import checks, outcome
+    from qtool.verify import VerifyReport, checks, outcome
 
     code, r, _ = _run([str(tiny), "--device", "cpu", *SEQ, "--steps", "0", "--json"], capsys)
     assert code == 0 and r["checks"]["finite_loss"]["message"] == "no steps run (--steps 0)"
@@ -373,15 +373,16 @@ def test_numerical_error_fails_finite_loss_exit_4(tiny, capsys):
     r.update(steps_requested=2, error={"stage": "training", "kind": "RuntimeError", "numerical": True,
                                        "message": "probability tensor contains either `inf`, `nan` or element < 0"})
     settings = resolve_settings({}, env={}, cwd=Path(r["model"]["path"]))
-    r["checks"] = checks(r, settings)
-    assert r["checks"]["finite_loss"]["passed"] is False
-    assert "training" in r["checks"]["finite_loss"]["message"] and "--steps 0" not in r["checks"]["finite_loss"]["message"]
-    err = outcome(r)
+    report = VerifyReport.from_dict(r)
+    report.checks = checks(report, settings)
+    assert report.checks["finite_loss"]["passed"] is False
+    assert "training" in report.checks["finite_loss"]["message"] and "--steps 0" not in report.checks["finite_loss"]["message"]
+    err = outcome(report)
     assert err is not None and err.exit_code == 4
     # steps asked for, none finished, no error: not "--steps 0"
-    r.update(error=None)
-    r["checks"] = checks(r, settings)
-    assert r["checks"]["finite_loss"]["passed"] is None and "--steps 0" not in r["checks"]["finite_loss"]["message"]
+    report.error = None
+    report.checks = checks(report, settings)
+    assert report.checks["finite_loss"]["passed"] is None and "--steps 0" not in report.checks["finite_loss"]["message"]
 
 
 def _strip_dtype(root: Path) -> Path:

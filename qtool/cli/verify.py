@@ -103,11 +103,12 @@ def verify(
         if junit is not None:
             _junit_for_error(junit, model, exc)
         raise
+    data = report.to_dict()  # the JSON document: what --json prints, junit and the renderer read
     if junit is not None:
         from qtool.verify.junit import write_junit
 
-        write_junit(report, junit)
-    out.result(report, lambda console: _render(console, report, out.size))
+        write_junit(data, junit)
+    out.result(data, lambda console: _render(console, data, out.size))
     from qtool.verify import outcome
 
     err = outcome(report)

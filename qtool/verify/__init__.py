@@ -36,11 +36,12 @@ from qtool.verify.inputs import (
 )
 from qtool.verify.load import _is_causal_lm, _quiet_transformers, load_model, portable_cpu_kernels, random_state_dict
 from qtool.verify.meter import Meter, _device_info, _max_rss_bytes, versions
+from qtool.verify.report import VerifyReport
 from qtool.verify.quality import _quality_outputs, _reference_quality, compare_outputs
 from qtool.verify.runs import _infer, _train, wrap_for_training
 from qtool.verify.verdict import _estimate, _first_line, _numerical, checks, compare_estimate, outcome
 
-__all__ = ["Stage", "VerifyOptions", "check_inputs", "checks", "compare_outputs", "outcome", "portable_cpu_kernels",
+__all__ = ["Stage", "VerifyOptions", "VerifyReport", "check_inputs", "checks", "compare_outputs", "outcome", "portable_cpu_kernels",
            "preflight", "random_state_dict", "run_verify"]
 
 
@@ -89,7 +90,7 @@ def preflight(spec: ModelSpec, settings: Settings, options: VerifyOptions):
 
 
 def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
-               progress: Callable[[str], None] | None = None) -> dict:
+               progress: Callable[[str], None] | None = None) -> VerifyReport:
     """Load, run, measure. Returns the report; raises BadInput (exit 2) for unusable input or device.
 
     Conditions found while running (out of memory, NaN loss, over budget) are recorded in the report's
@@ -98,15 +99,15 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
     settings, source, reference, seq_note = preflight(spec, settings, options)
     run = _Run(spec, settings, options, source, reference, progress or (lambda _m: None))
     if seq_note:
-        run.report["notes"].append(seq_note)
+        run.report.notes.append(seq_note)
     run.execute()
     run.measure()
     run.compare_with_estimate()
     run.reference_quality()
     report = run.report
-    report["checks"] = checks(report, settings)
+    report.checks = checks(report, settings)
     err = outcome(report)
-    report["exit_code"] = 0 if err is None else err.exit_code
+    report.exit_code = 0 if err is None else err.exit_code
     return report
 
 
@@ -143,25 +144,20 @@ class _Run:
         self.stage = Stage.LOAD
         self.report = self._new_report()
 
-    def _new_report(self) -> dict[str, Any]:
+    def _new_report(self) -> VerifyReport:
         from qtool.verify import recipes
 
         s, source, run = self.settings, self.source, self.settings.run
-        report: dict[str, Any] = {
-            "model": {"ref": self.spec.ref, "name": self.spec.name, "kind": self.spec.kind, "source": source.kind,
-                      "description": source.description, "path": str(source.path) if source.path else None,
-                      "architecture": self.cls.__name__, "quantization_config": source.quantization_config},
-            "settings": {**s.run.to_dict(), "quant": s.quant.to_dict()},
-            "recipe": recipes.describe(s),
-            "device": _device_info(self.devices, self.cuda),
-            "versions": versions(),
-            "steps": [], "phases": {}, "memory": {}, "loss": None, "loss_finite": None, "grads_finite": None,
-            "step_seconds": None, "tokens_per_second": None, "quality": None, "error": None, "notes": [],
-            "steps_requested": self.options.steps,
-        }
+        report = VerifyReport(
+            model={"ref": self.spec.ref, "name": self.spec.name, "kind": self.spec.kind, "source": source.kind,
+                   "description": source.description, "path": str(source.path) if source.path else None,
+                   "architecture": self.cls.__name__, "quantization_config": source.quantization_config},
+            settings={**s.run.to_dict(), "quant": s.quant.to_dict()}, recipe=recipes.describe(s),
+            device=_device_info(self.devices, self.cuda), versions=versions(), steps_requested=self.options.steps,
+        )
         if not self.cuda and run.optimizer == "paged_adamw8bit" and run.mode != "inference":
-            report["notes"].append("paged_adamw8bit on CPU: bitsandbytes keeps the 8-bit state in ordinary "
-                                   "(unpaged) tensors; paging needs CUDA unified memory")
+            report.notes.append("paged_adamw8bit on CPU: bitsandbytes keeps the 8-bit state in ordinary "
+                                "(unpaged) tensors; paging needs CUDA unified memory")
         return report
 
     def execute(self) -> None:
@@ -180,13 +176,13 @@ class _Run:
                 if self.options.steps:
                     self._steps(ids)
             except torch.cuda.OutOfMemoryError as exc:
-                self.report["error"] = {"stage": self.stage.value, "kind": "out_of_memory",
+                self.report.error = {"stage": self.stage.value, "kind": "out_of_memory",
                                         "message": str(exc).splitlines()[0]}
                 self.meter.phase_peak()
             except (RuntimeError, ValueError, OSError) as exc:
                 self._classify(exc)
             finally:
-                self.report["loaded"] = self.model is not None
+                self.report.loaded = self.model is not None
 
     def _classify(self, exc: BaseException) -> None:
         """A load or tokenizer failure is the input's fault (exit 2); NaN/inf is a verdict; anything else a bug."""
@@ -196,7 +192,7 @@ class _Run:
                                path=self.source.tokenizer_dir if tok else self.source.path or self.spec.ref) from exc
         if isinstance(exc, OSError) or not _numerical(exc):
             raise exc  # a bug or an unsupported model, not a verdict: exit 1 with the message
-        self.report["error"] = {"stage": self.stage.value, "kind": type(exc).__name__, "numerical": True,
+        self.report.error = {"stage": self.stage.value, "kind": type(exc).__name__, "numerical": True,
                                 "message": str(exc).splitlines()[0] if str(exc) else ""}
 
     def _load(self) -> None:
@@ -210,17 +206,17 @@ class _Run:
             self.model, _ = load_model(spec, source, settings, self.options, self.device_map, quantize=quantize)
         if not self.cuda:
             portable_cpu_kernels(self.model)
-        report["load_seconds"] = time.perf_counter() - t0
-        report["model"]["kept_dtype"] = str(self.model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+        report.load_seconds = time.perf_counter() - t0
+        report.model["kept_dtype"] = str(self.model.get_input_embeddings().weight.dtype).removeprefix("torch.")
         if settings.quant.dtype == "auto" and not (spec.config.get("dtype") or spec.config.get("torch_dtype")):
-            report["notes"].append(f"config.json names no dtype: unquantized tensors loaded in "
-                                   f"{report['model']['kept_dtype']}, as qtool estimate assumes (--dtype to change)")
+            report.notes.append(f"config.json names no dtype: unquantized tensors loaded in "
+                                   f"{report.model['kept_dtype']}, as qtool estimate assumes (--dtype to change)")
         gc.collect()
         # the load's own peak includes 16-bit staging copies of tensors being quantized; the cache is not
         # emptied afterwards, as a training script would not empty it either
-        report["memory"]["load_peak_allocated_bytes"] = meter.phase_peak()
+        report.memory["load_peak_allocated_bytes"] = meter.phase_peak()
         meter.peak_allocated = meter.peak_reserved = 0
-        report["phases"]["after_load"] = meter.allocated()
+        report.phases["after_load"] = meter.allocated()
 
     def _batch(self):
         """The token ids of the run (and the first sequence's head, kept for --reference)."""
@@ -233,7 +229,7 @@ class _Run:
                          tokenizer_dir=self.source.tokenizer_dir,
                          trust_remote_code=options.trust_remote_code).to(emb.device)
         self.quality_ids = ids[:1, :QUALITY_TOKENS]
-        self.report["inputs"] = {"source": f"text file {options.data}" if options.data else "random token ids",
+        self.report.inputs = {"source": f"text file {options.data}" if options.data else "random token ids",
                                  "shape": list(ids.shape), "first_ids": ids[0, :8].tolist()}
         if self.reference is not None:
             self.stage = Stage.QUALITY
@@ -245,7 +241,7 @@ class _Run:
     def _steps(self, ids) -> None:
         from qtool.verify import recipes
 
-        run, options, meter, phases = self.settings.run, self.options, self.meter, self.report["phases"]
+        run, options, meter, phases = self.settings.run, self.options, self.meter, self.report.phases
         if run.mode == "inference":
             self.stage = Stage.INFERENCE
             self.say(f"inference: prefill {run.batch_size}x{run.seq_len} tokens + {options.decode_tokens} decode steps")
@@ -268,9 +264,9 @@ class _Run:
 
     def measure(self) -> None:
         """The memory section: allocator peaks per device on CUDA, the process's peak RSS on CPU."""
-        mem, meter = self.report["memory"], self.meter
+        mem, meter = self.report.memory, self.meter
         mem["metric"] = "cuda_allocator" if self.cuda else "process_rss"
-        mem["after_load_bytes"] = self.report["phases"].get("after_load")
+        mem["after_load_bytes"] = self.report.phases.get("after_load")
         if self.cuda:
             mem["peak_allocated_bytes"] = meter.peak_allocated
             mem["peak_reserved_bytes"] = meter.peak_reserved
@@ -284,9 +280,9 @@ class _Run:
             mem["peak_needed_bytes"] = mem["peak_rss_bytes"]
 
     def compare_with_estimate(self) -> None:
-        report, options, mem = self.report, self.options, self.report["memory"]
+        report, options, mem = self.report, self.options, self.report.memory
         est = _estimate(self.spec, self.settings, options)
-        ran = self.cuda and report["loaded"] and not report["error"]
+        ran = self.cuda and report.loaded and not report.error
         if ran and options.steps:
             cmp_ = compare_estimate(est, mem["peak_allocated_bytes"], what="peak allocated",
                                     key="allocated_peak_bytes", tolerance=options.tolerance)
@@ -299,12 +295,12 @@ class _Run:
                                     key="weights_gpu_bytes", tolerance=options.tolerance)
         else:
             why = ("the CPU peak is the process's RSS" if not self.cuda else
-                   "the run did not finish" if report["error"] else "the model did not load")
+                   "the run did not finish" if report.error else "the model did not load")
             cmp_ = {"compared": None,
                     "estimate_bytes": est.get("allocated_peak_bytes" if options.steps else "weights_gpu_bytes"),
                     "measured_bytes": None, "relative_error": None, "within_tolerance": None,
                     "tolerance": options.tolerance, "note": "not comparable: " + why}
-        report["estimate"] = {**est, **cmp_}
+        report.estimate = {**est, **cmp_}
 
     def reference_quality(self) -> None:
         """--reference: free the model, load the 16-bit one, compare outputs on the first sequence."""
@@ -320,10 +316,10 @@ class _Run:
         self.say(f"loading the reference {ref_desc} in {self.settings.quant.compute_dtype}")
         report = self.report
         try:
-            report["quality"] = _reference_quality(self.reference, self.settings, self.options, self.device_map,
+            report.quality = _reference_quality(self.reference, self.settings, self.options, self.device_map,
                                                    self.quality_ids, self.quant_out, self.causal)
         except torch.cuda.OutOfMemoryError as exc:
             # the 16-bit reference did not fit: a budget verdict (exit 3), the run's own results stand
-            report["quality"] = {"reference": str(ref_path), "error": f"out of memory: {_first_line(exc)}"}
-            report["error"] = report["error"] or {"stage": Stage.REFERENCE.value, "kind": "out_of_memory",
+            report.quality = {"reference": str(ref_path), "error": f"out of memory: {_first_line(exc)}"}
+            report.error = report.error or {"stage": Stage.REFERENCE.value, "kind": "out_of_memory",
                                                   "message": f"loading --reference {ref_path}: {_first_line(exc)}"}

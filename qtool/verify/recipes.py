@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 from qtool.core.config import Settings
+from qtool.verify.report import VerifyReport
 from qtool.core.errors import DeviceError
 
 RUNNERS = {"trainer": "transformers.Trainer", "sft": "trl.SFTTrainer", "unsloth": "unsloth.FastLanguageModel + Trainer",
@@ -129,7 +130,7 @@ def _callback(meter, phases: dict, params: list, steps: list, record: dict):
     return PhaseCallback()
 
 
-def train_with_trainer(model, ids, settings: Settings, options, meter, phases: dict, report: dict, *,
+def train_with_trainer(model, ids, settings: Settings, options, meter, phases: dict, report: VerifyReport, *,
                        tokenizer=None) -> None:
     """`max_steps=options.steps` optimizer steps of a real Trainer (recipe trainer) or SFTTrainer (recipes sft
     and unsloth) on `ids` (batch x seq, labels = ids). Fills phases and report as verify._train does."""
@@ -138,9 +139,9 @@ def train_with_trainer(model, ids, settings: Settings, options, meter, phases: d
     run = settings.run
     cuda = meter.cuda
     sft = run.recipe in ("sft", "unsloth")
-    notes = report.setdefault("notes", [])
+    notes = report.notes
     params = [p for p in model.parameters() if p.requires_grad]
-    report["trainable_params"] = sum(p.numel() for p in params)
+    report.trainable_params = sum(p.numel() for p in params)
     model.config.use_cache = False  # as QLoRA recipes set it: no KV cache while training
     rows = [{"input_ids": ids[i].cpu(), "labels": ids[i].cpu()} for i in range(ids.shape[0])] * options.steps
     common = dict(max_steps=options.steps, per_device_train_batch_size=ids.shape[0], gradient_accumulation_steps=1,
@@ -151,7 +152,7 @@ def train_with_trainer(model, ids, settings: Settings, options, meter, phases: d
                   save_strategy="no", report_to="none", disable_tqdm=True, seed=options.seed,
                   dataloader_num_workers=0, use_cpu=not cuda,
                   **_precision_flags(run.precision, cuda, notes))
-    steps: list = report["steps"]
+    steps: list = report.steps
     record: dict = {}
     callback = _callback(meter, phases, params, steps, record)
     with tempfile.TemporaryDirectory(prefix="qtool-trainer-") as out_dir:
@@ -168,7 +169,7 @@ def train_with_trainer(model, ids, settings: Settings, options, meter, phases: d
             args = TrainingArguments(output_dir=out_dir, remove_unused_columns=False, **common)
             cls = _phase_trainer(Trainer, meter, phases, record)
             trainer = cls(model=model, args=args, train_dataset=rows, callbacks=[callback])
-        report["trainer"] = {"class": "trl.SFTTrainer" if sft else "transformers.Trainer",
+        report.trainer = {"class": "trl.SFTTrainer" if sft else "transformers.Trainer",
                              "optim": args.optim if isinstance(args.optim, str) else args.optim.value,
                              "bf16": bool(args.bf16), "fp16": bool(args.fp16),
                              "gradient_checkpointing": bool(args.gradient_checkpointing)}
@@ -217,17 +218,17 @@ def release(trainer, model) -> None:
         p.grad = None
 
 
-def _summarise(report: dict, ids, steps: list) -> None:
+def _summarise(report: VerifyReport, ids, steps: list) -> None:
     last = steps[-1] if steps else {}
-    report["loss"] = last.get("loss")
-    report["loss_finite"] = all(s["loss_finite"] for s in steps) if steps else None
-    report["grads_finite"] = all(s["grads_finite"] for s in steps) if steps else None
+    report.loss = last.get("loss")
+    report.loss_finite = all(s["loss_finite"] for s in steps) if steps else None
+    report.grads_finite = all(s["grads_finite"] for s in steps) if steps else None
     if "seconds" in last:
-        report["step_seconds"] = last["seconds"]
-        report["tokens_per_second"] = ids.numel() / last["seconds"]
+        report.step_seconds = last["seconds"]
+        report.tokens_per_second = ids.numel() / last["seconds"]
 
 
-def generate(model, ids, options, meter, phases: dict, report: dict) -> None:
+def generate(model, ids, options, meter, phases: dict, report: VerifyReport) -> None:
     """Inference the way users run it: model.generate (greedy) of 1 + --decode-tokens new tokens, repeated
     --steps times. A logits processor -- called once the prefill's forward is done -- splits the peak into
     prefill_peak and decode_peak, as qtool's loop reports them; the new tokens' logits are checked finite."""
@@ -261,16 +262,16 @@ def generate(model, ids, options, meter, phases: dict, report: dict) -> None:
         if options.decode_tokens:
             phases["decode_peak"] = max(phases.get("decode_peak", 0), meter.phase_peak())
         t1 = mark.get("t1", t2)
-        report["steps"].append({"step": step, "prefill_seconds": t1 - t0, "decode_seconds": t2 - t1,
+        report.steps.append({"step": step, "prefill_seconds": t1 - t0, "decode_seconds": t2 - t1,
                                 "outputs_finite": finite})
         del out
-    last = report["steps"][-1]
-    report["loss_finite"] = finite  # no loss in inference: finite outputs stand in
-    report["grads_finite"] = None
-    report["step_seconds"] = last["prefill_seconds"] + last["decode_seconds"]
-    report["tokens_per_second"] = ids.numel() / max(last["prefill_seconds"], 1e-9)
+    last = report.steps[-1]
+    report.loss_finite = finite  # no loss in inference: finite outputs stand in
+    report.grads_finite = None
+    report.step_seconds = last["prefill_seconds"] + last["decode_seconds"]
+    report.tokens_per_second = ids.numel() / max(last["prefill_seconds"], 1e-9)
     if options.decode_tokens:
-        report["decode_tokens_per_second"] = ids.shape[0] * options.decode_tokens / max(last["decode_seconds"], 1e-9)
+        report.decode_tokens_per_second = ids.shape[0] * options.decode_tokens / max(last["decode_seconds"], 1e-9)
 
 
 def describe(settings: Settings) -> dict[str, Any]:

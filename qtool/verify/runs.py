@@ -8,6 +8,7 @@ import time
 from qtool.core.config import Settings
 from qtool.core.errors import BadInput
 from qtool.verify.inputs import VerifyOptions
+from qtool.verify.report import VerifyReport
 from qtool.verify.meter import Meter
 
 
@@ -62,14 +63,14 @@ def wrap_for_training(model, settings: Settings):
         raise BadInput(f"--lora-targets {','.join(targets)}: {exc}") from None
 
 
-def _train(model, ids, settings: Settings, options: VerifyOptions, meter: Meter, phases: dict, report: dict) -> None:
+def _train(model, ids, settings: Settings, options: VerifyOptions, meter: Meter, phases: dict, report: VerifyReport) -> None:
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
-    report["trainable_params"] = sum(p.numel() for p in params)
+    report.trainable_params = sum(p.numel() for p in params)
     opt = _make_optimizer(settings.run.optimizer, params, options.lr)
     model.train()
-    steps = report["steps"]
+    steps = report.steps
     for step in range(1, options.steps + 1):
         meter.sync()
         t0 = time.perf_counter()
@@ -98,15 +99,15 @@ def _train(model, ids, settings: Settings, options: VerifyOptions, meter: Meter,
         phases["after_step"] = meter.allocated()
         steps.append(record)
     last = steps[-1] if steps else {}
-    report["loss"] = last.get("loss")
-    report["loss_finite"] = all(s["loss_finite"] for s in steps) if steps else None
-    report["grads_finite"] = all(s["grads_finite"] for s in steps) if steps else None
+    report.loss = last.get("loss")
+    report.loss_finite = all(s["loss_finite"] for s in steps) if steps else None
+    report.grads_finite = all(s["grads_finite"] for s in steps) if steps else None
     if "seconds" in last:
-        report["step_seconds"] = last["seconds"]  # the last step: steady state, optimizer state exists
-        report["tokens_per_second"] = ids.numel() / last["seconds"]
+        report.step_seconds = last["seconds"]  # the last step: steady state, optimizer state exists
+        report.tokens_per_second = ids.numel() / last["seconds"]
 
 
-def _infer(model, ids, options: VerifyOptions, meter: Meter, phases: dict, report: dict, causal: bool) -> None:
+def _infer(model, ids, options: VerifyOptions, meter: Meter, phases: dict, report: VerifyReport, causal: bool) -> None:
     import inspect
 
     import torch
@@ -141,12 +142,12 @@ def _infer(model, ids, options: VerifyOptions, meter: Meter, phases: dict, repor
             meter.sync()
             t2 = time.perf_counter()
             del out, logits
-        report["steps"].append({"step": step, "prefill_seconds": t1 - t0, "decode_seconds": t2 - t1,
+        report.steps.append({"step": step, "prefill_seconds": t1 - t0, "decode_seconds": t2 - t1,
                                 "outputs_finite": finite})
-    last = report["steps"][-1]
-    report["loss_finite"] = finite  # no loss in inference: finite outputs stand in
-    report["grads_finite"] = None
-    report["step_seconds"] = last["prefill_seconds"] + last["decode_seconds"]
-    report["tokens_per_second"] = ids.numel() / last["prefill_seconds"]
+    last = report.steps[-1]
+    report.loss_finite = finite  # no loss in inference: finite outputs stand in
+    report.grads_finite = None
+    report.step_seconds = last["prefill_seconds"] + last["decode_seconds"]
+    report.tokens_per_second = ids.numel() / last["prefill_seconds"]
     if causal and options.decode_tokens:
-        report["decode_tokens_per_second"] = ids.shape[0] * options.decode_tokens / max(last["decode_seconds"], 1e-9)
+        report.decode_tokens_per_second = ids.shape[0] * options.decode_tokens / max(last["decode_seconds"], 1e-9)

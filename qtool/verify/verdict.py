@@ -9,6 +9,7 @@ from qtool.core.config import Settings
 from qtool.core.errors import DoesNotFit, NotFinite, QtoolError, one_line
 from qtool.core.models import ModelSpec
 from qtool.verify.inputs import VerifyOptions
+from qtool.verify.report import VerifyReport
 
 
 def _estimate(spec: ModelSpec, settings: Settings, options: VerifyOptions) -> dict:
@@ -62,61 +63,61 @@ class Check:
     informational: bool = False
 
 
-def checks(report: dict, settings: Settings) -> dict[str, dict]:
+def checks(report: VerifyReport, settings: Settings) -> dict[str, dict]:
     """The verdicts, in a fixed order. The estimate check is informational: it never fails the run."""
     from qtool.core.sizes import format_bytes
 
-    err = report.get("error") or {}
+    err = report.error or {}
     oom = err.get("kind") == "out_of_memory"
     out: dict[str, Check] = {}
-    if not report["loaded"]:
+    if not report.loaded:
         out["loads"] = Check("loads", False, f"out of memory while loading: {err.get('message', '')}"
                              if oom else f"did not load: {err.get('message', '')}")
     else:
-        out["loads"] = Check("loads", True, f"loaded in {report.get('load_seconds', 0):.1f}s ({report['model']['description']})")
+        out["loads"] = Check("loads", True, f"loaded in {(report.load_seconds or 0):.1f}s ({report.model['description']})")
 
     inference = settings.run.mode == "inference"
     numerical = bool(err) and not oom  # a kernel refused NaN/inf (only such errors are recorded, others raise)
-    if report["loss_finite"] is False:
+    if report.loss_finite is False:
         out["finite_loss"] = Check("finite_loss", False, "outputs are not finite" if inference
-                                   else f"loss is {report['loss']}")
+                                   else f"loss is {report.loss}")
     elif numerical:
         out["finite_loss"] = Check("finite_loss", False, f"{err.get('kind')} during {err.get('stage')}: "
                                    f"{err.get('message', '')}")
-    elif report["loss_finite"]:
-        out["finite_loss"] = Check("finite_loss", True, "outputs finite" if inference else f"loss {report['loss']:.4f}")
+    elif report.loss_finite:
+        out["finite_loss"] = Check("finite_loss", True, "outputs finite" if inference else f"loss {report.loss:.4f}")
     elif oom and err.get("stage") != "reference":
         out["finite_loss"] = Check("finite_loss", None, "out of memory before a step finished")
-    elif not report.get("steps_requested"):
+    elif not report.steps_requested:
         out["finite_loss"] = Check("finite_loss", None, "no steps run (--steps 0)")
     else:
         out["finite_loss"] = Check("finite_loss", None, "no step finished")
     if inference:
         out["finite_grads"] = Check("finite_grads", None, "not applicable to inference")
-    elif report["grads_finite"] is None and numerical:
+    elif report.grads_finite is None and numerical:
         out["finite_grads"] = Check("finite_grads", None, "the run stopped on a NaN/inf error before gradients were checked")
-    elif report["grads_finite"] is None:
+    elif report.grads_finite is None:
         out["finite_grads"] = Check("finite_grads", None, "no backward pass ran")
     else:
-        out["finite_grads"] = Check("finite_grads", bool(report["grads_finite"]),
-                                    "all gradients finite" if report["grads_finite"] else "non-finite gradients")
+        out["finite_grads"] = Check("finite_grads", bool(report.grads_finite),
+                                    "all gradients finite" if report.grads_finite else "non-finite gradients")
 
     budget = settings.run.budget_bytes
-    need = report["memory"].get("peak_needed_bytes")
-    what = "peak RSS" if report["memory"].get("metric") == "process_rss" else "peak reserved + outside torch"
+    need = report.memory.get("peak_needed_bytes")
+    what = "peak RSS" if report.memory.get("metric") == "process_rss" else "peak reserved + outside torch"
     if oom:
         out["fits_budget"] = Check("fits_budget", False, f"out of memory during {err.get('stage')} on "
-                                   f"{report['device']['name']}")
+                                   f"{report.device['name']}")
     elif budget is None:
         out["fits_budget"] = Check("fits_budget", None, f"no budget given ({what} {format_bytes(need or 0)})")
     else:
-        per_gpu = [d["peak_reserved_bytes"] + d["outside_torch_bytes"] for d in report["memory"].get("per_device", [])]
+        per_gpu = [d["peak_reserved_bytes"] + d["outside_torch_bytes"] for d in report.memory.get("per_device", [])]
         worst = max(per_gpu) if per_gpu else need
         ok = worst is not None and worst <= budget
         out["fits_budget"] = Check("fits_budget", ok, f"{what} {format_bytes(worst or 0)} "
                                    f"{'<=' if ok else '>'} budget {format_bytes(budget)}")
 
-    est = report.get("estimate") or {}
+    est = report.estimate or {}
     if est.get("relative_error") is None:
         why = est.get("error") or est.get("note") or "no measurement to compare"
         out["estimate_within_tolerance"] = Check("estimate_within_tolerance", None, why, informational=True)
@@ -129,13 +130,13 @@ def checks(report: dict, settings: Settings) -> dict[str, dict]:
     return {k: {"passed": c.passed, "message": c.message, "informational": c.informational} for k, c in out.items()}
 
 
-def outcome(report: dict) -> QtoolError | None:
+def outcome(report: VerifyReport) -> QtoolError | None:
     """The error to exit with: NotFinite (4) before DoesNotFit (3); informational checks never fail."""
-    c = report["checks"]
+    c = report.checks
     if c["finite_loss"]["passed"] is False or c["finite_grads"]["passed"] is False:
         bad = c["finite_loss"] if c["finite_loss"]["passed"] is False else c["finite_grads"]
-        return NotFinite(f"{report['model']['name']}: {bad['message']}")
+        return NotFinite(f"{report.model['name']}: {bad['message']}")
     if c["fits_budget"]["passed"] is False or c["loads"]["passed"] is False:
         bad = c["fits_budget"] if c["fits_budget"]["passed"] is False else c["loads"]
-        return DoesNotFit(f"{report['model']['name']}: {bad['message']}")
+        return DoesNotFit(f"{report.model['name']}: {bad['message']}")
     return None
