@@ -217,8 +217,8 @@ def test_shell_completion_is_offered(capsys, monkeypatch):
     assert main(["--help"]) == 0
     assert "--install-completion" in capsys.readouterr().out
     code = main(["--show-completion", "bash"])
-    out = capsys.readouterr().out
-    assert code == 0 and "_QTOOL_COMPLETE" in out
+    out, err = capsys.readouterr()
+    assert code == 0 and "_QTOOL_COMPLETE" in out, err
 
 
 # --- progress --------------------------------------------------------------------------------------
