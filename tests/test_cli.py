@@ -4,6 +4,7 @@ units, progress, completion. In-process (qtool.cli.app.main) unless the real pro
 from __future__ import annotations
 
 import io
+import os
 import json
 import re
 import subprocess
@@ -212,13 +213,23 @@ def test_units_one_convention_gib_by_default(capsys, monkeypatch, tmp_path):
     assert "expected one of gib, gb" in capsys.readouterr().err
 
 
-def test_shell_completion_is_offered(capsys, monkeypatch):
+def test_shell_completion_is_offered(capsys, monkeypatch, tmp_path):
+    """typer's --show-completion names no shell: it detects the one it runs under (the nearest in the process
+    tree), so run it from bash, as a user does (under `make`, the nearest shell would be sh)."""
+    import shutil
+    import subprocess
+    import sys
+
     monkeypatch.setenv("COLUMNS", "200")
     assert main(["--help"]) == 0
     assert "--install-completion" in capsys.readouterr().out
-    code = main(["--show-completion", "bash"])
-    out, err = capsys.readouterr()
-    assert code == 0 and "_QTOOL_COMPLETE" in out, err
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash on this machine")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.run([bash, "-c", f"'{sys.executable}' -m qtool --show-completion"], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0 and "_QTOOL_COMPLETE=complete_bash" in proc.stdout, proc.stderr
 
 
 # --- progress --------------------------------------------------------------------------------------

@@ -113,7 +113,10 @@ def _debug() -> bool:
 
 
 def _verbose(argv: list[str]) -> bool:
-    return _debug() or "--debug" in argv or any(a in ("-v", "--verbose") for a in argv)
+    """Whether library output is shown: -v/--debug, and typer's completion options, whose messages ("Shell sh
+    not supported") are the answer."""
+    return (_debug() or "--debug" in argv or any(a in ("-v", "--verbose") for a in argv)
+            or any(a.startswith(("--show-completion", "--install-completion")) for a in argv))
 
 
 def _emit(line: str) -> None:
