@@ -37,7 +37,9 @@ class LibraryStream(io.TextIOBase):
 
     def write(self, text: str) -> int:
         global _kept_bytes
-        if not isinstance(text, str):
+        if isinstance(text, (bytes, bytearray)):  # click.echo writes bytes where a stream has no .buffer
+            text = bytes(text).decode("utf-8", "replace")
+        elif not isinstance(text, str):
             text = str(text)
         if _show:
             target = _real or sys.__stderr__
