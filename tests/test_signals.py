@@ -154,3 +154,25 @@ def test_signal_ends_a_verify_stuck_in_one_native_op(tmp_path):
     _, rest = proc.communicate(timeout=60)  # without the watchdog: until the matmul returns
     assert proc.returncode == 143, rest
     assert [line for line in rest.splitlines() if line.strip()] == ["qtool: error: terminated (SIGTERM)"]
+
+
+def test_watchdog_ends_a_process_stuck_where_python_cannot_run_a_handler(tmp_path):
+    """PBKDF2 with 2^31 iterations runs in C for many minutes without returning to the interpreter, so the Python-level
+    handler never runs: the watchdog thread must run the registered cleanups, print the one line and exit."""
+    script = tmp_path / "stuck.py"
+    marker = tmp_path / "cleaned"
+    script.write_text(
+        "import hashlib, sys\n"
+        "from qtool.core import signals\n"
+        "signals.install(lambda line: (sys.stderr.write(line + '\\n'), sys.stderr.flush()))\n"
+        f"with signals.cleanup(lambda: open({str(marker)!r}, 'w').close()):\n"
+        "    print('stuck', flush=True)\n"
+        "    hashlib.pbkdf2_hmac('sha512', b'qtool', b'salt', 2**31 - 1)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals)
+    assert proc.stdout.readline().strip() == "stuck"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert [line for line in err.splitlines() if line.strip()] == ["qtool: error: terminated (SIGTERM)"]
+    assert marker.exists()

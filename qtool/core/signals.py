@@ -207,7 +207,7 @@ def _force_exit() -> None:
             for fn in reversed(list(_state.cleanups)):
                 with contextlib.suppress(BaseException):
                     fn()
-            emit_once(line)
+            emit_once(f"qtool: error: {line}")
         with contextlib.suppress(Exception):
             sys.stdout.flush()
         os._exit(code)
