@@ -2,7 +2,8 @@
 destination and no staging folder; or, once the output was renamed into place, exit 0 with nothing printed.
 
 Each case is a real `python -m qtool quantize` process, signalled at one moment of its life: during the
-imports (time after start), once the staging folder exists (the first tensors), half-way through the
+imports (a time after start, once the process catches the signals: before that it is the interpreter
+starting up), once the staging folder exists (the first tensors), half-way through the
 shard, when the model card is in the staging folder (just before the final rename), and when the
 destination exists (just after it).
 """
@@ -63,9 +64,22 @@ def _staging(tmp: Path) -> list[Path]:
     return [p for p in tmp.iterdir() if ".qtool-" in p.name]
 
 
-def _reached(moment, start: float, tmp: Path, dest: Path) -> bool:
+def _caught(pid: int) -> bool:
+    """Whether the process catches the three signals yet (its SigCgt mask): before that, it is the interpreter
+    starting up, where no program can answer a signal with its own line."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                mask = int(line.split()[1], 16)
+                return all(mask & (1 << (sig - 1)) for sig in MESSAGES)
+    except (OSError, ValueError):
+        return True  # no /proc: fall back to the clock alone
+    return False
+
+
+def _reached(moment, start: float, tmp: Path, dest: Path, pid: int = 0) -> bool:
     if isinstance(moment, float):
-        return time.monotonic() - start >= moment
+        return time.monotonic() - start >= moment and (not pid or _caught(pid))
     staging = _staging(tmp)
     if moment == "staging":
         return bool(staging)
@@ -92,7 +106,7 @@ def test_signal_at_any_moment(source, tmp_path, sig, moment):
     proc = subprocess.Popen([sys.executable, "-m", "qtool", "quantize", str(source), "--out", str(dest),
                              "--device", "cpu"], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals)
-    while proc.poll() is None and not _reached(moment, start, tmp_path, dest):
+    while proc.poll() is None and not _reached(moment, start, tmp_path, dest, proc.pid):
         time.sleep(0.005)
     if proc.poll() is not None:  # a busy machine: the run ended between two looks, before the signal
         assert moment not in BEFORE_COMMIT and proc.returncode == 0, f"finished before {moment}: {proc.communicate()[1]}"
