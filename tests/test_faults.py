@@ -21,28 +21,16 @@ import torch
 from safetensors.torch import save_file
 
 from qtool.cli.app import main
+from tinymodels import llama_config, llama_weights, one_error_line  # noqa: E402
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parent.parent
-TINY = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128, hidden_size=64,
-            intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=128, tie_word_embeddings=False, torch_dtype="float32")
-
-
-def llama_state_dict(config: dict, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """Random weights with the names and shapes transformers itself gives this config."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    cfg = LlamaConfig(**{k: v for k, v in config.items() if k not in ("model_type", "architectures", "torch_dtype")})
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
-    g = torch.Generator().manual_seed(seed)
-    return {k: ((torch.rand(v.shape, generator=g) - 0.5) * 0.1).to(dtype) for k, v in model.state_dict().items()}
+TINY = llama_config(intermediate_size=128, max_position_embeddings=128)
 
 
 @pytest.fixture(scope="module")
 def tiny_weights():
-    return llama_state_dict(TINY)
+    return llama_weights(TINY)
 
 
 @pytest.fixture
@@ -74,14 +62,6 @@ def qtool(capsys, *argv: str) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert "Traceback" not in err, err
-    assert len(lines) == 1, err
-    assert lines[0].startswith("qtool: error: "), err
-    return lines[0]
 
 
 def assert_bad_input(capsys, *argv, names: str | Path | None = None, match: str | None = None, code: int = 2) -> str:

@@ -18,11 +18,10 @@ pytest.importorskip("bitsandbytes")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from qtool.cli.app import main  # noqa: E402
+from tinymodels import llama_config, one_error_line, write_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128, hidden_size=64,
-            intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=128, tie_word_embeddings=False, torch_dtype="float32")
+TINY = llama_config(max_position_embeddings=128)
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
@@ -32,31 +31,14 @@ def run(capsys, *argv) -> tuple[int, str, str]:
 
 
 def one_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert "Traceback" not in err, err
-    assert len(lines) == 1, err
-    assert lines[0].startswith("qtool: error: "), err
-    assert "internal error" not in lines[0], err
-    return lines[0]
-
-
-def _weights(cfg: dict) -> dict:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    keep = {k: v for k, v in cfg.items() if k not in ("model_type", "architectures", "torch_dtype")}
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**keep))
-    g = torch.Generator().manual_seed(0)
-    return {k: (torch.rand(v.shape, generator=g) - 0.5) * 0.1 for k, v in model.state_dict().items()}
+    line = one_error_line(err)
+    assert "internal error" not in line, err
+    return line
 
 
 @pytest.fixture
 def ckpt(tmp_path) -> Path:
-    d = tmp_path / "tiny"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps(TINY))
-    save_file(_weights(TINY), d / "model.safetensors", metadata={"format": "pt"})
-    return d
+    return write_checkpoint(tmp_path / "tiny", TINY)
 
 
 # --- 1. any CPU -------------------------------------------------------------------------------------

@@ -16,10 +16,10 @@ pytest.importorskip("bitsandbytes")
 pytest.importorskip("peft")
 
 from qtool.cli.app import main  # noqa: E402
+from tinymodels import llama_config  # noqa: E402
 
-TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, torch_dtype="bfloat16",
-            tie_word_embeddings=False)
+TINY = {k: v for k, v in llama_config(vocab_size=128, torch_dtype="bfloat16").items()
+        if k not in ("model_type", "architectures")}  # LlamaConfig(**TINY)
 SEQ = ["--seq-len", "24", "--device", "cpu"]
 
 

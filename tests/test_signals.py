@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 torch = pytest.importorskip("torch")
-from safetensors.torch import save_file  # noqa: E402
+from tinymodels import llama_config, write_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MESSAGES = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminated (SIGTERM)"),
@@ -31,20 +31,9 @@ MESSAGES = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminat
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
     """~20 MB of float32 Llama weights: a few seconds of quantizing on one CPU thread."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    cfg = dict(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=4,
-               num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=False)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**cfg))
-    g = torch.Generator().manual_seed(0)
-    sd = {k: (torch.rand(v.shape, generator=g) - 0.5) * 0.1 for k, v in model.state_dict().items()}
-    d = tmp_path_factory.mktemp("sig") / "src"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
-                                               "torch_dtype": "float32", **cfg}))
-    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
-    return d
+    cfg = llama_config(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
+                       num_key_value_heads=4, max_position_embeddings=128)
+    return write_checkpoint(tmp_path_factory.mktemp("sig") / "src", cfg)
 
 
 def _env() -> dict:

@@ -157,8 +157,11 @@ def cleanup(callback: Callable[[], None]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def commit_section() -> Iterator[None]:
-    """Run the final rename with signals held; `mark_committed()` inside it makes them harmless afterwards."""
+def held() -> Iterator[None]:
+    """A signal inside this block is held until its end (then raised, unless the work was committed): for the
+    few statements that create or remove something and must not be cut in two (a folder made but not yet
+    registered for removal). The final rename runs in one, and `mark_committed()` inside it makes a held
+    signal harmless."""
     with _state.lock:
         _state.critical += 1
         try:
@@ -168,6 +171,9 @@ def commit_section() -> Iterator[None]:
     if _state.received is not None and not _state.committed and not _state.raised and not _state.finished:
         _state.raised = True
         raise Stopped(_state.received)
+
+
+commit_section = held  # the final rename's name for it
 
 
 def mark_committed() -> None:

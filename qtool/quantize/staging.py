@@ -106,12 +106,13 @@ def _folder_error(exc: OSError, dest: Path, where: Path) -> BadInput | OutputErr
 def _check_parent(dest: Path) -> None:
     """The destination's folder (or the nearest one that exists) must take a new subfolder: try it."""
     existing, _ = _missing_parents(dest)
-    try:
-        probe = tempfile.mkdtemp(prefix=staging_name(dest), dir=existing)
-    except OSError as exc:
-        raise _folder_error(exc, dest, existing) from None
-    with contextlib.suppress(OSError):
-        os.rmdir(probe)
+    with signals.held():  # made and removed at once: a signal between the two would leave it behind
+        try:
+            probe = tempfile.mkdtemp(prefix=staging_name(dest), dir=existing)
+        except OSError as exc:
+            raise _folder_error(exc, dest, existing) from None
+        with contextlib.suppress(OSError):
+            os.rmdir(probe)
 
 
 def _umask() -> int:
@@ -127,32 +128,30 @@ def staging_dir(dest: Path, *, force: bool = False) -> Iterator[Path]:
     dest = Path(dest)
     parent = _parent(dest)
     _, created = _missing_parents(dest)
-    try:
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=staging_name(dest), dir=parent))
-        except OSError as exc:
-            raise _folder_error(exc, dest, parent) from None
-        def undo() -> None:  # what qtool.core.signals' watchdog runs if it must end the process from outside
-            shutil.rmtree(tmp, ignore_errors=True)
-            for folder in reversed(created):
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
+    tmp: Path | None = None
 
-        try:
-            with signals.cleanup(undo):
-                yield tmp
-                os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a folder made by mkdir would not be
-                with signals.commit_section():  # a signal from here on is held; once renamed, it is ignored
-                    _move_into_place(tmp, dest, parent, force)
-                    signals.mark_committed()
-        except BaseException:
+    def undo() -> None:  # on failure, and what qtool.core.signals' watchdog runs if it must end the process
+        if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    except BaseException:
         for folder in reversed(created):  # innermost first; only if still empty
             with contextlib.suppress(OSError):
                 folder.rmdir()
+
+    try:
+        with signals.cleanup(undo):
+            try:
+                with signals.held():  # the folder exists only once `tmp` names it for undo()
+                    parent.mkdir(parents=True, exist_ok=True)
+                    tmp = Path(tempfile.mkdtemp(prefix=staging_name(dest), dir=parent))
+            except OSError as exc:
+                raise _folder_error(exc, dest, parent) from None
+            yield tmp
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a folder made by mkdir would not be
+            with signals.commit_section():  # a signal from here on is held; once renamed, it is ignored
+                _move_into_place(tmp, dest, parent, force)
+                signals.mark_committed()
+    except BaseException:
+        undo()
         raise
 
 
