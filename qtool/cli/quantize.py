@@ -122,7 +122,7 @@ def render_result(console, plan, result, format_bytes) -> None:
     quantize = sum(st.get(k, 0.0) for k in ("cast", "h2d", "quantize", "d2h"))
     write = sum(st.get(k, 0.0) for k in ("write", "write_copy", "finish_shards"))
     console.print(f"  stages: read {st.get('read', 0.0):.1f} s (waited for {st.get('read_wait', 0.0):.1f} s), "
-                  f"quantize {quantize:.1f} s, write {write:.1f} s (reads and writes run beside the quantizing)")
+                  f"quantize {quantize:.1f} s, write {write:.1f} s, overlapping")
     gpu = f", GPU peak {format_bytes(result.peak_gpu_bytes)}" if result.peak_gpu_bytes is not None else ""
     console.print(f"  peak host RSS: {format_bytes(result.peak_rss_bytes)}{gpu}")
     from qtool.quantize.card import auto_class
