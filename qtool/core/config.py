@@ -22,6 +22,7 @@ from typing import Any
 from qtool.core import presets
 from qtool.core.errors import ConfigError
 from qtool.core.sizes import parse_size
+from qtool.core.values import gpus as _gpus, boolean as _bool, integer as _int, choice as _choice, items as _list, budget as _budget, gpu as _gpu
 
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
@@ -34,6 +35,8 @@ _OPTIMIZER_ALIASES = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "ada
                       "adamw_bnb_8bit": "adamw8bit", "paged_adamw_8bit": "paged_adamw8bit",
                       "paged_adamw_32bit": "paged_adamw32bit"}
 RECIPES = ("trainer", "sft", "loop", "unsloth")
+PARALLEL = ("pipeline", "fsdp", "ddp")
+FSDP_SHARDING = ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard")
 PRECISIONS = ("bf16", "fp16", "fp32")
 _PRECISION_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -41,87 +44,6 @@ UNITS = ("gib", "gb")
 _UNIT_ALIASES = {"binary": "gib", "iec": "gib", "mib": "gib", "decimal": "gb", "si": "gb", "mb": "gb"}
 COMMANDS = ("estimate", "quantize", "verify")
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-
-
-def _bool(v: Any, key: str) -> bool:
-    if isinstance(v, bool):
-        return v
-    s = str(v).strip().lower()
-    if s in ("1", "true", "yes", "on"):
-        return True
-    if s in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"invalid {key} {v!r}: expected true or false")
-
-
-def _int(lo: int, hi: int) -> Callable[[Any, str], int]:
-    def parse(v: Any, key: str) -> int:
-        if isinstance(v, bool):
-            raise ConfigError(f"invalid {key} {v!r}: expected an integer")
-        try:
-            n = int(str(v).strip()) if not isinstance(v, int) else v
-        except ValueError:
-            raise ConfigError(f"invalid {key} {v!r}: expected an integer") from None
-        if not lo <= n <= hi:
-            raise ConfigError(f"invalid {key} {n}: must be between {lo} and {hi}")
-        return n
-    return parse
-
-
-def _choice(choices: tuple, aliases: Mapping[str, str] | None = None) -> Callable[[Any, str], Any]:
-    def parse(v: Any, key: str):
-        s = str(v).strip().lower()
-        s = (aliases or {}).get(s, s)
-        if isinstance(choices[0], int):
-            try:
-                s = int(s)
-            except ValueError:
-                pass
-        if s not in choices:
-            raise ConfigError(f"invalid {key} {v!r}: expected one of {', '.join(map(str, choices))}")
-        return s
-    parse.choices = choices
-    return parse
-
-
-def _list(v: Any, key: str) -> tuple[str, ...]:
-    if isinstance(v, (list, tuple)):
-        items = [str(x).strip() for x in v]
-    else:
-        items = [x.strip() for x in str(v).split(",")]
-    return tuple(x for x in items if x)
-
-
-def _size(v: Any, key: str) -> int | None:
-    if v is None or (isinstance(v, str) and v.strip().lower() in ("none", "")):
-        if isinstance(v, str) and v.strip() == "":
-            raise ConfigError(f"invalid {key} '': expected a size such as 24GB")
-        return None
-    n = parse_size(v, what=key)
-    if n < 2**20:  # '--vram 24' is 24 bytes: surely 24GB was meant
-        raise ConfigError(f"invalid {key} {v!r}: {n} bytes is not a memory budget (give a unit: 24GB, 24GiB)")
-    return n
-
-
-def _budget(v: Any, key: str) -> int | str | None:
-    """A size (bytes), or the name of a catalogue GPU whose memory is the budget."""
-    text = v.strip() if isinstance(v, str) else v
-    if isinstance(text, str) and text[:1].isalpha():
-        gpu = presets.find_gpu(text)
-        if gpu is None:
-            known = ", ".join(sorted({g["key"] for g in presets.gpus().values()}))
-            raise ConfigError(f"invalid {key} {v!r}: neither a size (24GB, 24GiB) nor a GPU from the catalogue "
-                              f"(known: {known})")
-        return gpu["key"]
-    return _size(v, key)
-
-
-def _gpu(v: Any, key: str) -> str:
-    gpu = presets.find_gpu(str(v))
-    if gpu is None:
-        known = sorted({g["key"] for g in presets.gpus().values()})
-        raise ConfigError(f"unknown GPU {v!r} (known: {', '.join(known)})")
-    return gpu["key"]
 
 
 @dataclass(frozen=True)
@@ -147,6 +69,7 @@ class Key:
 
 Q = "Quantization (BitsAndBytesConfig)"
 R = "Run settings"
+M = "Several GPUs"
 _QV = ("estimate", "quantize", "verify")
 _EV = ("estimate", "verify")
 
@@ -199,6 +122,18 @@ KEYS: tuple[Key, ...] = (
        panel=R, commands=_EV, metavar="SIZE", aliases=("--max-vram",)),
     _k("gpu", None, _gpu, "GPU from configs/gpus.toml (rtx-4090, a100-80gb, ...): its memory is the budget",
        panel=R, commands=_EV, metavar="NAME"),
+    # several GPUs (one card: these change nothing)
+    _k("gpus", 1, _gpus, "GPUs the run spreads over: a count, or catalogue names one per card (rtx-4090,rtx-3090); "
+       "--vram/--gpu is the budget of each card", group="run", panel=M, commands=_EV, metavar="N|LIST"),
+    _k("parallel", "pipeline", _choice(PARALLEL), "How the model spreads over the GPUs: pipeline (device_map="
+       "\"auto\": layers split across cards), fsdp (FSDP-QLoRA: weights sharded), ddp (a full copy per card)",
+       group="run", panel=M, commands=_EV, metavar="HOW"),
+    _k("fsdp_sharding", "full_shard", _choice(FSDP_SHARDING), "FSDP sharding strategy (fsdp_sharding_strategy)",
+       group="run", panel=M, commands=_EV, metavar="STRATEGY"),
+    _k("fsdp_offload_params", False, _bool, "FSDP: keep parameters in CPU RAM between uses (fsdp_offload_params)",
+       group="run", panel=M, commands=_EV, type=bool),
+    _k("fsdp_ram_efficient", True, _bool, "FSDP: only rank 0 reads the weights, the others start empty "
+       "(fsdp_cpu_ram_efficient_loading)", group="run", panel=M, commands=_EV, type=bool),
     _k("allow_nonfinite", False, _bool, "Quantize weights that hold NaN/inf (refused by default: they spread "
        "over their blocks)", panel=Q, commands=("quantize",), type=bool),
     # output
