@@ -100,7 +100,7 @@ def card_terms(basis, settings, budgets, *, spec, trust_remote_code: bool = Fals
             dynamic = {**dynamic, **loss} if m.mode == "inference" else dict(loss)
         terms.update({k: v for k, v in dynamic.items() if v})
         terms["cuda_context"] = single["cuda_context"]
-        out.append(terms)
+        out.append(terms if gpu[i] else {})  # a card nothing is placed on is never touched
     offloaded = sorted(k for k, v in dmap.items() if not isinstance(v, int))
     return out, {"device_map": dmap, "layers_per_card": layers, "offloaded": offloaded}
 
