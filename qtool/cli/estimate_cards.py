@@ -18,8 +18,9 @@ def shortfall(est, size) -> str:
         return (f"does not fit on {cards_label(est)} with {est.parallel}: device_map=\"auto\" would put "
                 f"{', '.join(offloaded[:3])} on the CPU, which bitsandbytes refuses")
     worst = est.worst
+    why = " while loading: every rank loads the whole 4-bit model first" if est.detail.get("phase") == "load" else ""
     return (f"does not fit on {cards_label(est)} with {est.parallel}: card {worst.index} needs "
-            f"{size(worst.device_bytes)} of {size(worst.budget_bytes)}")
+            f"{size(worst.device_bytes)} of {size(worst.budget_bytes)}{why}")
 
 
 def render_cards(console, r: dict, est, size) -> None:
@@ -43,6 +44,11 @@ def render_cards(console, r: dict, est, size) -> None:
         what = "rank 0 reads the 16-bit checkpoint" if s["fsdp_ram_efficient"] else "every rank reads the checkpoint"
         console.print(f"Host RAM: {size(est.host_ram_bytes)} ({what}"
                       f"{'; the shards, grads and optimizer live there' if s['fsdp_offload_params'] else ''}).")
+    phases = est.detail.get("phases")
+    if phases and est.detail.get("phase") != "step":
+        when = {"load": "loading", "wrap": "FSDP's wrapping"}[est.detail["phase"]]
+        console.print(f"The peak is {when}: transformers 5 loads a quantized model whole on every rank's card "
+                      f"before FSDP shards it; the training step alone: {size(phases['step'])} a card.")
     if est.fits:
         console.print(f"[green]Fits[/green] on {cards_label(est)} with {est.parallel}: "
                       f"{size(est.worst.budget_bytes - est.worst.device_bytes)} headroom on the fullest card.")

@@ -124,8 +124,25 @@ def _trainable(u: Units, n: int, strategy: str, optimizer: str) -> dict[str, int
             "optimizer_states_paged" if optimizer.startswith("paged_") else "optimizer_states": states}
 
 
+def _loading(basis, u: Units, n: int, strategy: str) -> dict[str, dict[str, int]]:
+    """What a rank holds before training: every rank loads the whole 4-bit model on its own card (transformers
+    5 loads a quantized model on every rank, not on rank 0 only; one weight at a time arrives 16-bit and is
+    quantized there), then FSDP wraps bottom-up: each unit's parameters are flattened into a new tensor (both
+    alive) and sharded. Last comes the root, when the layers are already shards."""
+    plan = basis.cached.plan
+    largest = max((g.numel for g in plan.groups if g.action == QUANTIZE), default=0) * itemsize(basis.dtype)
+    load = {"weights_full": basis.weights[basis.chosen].gpu, "load_transient": largest}
+    if strategy == "no_shard":
+        return {"load": load}
+    item = u.storage_bytes
+    wrap = {"weights_shard": u.layers * _shard(u.layer_bytes // item, n, item), "quant_state": u.quant_state_gpu,
+            "root_params": _block(u.root_bytes), "root_flat": _block(u.root_bytes)}
+    return {"load": load, "wrap": wrap}
+
+
 def rank_terms(basis, settings, n: int, **_) -> tuple[list[dict[str, int]], int, dict[str, Any]]:
-    """(terms per rank, host RAM bytes, detail) for N ranks of FSDP-QLoRA."""
+    """(terms per rank at its peak, host RAM bytes, detail) for N ranks of FSDP-QLoRA: the larger of loading
+    and wrapping (qtool verify measures the whole run) and the training step."""
     run = settings.run
     u = model_units(basis, settings)
     strategy = "full_shard" if run.fsdp_sharding == "hybrid_shard" else run.fsdp_sharding
@@ -142,10 +159,13 @@ def rank_terms(basis, settings, n: int, **_) -> tuple[list[dict[str, int]], int,
         trainable = {}
     terms.update(trainable)
     terms.update({k: v for k, v in single.items() if k not in resident})
-    terms["cuda_context"] = single["cuda_context"]
+    phases = {"step": terms, **_loading(basis, u, n, strategy)}
+    phase = max(phases, key=lambda k: sum(phases[k].values()))
+    peak = {**phases[phase], "cuda_context": single["cuda_context"]}
     full_16bit = basis.weights["fp16"].data
     host += (n if not run.fsdp_ram_efficient else 1) * full_16bit
     detail = {"sharding": run.fsdp_sharding, "offload_params": run.fsdp_offload_params,
               "ram_efficient_loading": run.fsdp_ram_efficient, "layer_bytes": u.layer_bytes,
-              "root_bytes": u.root_bytes, "quant_storage": settings.quant.quant_storage}
-    return [dict(terms) for _ in range(n)], host, detail
+              "root_bytes": u.root_bytes, "quant_storage": settings.quant.quant_storage, "phase": phase,
+              "phases": {k: sum(v.values()) for k, v in phases.items()}}
+    return [dict(peak) for _ in range(n)], host, detail
