@@ -98,11 +98,28 @@ def card_terms(basis, settings, budgets, *, spec, trust_remote_code: bool = Fals
         dynamic = dict(layer) if layers[i] else {}
         if i == head and (m.mode == "inference" or sum(loss.values()) >= sum(dynamic.values())):
             dynamic = {**dynamic, **loss} if m.mode == "inference" else dict(loss)
+        copy = output_copy(m) if i == 0 != head else {}
+        if sum(copy.values()) > sum(dynamic.values()):
+            dynamic = copy
         terms.update({k: v for k, v in dynamic.items() if v})
         terms["cuda_context"] = single["cuda_context"]
         out.append(terms if gpu[i] else {})  # a card nothing is placed on is never touched
     offloaded = sorted(k for k, v in dmap.items() if not isinstance(v, int))
     return out, {"device_map": dmap, "layers_per_card": layers, "offloaded": offloaded}
+
+
+def output_copy(m: memory.MemoryInputs) -> dict[str, int]:
+    """What the first card holds at the end of the forward when the head sits elsewhere: accelerate's hook on
+    the model (AlignDevicesHook(io_same_device=True)) sends the outputs back to the input's card, the logits
+    included; under the Trainer's autocast they are 16-bit and accelerate's convert_outputs_to_fp32 then makes
+    an fp32 copy beside them. trl's chunked loss returns no logits; generate keeps one position."""
+    if m.mode == "inference" or m.recipe in memory.RECIPES_16BIT_ADAPTERS:
+        return {}
+    d, b, s = m.dims, m.batch, m.seq
+    if m.autocast:
+        return {"logits_copy": memory.logits_bytes(d, b, s, m.compute_bytes),
+                "logits_copy_fp32": memory.logits_bytes(d, b, s, 4)}
+    return {"logits_copy": memory.logits_bytes(d, b, s, memory.stream_bytes(m)[1])}
 
 
 def gpu_kept(count: int, dtype: str) -> int:
