@@ -273,3 +273,34 @@ def test_no_torch_for_several_gpus():
             "print('HEAVY', heavy, rcs, file=sys.stderr)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert "HEAVY [] [0, 0, 0]" in r.stderr, r.stderr
+
+
+def test_fsdp_units_match_a_real_fsdp_wrap(tmp_path):
+    """A real FSDP1 wrap of a 4-bit LoRA model on 2 CPU ranks (tests/fsdp_ranks.py): the decoder layers' and
+    the root's flat parameters, the LoRA units and each rank's chunk are what qtool.estimate.fsdp counts."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("peft")
+    from tests.tinymodels import write_checkpoint
+
+    from qtool.estimate import fsdp
+    from qtool.estimate.report import estimate_basis
+
+    config = llama_config(num_hidden_layers=3, torch_dtype="bfloat16")
+    write_checkpoint(tmp_path / "m", config, dtype=torch.bfloat16)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(29500 + random.randrange(1000)), str(ROOT / "tests" / "fsdp_ranks.py"),
+                        str(tmp_path / "m"), "4"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    line = next((x for x in r.stdout.splitlines() if x.startswith("UNITS ")), None)
+    assert line, r.stderr[-3000:]
+    real = json.loads(line[len("UNITS "):])
+    s = _settings(gpus=2, parallel="fsdp", quant_storage="bfloat16", dtype="bfloat16", lora_rank=4)
+    spec = resolve_model(str(tmp_path / "m"))
+    u = fsdp.model_units(estimate_basis(spec, s), s)
+    frozen = sorted(n for n, _, dtype, trainable in real if not trainable)
+    assert all(dtype == "torch.bfloat16" for _, _, dtype, trainable in real if not trainable)
+    assert frozen == sorted([u.layer_bytes // 2] * 3 + [u.root_bytes // 2])
+    lora = sorted(n for n, _, dtype, trainable in real if trainable and dtype == "torch.float32")
+    assert len(lora) == sum(1 for _, _, _, t in real if t)
+    assert lora == sorted(numel for numel, count in u.lora_units for _ in range(count))
+    assert all(local == math.ceil(n / 2) for n, local, _, _ in real)
