@@ -131,7 +131,14 @@ def _loading(basis, u: Units, n: int, strategy: str) -> dict[str, dict[str, int]
     alive) and sharded. Last comes the root, when the layers are already shards."""
     plan = basis.cached.plan
     largest = max((g.numel for g in plan.groups if g.action == QUANTIZE), default=0) * itemsize(basis.dtype)
-    load = {"weights_full": basis.weights[basis.chosen].gpu, "load_transient": largest}
+    full = basis.weights[basis.chosen].gpu
+    # quantizing: the full model but its last weights + one weight 16-bit; wrapping the first layer: the full
+    # model with its adapters (fp32, whole on every rank until FSDP shards them) + one layer's flat copy
+    lora_full = basis.inputs.lora_params * LORA_DTYPE_BYTES
+    if lora_full + u.layer_bytes > largest:
+        load = {"weights_full": full, "lora_full": lora_full, "layer_flat": _block(u.layer_bytes)}
+    else:
+        load = {"weights_full": full, "load_transient": largest}
     if strategy == "no_shard":
         return {"load": load}
     item = u.storage_bytes
