@@ -54,11 +54,31 @@ def _real_device_map(config: dict, max_memory: dict) -> dict:
     return dict(_get_device_map(model, "auto", dict(max_memory), quantizer))
 
 
-def _mine(lay: layout.Layout, max_memory: dict) -> dict:
-    root = lay.nodes("bfloat16")
+def _mine(lay: layout.Layout, max_memory: dict, quantized: bool = True) -> dict:
+    root = lay.nodes("bfloat16", quantized=quantized)
     balanced = placement.balanced_memory(root, max_memory, set(lay.tied))
-    return placement.infer_device_map(root, {k: v * placement.BNB_MAX_MEMORY for k, v in balanced.items()},
-                                      lay.tied)
+    factor = placement.BNB_MAX_MEMORY if quantized else 1
+    return placement.infer_device_map(root, {k: v * factor for k, v in balanced.items()}, lay.tied)
+
+
+@pytest.mark.parametrize("name", ["llama-3-8b", "gemma-2-9b"])
+def test_pipeline_placement_16bit_equals_transformers(name):
+    """lora/full load the 16-bit model: no quantizer, every element its dtype's size, no x 0.90."""
+    torch = pytest.importorskip("torch")
+    from transformers.integrations.accelerate import _get_device_map
+    from transformers.utils.generic import ContextManagers
+
+    from qtool.core.meta import hf_config, model_class
+
+    config = presets.load_model_preset(name)
+    cfg = hf_config(config)
+    cls = model_class(cfg)
+    with ContextManagers(cls.get_init_context(torch.bfloat16, False, False, None) + [torch.device("meta")]):
+        model = cls(cfg)
+    lay = layout.load_cached(name, config)
+    for n in (2, 3):
+        max_memory = {i: 2**40 for i in range(n)}
+        assert _mine(lay, max_memory, quantized=False) == dict(_get_device_map(model, "auto", max_memory, None))
 
 
 TINY = {

@@ -32,11 +32,12 @@ class Layout:
     def to_dict(self) -> dict:
         return {"version": LAYOUT_VERSION, "tree": self.tree, "tied": self.tied}
 
-    def nodes(self, dtype: str) -> Node:
-        """The tree with the bytes transformers counts at placement: 0.5 per quantized element, the dtype's size
-        for the rest (the model is built in `dtype` before any weight loads), a buffer its own dtype's."""
+    def nodes(self, dtype: str, *, quantized: bool = True) -> Node:
+        """The tree with the bytes transformers counts at placement: 0.5 per quantized element (when the model
+        loads 4-bit), the dtype's size for the rest (the model is built in `dtype` before any weight loads), a
+        buffer its own dtype's."""
         def size(n: int, kind: str) -> float:
-            return n * (0.5 if kind == QUANTIZED else itemsize(dtype))
+            return n * (0.5 if kind == QUANTIZED and quantized else itemsize(dtype))
 
         return _expand(self.tree, "", size, dtype)
 

@@ -27,13 +27,15 @@ _LOSS = ("lm_head_16bit", "logits", "loss_softmax_and_grad", "logits_softcap", "
          "lm_head_chunk", "loss_chunk")
 
 
-def device_map(root: Node, tied: dict, budgets: list[int | None]) -> dict[str, int | str]:
+def device_map(root: Node, tied: dict, budgets: list[int | None], *, quantized: bool = True) -> dict[str, int | str]:
     """What from_pretrained(device_map="auto") decides for cards with these budgets (host RAM as the real run
-    has it, unbounded here: anything placed there does not fit the cards)."""
+    has it, unbounded here: anything placed there does not fit the cards). `quantized`: the bnb quantizer is
+    in play (its x 0.90); `root` carries the matching sizes (Layout.nodes)."""
     free = {i: UNBOUNDED if b is None else max(b - memory.CUDA_CONTEXT_BYTES, 0) for i, b in enumerate(budgets)}
     free["cpu"] = UNBOUNDED
     balanced = balanced_memory(root, free, set(tied))
-    return infer_device_map(root, {k: v * BNB_MAX_MEMORY for k, v in balanced.items()}, tied)
+    factor = BNB_MAX_MEMORY if quantized else 1
+    return infer_device_map(root, {k: v * factor for k, v in balanced.items()}, tied)
 
 
 def _device_of(name: str, dmap: dict) -> int | str:
@@ -76,7 +78,8 @@ def card_terms(basis, settings, budgets, *, spec, trust_remote_code: bool = Fals
     layout = layout_for(spec, basis.cached, skip_modules=settings.quant.skip_modules,
                         trust_remote_code=trust_remote_code)
     n, m = len(budgets), basis.inputs
-    dmap = device_map(layout.nodes(basis.dtype), layout.tied, budgets)
+    quantized = m.mode in ("qlora", "inference")  # lora and full load the 16-bit model: no quantizer
+    dmap = device_map(layout.nodes(basis.dtype, quantized=quantized), layout.tied, budgets, quantized=quantized)
     gpu, kept, layers = _weights_by_card(layout, dmap, basis, settings, n)
     head = _device_of(_head_name(layout), dmap)
     single = memory.memory_breakdown(m)
