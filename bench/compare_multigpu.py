@@ -24,7 +24,9 @@ GiB = 2**30
 def row_settings(row: dict):
     from qtool.core.config import resolve_settings
 
-    flags = {k: v for k, v in (row.get("settings") or {}).items() if v is not None}
+    from qtool.core.config import KEY_BY_NAME
+
+    flags = {k: v for k, v in (row.get("settings") or {}).items() if v is not None and k in KEY_BY_NAME}
     for key in ("gpus", "parallel", "mode", "seq_len", "batch_size"):
         if row.get(key) is not None:
             flags[key] = row[key]
@@ -39,11 +41,16 @@ def compare(row: dict) -> list[dict]:
     spec = resolve_model(row.get("config") or row["model"])
     est = estimate_cards(spec, row_settings(row))
     out = []
+    caps = row.get("cap_bytes")
+    budgets = [c.budget_bytes for c in est.cards]
     for card, measured in zip(est.cards, row.get("per_rank_peak_bytes") or []):
         err = None if not measured else (card.peak_bytes - measured) / measured
-        fits = None if row.get("cap_bytes") is None else card.device_bytes <= row["cap_bytes"]
+        cap = caps[card.index] if isinstance(caps, list) else caps
+        # the cap is the allocator's share of the budget (the card less its CUDA context): compare the
+        # allocated peak with it
+        fits = None if cap is None else card.peak_bytes <= cap
         out.append({"card": card.index, "estimate": card.peak_bytes, "measured": measured, "error": err,
-                    "fits": fits})
+                    "fits": fits, "phase": est.detail.get("phase"), "budget": budgets[card.index]})
     return out
 
 
