@@ -44,13 +44,18 @@ def compare(row: dict) -> list[dict]:
     caps = row.get("cap_bytes")
     budgets = [c.budget_bytes for c in est.cards]
     for card, measured in zip(est.cards, row.get("per_rank_peak_bytes") or []):
-        err = None if not measured else (card.peak_bytes - measured) / measured
+        # an out-of-memory run stopped at its cap: its peak is the cap's, only the verdict compares
+        err = None if not measured or row.get("outcome") in ("oom", "error") else (card.peak_bytes - measured) / measured
         cap = caps[card.index] if isinstance(caps, list) else caps
         # the cap is the allocator's share of the budget (the card less its CUDA context): compare the
         # allocated peak with it
         fits = None if cap is None else card.peak_bytes <= cap
+        loads = row.get("per_rank_load_peak_bytes") or []
+        load = loads[card.index] if card.index < len(loads) else None
+        load_est = (est.detail.get("phases") or {}).get("load")
         out.append({"card": card.index, "estimate": card.peak_bytes, "measured": measured, "error": err,
-                    "fits": fits, "phase": est.detail.get("phase"), "budget": budgets[card.index]})
+                    "fits": fits, "phase": est.detail.get("phase"), "budget": budgets[card.index],
+                    "load": load, "load_estimate": load_est})
     return out
 
 
@@ -70,6 +75,13 @@ def main(argv: list[str]) -> int:
                   f"{row.get('seq_len')} | {c['card']} | {c['estimate'] / GiB:.2f} GiB | {measured} | {err} | "
                   f"{verdict} |")
     print(f"\nlargest error: {100 * worst:.1f}%")
+    print("\nLoading alone (every rank loads the whole 4-bit model: --no-fsdp-ram-efficient):")
+    for row in rows:
+        for c in compare(row):
+            if c["load"] and c["load_estimate"] and row.get("outcome") not in ("oom", "error"):
+                err = (c["load_estimate"] - c["load"]) / c["load"]
+                print(f"  {row['model']} x{row['gpus']} seq {row['seq_len']} card {c['card']}: estimate "
+                      f"{c['load_estimate'] / GiB:.2f} GiB, measured {c['load'] / GiB:.2f} GiB ({100 * err:+.1f}%)")
     return 0
 
 

@@ -212,9 +212,14 @@ def test_fsdp_monotonic_and_offload():
     ests = [estimate_cards(spec, _settings(gpus=n, parallel="fsdp")) for n in (2, 4, 8)]
     steps = [e.detail["phases"]["step"] for e in ests]
     assert steps[0] > steps[1] > steps[2]
-    # every rank loads the whole 4-bit model on its card first: for 70b that is each card's peak, whatever N
-    assert {e.detail["phase"] for e in ests} == {"load"}
-    assert {e.cards[0].peak_bytes for e in ests} == {ests[0].detail["phases"]["load"]}
+    assert {e.detail["phase"] for e in ests} == {"step"}
+    assert [e.cards[0].peak_bytes for e in ests] == steps
+    # without ram-efficient loading every rank loads the whole 4-bit model on its card first: for 70b that is
+    # each card's peak, whatever N
+    eager = [estimate_cards(spec, _settings(gpus=n, parallel="fsdp", fsdp_ram_efficient=False)) for n in (2, 4)]
+    assert {e.detail["phase"] for e in eager} <= {"load", "wrap"}
+    loading = max(eager[0].detail["phases"]["load"], eager[0].detail["phases"]["wrap"])
+    assert {e.cards[0].peak_bytes for e in eager} == {loading}
     base = estimate_cards(spec, _settings(gpus=2, parallel="fsdp"))
     off = estimate_cards(spec, _settings(gpus=2, parallel="fsdp", fsdp_offload_params=True))
     # what leaves each card (shards, their grads, the optimizer) is what host RAM gains, once per rank
@@ -272,7 +277,10 @@ def test_cli_70b_on_two_4090s_fsdp(capsys):
     assert out.err.strip().splitlines()[-1].startswith(
         "qtool: error: llama-3-70b: does not fit on 2 x rtx-4090 with fsdp: card 0 needs")
     assert "card" in out.out and "budget" in out.out and "rtx-4090" in out.out
-    assert out.err.strip().endswith("while loading: every rank loads the whole 4-bit model first")
+    code = main(["estimate", "70b", "--gpu", "rtx-4090", "--gpus", "2", "--parallel", "fsdp",
+                 "--no-fsdp-ram-efficient"])
+    out = capsys.readouterr()
+    assert code == 3 and out.err.strip().endswith("while loading: every rank loads the whole 4-bit model first")
     code = main(["estimate", "8b", "--gpu", "rtx-4090", "--gpus", "2", "--parallel", "fsdp", "--fsdp-offload-params"])
     out = capsys.readouterr()
     assert code == 0 and "Fits on 2 x rtx-4090 with fsdp" in out.out and "Host RAM" in out.out

@@ -18,7 +18,8 @@ def shortfall(est, size) -> str:
         return (f"does not fit on {cards_label(est)} with {est.parallel}: device_map=\"auto\" would put "
                 f"{', '.join(offloaded[:3])} on the CPU, which bitsandbytes refuses")
     worst = est.worst
-    why = " while loading: every rank loads the whole 4-bit model first" if est.detail.get("phase") == "load" else ""
+    loading = est.detail.get("phase") in ("load", "wrap")
+    why = " while loading: every rank loads the whole 4-bit model first" if loading else ""
     return (f"does not fit on {cards_label(est)} with {est.parallel}: card {worst.index} needs "
             f"{size(worst.device_bytes)} of {size(worst.budget_bytes)}{why}")
 
