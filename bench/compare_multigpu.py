@@ -62,8 +62,8 @@ def compare(row: dict) -> list[dict]:
 def main(argv: list[str]) -> int:
     path = Path(argv[0]) if argv and not argv[0].startswith("--") else MEASUREMENTS
     rows = json.loads(path.read_text())
-    print("| model | gpus | parallel | mode | seq | card | estimate | measured | error | verdict / outcome |")
-    print("|---|---:|---|---|---:|---:|---:|---:|---:|---|")
+    print("| model | gpus | parallel | seq | flags | card | estimate | measured | error | verdict / outcome |")
+    print("|---|---:|---|---:|---|---:|---:|---:|---:|---|")
     worst = 0.0
     for row in rows:
         for c in compare(row):
@@ -71,8 +71,9 @@ def main(argv: list[str]) -> int:
             err = "-" if c["error"] is None else f"{100 * c['error']:+.1f}%"
             worst = max(worst, abs(c["error"] or 0))
             measured = "-" if not c["measured"] else f"{c['measured'] / GiB:.2f} GiB"
-            print(f"| {row.get('model')} | {row.get('gpus')} | {row.get('parallel')} | {row.get('mode')} | "
-                  f"{row.get('seq_len')} | {c['card']} | {c['estimate'] / GiB:.2f} GiB | {measured} | {err} | "
+            flags = " ".join(row.get("flags") or []) + (f" cap {row['cap_gpu']}" if row.get("cap_gpu") else "")
+            print(f"| {row.get('model')} | {row.get('gpus')} | {row.get('parallel')} | {row.get('seq_len')} | "
+                  f"{flags.strip()} | {c['card']} | {c['estimate'] / GiB:.2f} GiB | {measured} | {err} | "
                   f"{verdict} |")
     print(f"\nlargest error: {100 * worst:.1f}%")
     print("\nLoading alone (every rank loads the whole 4-bit model: --no-fsdp-ram-efficient):")
