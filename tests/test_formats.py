@@ -152,3 +152,26 @@ def test_gpu_bytes_round_to_allocator_blocks():
     parts = quantized_parts((4096, 4096), FORMATS["nf4_dq"])
     # packed 8 MiB, absmax 256 KiB, nested absmax 4 KiB, nested code 1 KiB, code 64 B -> 512, offset 4 B -> 512
     assert formats.gpu_bytes(parts) == 4096 * 4096 // 2 + 4096 * 4096 // 64 + 4096 + 1024 + 512 + 512
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_safetensors_header_exact_for_random_tensor_sets(seed, tmp_path):
+    """Names that json must escape, every dtype, 0-d and empty tensors, offsets crossing digit counts."""
+    import random
+
+    from safetensors.torch import save_file
+
+    rng = random.Random(seed)
+    dtypes = [torch.bfloat16, torch.float16, torch.float32, torch.uint8, torch.int8, torch.int32, torch.int64]
+    alphabet = "abcxyz0129._-" + '"\\/é\t'
+    tensors = {}
+    for _ in range(rng.randint(1, 40)):
+        name = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12)))
+        shape = tuple(rng.choice([0, 1, 3, 64, 1000, 4097]) for _ in range(rng.randint(0, 3)))
+        tensors[name] = torch.zeros(shape, dtype=rng.choice(dtypes))
+    save_file(tensors, tmp_path / "m.safetensors", metadata={"format": "pt"})
+    with open(tmp_path / "m.safetensors", "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+    entries = [(k, str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in tensors.items()]
+    assert formats.safetensors_header_bytes(entries) == 8 + n
+

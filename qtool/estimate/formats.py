@@ -157,6 +157,12 @@ def checkpoint_bytes(parts: Iterable[Part]) -> int:
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\-]*\Z")  # what json.dumps writes unchanged between its quotes
 
 
+def _quoted_len(name: str) -> int:
+    """Bytes of a JSON string as safetensors (serde_json) writes it: UTF-8, only quotes, backslashes and
+    control characters escaped."""
+    return len(json.dumps(name, ensure_ascii=False).encode("utf-8"))
+
+
 def safetensors_header_bytes(entries: Iterable[tuple[str, str, Sequence[int]]]) -> int:
     """Size of a safetensors header (8-byte length + JSON, space-padded to 8) for (name, dtype, shape).
 
@@ -172,7 +178,7 @@ def safetensors_header_bytes(entries: Iterable[tuple[str, str, Sequence[int]]]) 
         d = dt[dtype]
         end = offset + math.prod(shape) * d.itemsize
         # ,"name":{"dtype":"F32","shape":[a,b],"data_offsets":[s,e]}
-        quoted = len(name) + 2 if _PLAIN_NAME.match(name) else len(json.dumps(name))  # json.dumps is the slow part
+        quoted = len(name) + 2 if _PLAIN_NAME.match(name) else _quoted_len(name)
         size += fixed + quoted + len(d.code) + len(",".join(map(str, shape)))
         size += len(str(offset)) + len(str(end))
         offset = end
