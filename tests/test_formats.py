@@ -175,3 +175,18 @@ def test_safetensors_header_exact_for_random_tensor_sets(seed, tmp_path):
     entries = [(k, str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in tensors.items()]
     assert formats.safetensors_header_bytes(entries) == 8 + n
 
+
+
+def test_safetensors_header_of_groups_equals_their_tensors_one_by_one():
+    """A plan's groups go in as (name, dtype, shape, count): the same bytes as count entries in a row, whose
+    offsets cross digit counts (the sum over a group is an arithmetic series)."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        names = rng.sample(["a", "b.c", "x\"y", "é", "model.layers.0.q", "model.norm"], rng.randint(1, 6))
+        groups = [(n, rng.choice(["bfloat16", "float32", "uint8", "int64"]),
+                   tuple(rng.choice([0, 1, 7, 333, 99999]) for _ in range(rng.randint(0, 2))), rng.randint(1, 300))
+                  for n in names]
+        one_by_one = [g[:3] for g in groups for _ in range(g[3])]
+        assert formats.safetensors_header_bytes(groups) == formats.safetensors_header_bytes(one_by_one)
