@@ -372,38 +372,43 @@ def _env():
 # Signals at every moment of a run (imports, staging, mid-shard, commit) are in tests/test_signals.py.
 
 
-def test_full_disk_while_writing_leaves_nothing(ckpt, tmp_path):
-    dest = tmp_path / "out"
+@pytest.fixture(scope="module")
+def full_disk(tmp_path_factory, tiny_weights):
+    """One real `qtool quantize` run whose writes fail past 40 KB (EFBIG, as on a full disk); both tests below
+    read what it did: (process, destination, the folder around it)."""
+    folder = tmp_path_factory.mktemp("full_disk")
+    ckpt = folder / "tiny"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps(TINY))
+    save_file(tiny_weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+    assert (ckpt / "model.safetensors").stat().st_size > 40_000 * 4  # output would be well over the limit
+    dest = folder / "out"
 
     def limit_file_size():  # runs in the child: writes past 40 KB fail with EFBIG instead of SIGXFSZ
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
 
-    assert (ckpt / "model.safetensors").stat().st_size > 40_000 * 4  # output would be well over the limit
     proc = subprocess.run([sys.executable, "-m", "qtool", "quantize", str(ckpt), "--out", str(dest),
-                           "--device", "cpu"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                           "--device", "cpu"], cwd=folder, env=_env(), capture_output=True, text=True,
                           preexec_fn=limit_file_size, timeout=300)
+    return proc, dest, folder
+
+
+def test_full_disk_while_writing_leaves_nothing(full_disk):
+    proc, dest, folder = full_disk
     line = one_error_line(proc.stderr)
     assert proc.returncode != 0
     assert "file too large" in line, line
     assert not dest.exists()
-    assert not [p.name for p in tmp_path.iterdir() if ".qtool-" in p.name]
+    assert not [p.name for p in folder.iterdir() if ".qtool-" in p.name]
 
 
-def test_full_disk_message_is_not_an_internal_error(ckpt, tmp_path):
-    dest = tmp_path / "out"
-
-    def limit_file_size():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
-
-    proc = subprocess.run([sys.executable, "-m", "qtool", "quantize", str(ckpt), "--out", str(dest),
-                           "--device", "cpu"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                          preexec_fn=limit_file_size, timeout=300)
+def test_full_disk_message_is_not_an_internal_error(full_disk):
+    proc, dest, folder = full_disk
     line = one_error_line(proc.stderr)
     assert "internal error" not in line and "out" in line, line
     assert proc.returncode == 1
     assert line.startswith(f"qtool: error: file too large (file-size limit reached) writing {dest}/model"), line
     assert line.endswith(f"; nothing was left at {dest}"), line
     assert not dest.exists()
-    assert not [p.name for p in tmp_path.iterdir() if ".qtool-" in p.name]
+    assert not [p.name for p in folder.iterdir() if ".qtool-" in p.name]
