@@ -1,18 +1,16 @@
-"""Shared pytest fixtures. This file starts with the hub fixtures (tests/hubserver.py); others may add
-fixtures of their own below, in their own section."""
+"""Shared pytest fixtures for every folder under tests/ (this is the rootdir's conftest, so its autouse
+fixture reaches them all). The helper modules next to it (tinymodels, hubserver, forkserver, reference_models)
+are importable from any test: pyproject's `pythonpath` puts tests/ (and the checkout) on sys.path."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from hubserver import HubServer  # noqa: E402
+from hubserver import HUB_ALLOWED_TOKEN, HubServer
 
 # ---------------------------------------------------------------------------------------------------
 # Every test: a clean environment and a temporary working directory (as simonw/llm isolates user state).
@@ -38,8 +36,6 @@ def _hermetic(monkeypatch, tmp_path_factory):
 # Hub fixtures: a tiny real Llama checkpoint served over HTTP on 127.0.0.1 (see tests/hubserver.py).
 # ---------------------------------------------------------------------------------------------------
 
-HUB_ALLOWED_TOKEN = "hf_testALLOWEDtoken0123456789abcdef"  # fake values: tests grep outputs for them
-HUB_OTHER_TOKEN = "hf_testOTHERtoken9876543210fedcba"
 TINY_LLAMA = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                   tie_word_embeddings=False)

@@ -1,7 +1,7 @@
 """Real `python -m qtool` processes without paying torch's and transformers' imports each time.
 
 A fresh `python -m qtool quantize` spends about 4 s of CPU importing torch and transformers before it touches
-a tensor. Tests that signal a run once its work has begun (tests/signals/) need a real process (its own pid,
+a tensor. Tests that signal a run once its work has begun (tests/core/test_signals.py) need a real process (its own pid,
 signal dispositions, exit code, atexit, files left behind) but not those imports. `ForkServer` starts one
 interpreter that imports the heavy libraries (never qtool), then forks a child per run; the child sets its
 working directory, environment, signal dispositions and output files as a fresh interpreter would have them

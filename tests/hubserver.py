@@ -28,6 +28,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
+HUB_ALLOWED_TOKEN = "hf_testALLOWEDtoken0123456789abcdef"  # fake values: tests grep outputs for them
+HUB_OTHER_TOKEN = "hf_testOTHERtoken9876543210fedcba"
 LFS_MIN_SIZE = 1024  # files at least this big are listed as LFS files, like the hub does for weights
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -322,29 +320,6 @@ def test_human_output(tiny, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "peak RSS" in out and "finite loss" in out and "bitsandbytes" in out
-
-
-@pytest.mark.bench
-def test_bench_script_on_cpu(tmp_path):
-    """bench/verify_gpu.py's plan, subprocesses and table, on a tiny preset-like config and the CPU."""
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **TINY}
-    (tmp_path / "tiny.json").write_text(json.dumps(cfg))
-    root = Path(__file__).resolve().parent.parent
-    out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, str(root / "bench" / "verify_gpu.py"), "--device", "cpu", "--models", str(tmp_path / "tiny.json"),
-         "--seq-lens", "16", "--long-seq", "32", "--infer-seq", "16", "--steps", "1"],
-        env={**__import__("os").environ, "OUT": str(out), "OMP_NUM_THREADS": "1"},
-        capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    runs = sorted(p.name for p in out.glob("tiny-*.json"))
-    # qlora at 16 and 32 (the first model gets the long run), inference at 16, load-only
-    assert len(runs) == 4, runs
-    for p in out.glob("tiny-*.json"):
-        rep = json.loads(p.read_text())
-        assert rep["exit_code"] == 0 and rep["versions"]["torch"]
-    table = (out / "verify_gpu.md").read_text()
-    assert "| tiny |" in table and "load only" in table and "qlora" in table and "inference" in table
 
 
 # ------------------------------------------------------------------ review fixes

@@ -13,9 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import HUB_ALLOWED_TOKEN, HUB_OTHER_TOKEN
+from hubserver import HUB_ALLOWED_TOKEN, HUB_OTHER_TOKEN
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 
 WEIGHT_SUFFIXES_NOT_WANTED = (".bin", ".onnx")

@@ -17,7 +17,7 @@ from qtool.core.config import resolve_settings
 from qtool.estimate import estimate_report
 from qtool.core.models import approximate_config, resolve_model
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _json(capsys, *args):

@@ -24,7 +24,7 @@ from qtool.cli.app import main
 from tinymodels import llama_config, llama_weights, one_error_line  # noqa: E402
 
 torch.set_num_threads(1)
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TINY = llama_config(intermediate_size=128, max_position_embeddings=128)
 
 
@@ -369,7 +369,7 @@ def _env():
     return env
 
 
-# Signals at every moment of a run (imports, staging, mid-shard, commit) are in tests/test_signals.py.
+# Signals at every moment of a run (imports, staging, mid-shard, commit) are in tests/core/test_signals.py.
 
 
 @pytest.fixture(scope="module")

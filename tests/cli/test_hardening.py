@@ -1,6 +1,6 @@
 """Hardening round 2 (issue 8): any machine, any input, one line, nothing unsafe.
 
-Each test names the item of the issue it covers. Signals are in test_signals.py.
+Each test names the item of the issue it covers. Signals are in tests/core/test_signals.py.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from qtool.cli.app import main  # noqa: E402
 from tinymodels import llama_config, one_error_line, write_checkpoint  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TINY = llama_config(max_position_embeddings=128)
 
 

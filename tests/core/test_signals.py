@@ -27,7 +27,7 @@ torch = pytest.importorskip("torch")
 from forkserver import ForkServer  # noqa: E402
 from tinymodels import llama_config, write_checkpoint  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 MESSAGES = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminated (SIGTERM)"),
             signal.SIGHUP: (129, "terminated (SIGHUP)")}
 

@@ -131,14 +131,14 @@ def _estimate(*args) -> dict:
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-m", "qtool", "estimate", "llama-3-8b", "--json", *args], cwd=root,
                          capture_output=True, text=True, check=True).stdout
     return json.loads(out)
 
 
 def test_estimate_trainer_holds_a_16bit_copy_of_lm_head():
-    cfg = json.loads((Path(__file__).resolve().parents[1] / "configs" / "models" / "llama-3-8b.json").read_text())
+    cfg = json.loads((Path(__file__).resolve().parents[2] / "configs" / "models" / "llama-3-8b.json").read_text())
     loop = _estimate("--recipe", "loop", "--seq-len", "512")
     trainer = _estimate("--recipe", "trainer", "--seq-len", "512")
     copy = cfg["vocab_size"] * cfg["hidden_size"] * 2  # autocast's bf16 cast of the fp32 lm_head weight
