@@ -11,7 +11,6 @@ import os
 import resource
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -34,12 +33,9 @@ def tiny_weights():
 
 
 @pytest.fixture
-def ckpt(tmp_path, tiny_weights) -> Path:
-    d = tmp_path / "tiny"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps(TINY))
-    save_file(tiny_weights, d / "model.safetensors", metadata={"format": "pt"})
-    return d
+def ckpt(tmp_path, tiny_model) -> Path:
+    """config.json (TINY) and model.safetensors holding tiny_weights, the test's own copy."""
+    return tiny_model(intermediate_size=128, max_position_embeddings=128, into=tmp_path / "tiny")
 
 
 @pytest.fixture
@@ -81,15 +77,6 @@ def quantize(capsys, src, dest, *extra, **kw) -> str:
     leftovers = [p.name for p in Path(dest).parent.iterdir() if ".qtool-" in p.name]
     assert not leftovers, leftovers
     return line
-
-
-def rewrite_header(path: Path, fn) -> None:
-    raw = path.read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8 : 8 + n])
-    fn(header)
-    hb = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(hb)) + hb + raw[8 + n :])
 
 
 # --- paths and config.json -------------------------------------------------------------------------
@@ -220,15 +207,13 @@ def test_corrupted_header(capsys, ckpt, tmp_path):
     quantize(capsys, ckpt, tmp_path / "out", names=f, match="corrupt safetensors header")
 
 
-def test_header_length_claims_more_than_the_file(capsys, ckpt, tmp_path):
+def test_header_length_claims_more_than_the_file(capsys, ckpt, tmp_path, safetensors_bytes):
     f = ckpt / "model.safetensors"
-    raw = bytearray(f.read_bytes())
-    raw[:8] = struct.pack("<Q", 10**12)
-    f.write_bytes(bytes(raw))
+    safetensors_bytes.set_header_length(f, 10**12)
     quantize(capsys, ckpt, tmp_path / "out", names=f, match="exceeds the file")
 
 
-def test_header_claims_more_tensor_bytes_than_the_file_has(capsys, ckpt, tmp_path):
+def test_header_claims_more_tensor_bytes_than_the_file_has(capsys, ckpt, tmp_path, safetensors_bytes):
     f = ckpt / "model.safetensors"
 
     def grow(h):
@@ -239,7 +224,7 @@ def test_header_claims_more_tensor_bytes_than_the_file_has(capsys, ckpt, tmp_pat
         h[last]["data_offsets"][1] += row
         h[last]["shape"][0] += 1
 
-    rewrite_header(f, grow)
+    safetensors_bytes.rewrite_header(f, grow)
     quantize(capsys, ckpt, tmp_path / "out", names=f, match="truncated")
 
 
@@ -373,14 +358,11 @@ def _env():
 
 
 @pytest.fixture(scope="module")
-def full_disk(tmp_path_factory, tiny_weights):
+def full_disk(tmp_path_factory, tiny_model):
     """One real `qtool quantize` run whose writes fail past 40 KB (EFBIG, as on a full disk); both tests below
     read what it did: (process, destination, the folder around it)."""
     folder = tmp_path_factory.mktemp("full_disk")
-    ckpt = folder / "tiny"
-    ckpt.mkdir()
-    (ckpt / "config.json").write_text(json.dumps(TINY))
-    save_file(tiny_weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+    ckpt = tiny_model(intermediate_size=128, max_position_embeddings=128, into=folder / "tiny")
     assert (ckpt / "model.safetensors").stat().st_size > 40_000 * 4  # output would be well over the limit
     dest = folder / "out"
 

@@ -25,7 +25,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 from forkserver import ForkServer  # noqa: E402
-from tinymodels import llama_config, write_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 MESSAGES = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminated (SIGTERM)"),
@@ -33,11 +32,10 @@ MESSAGES = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminat
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory) -> Path:
+def source(tiny_model) -> Path:
     """~20 MB of float32 Llama weights: a few seconds of quantizing on one CPU thread."""
-    cfg = llama_config(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
-                       num_key_value_heads=4, max_position_embeddings=128)
-    return write_checkpoint(tmp_path_factory.mktemp("sig") / "src", cfg)
+    return tiny_model(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
+                      num_key_value_heads=4, max_position_embeddings=128)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 
 import pytest
 
@@ -134,16 +133,13 @@ def test_int8_parts_follow_linear8bitlt():
     assert parts[".weight_format"].nbytes == 1
 
 
-def test_safetensors_header_exact():
+def test_safetensors_header_exact(tmp_path, safetensors_bytes):
     from safetensors.torch import save_file
 
-    import tempfile
     tensors = {"b.weight": torch.zeros(3, 5, dtype=torch.bfloat16), "a.absmax": torch.zeros(7, dtype=torch.float32),
                "a.x": torch.zeros(1000, 2, dtype=torch.uint8), "c": torch.zeros((), dtype=torch.uint8)}
-    with tempfile.TemporaryDirectory() as d:
-        save_file(tensors, f"{d}/m.safetensors", metadata={"format": "pt"})
-        with open(f"{d}/m.safetensors", "rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
+    save_file(tensors, tmp_path / "m.safetensors", metadata={"format": "pt"})
+    n = safetensors_bytes.header_length(tmp_path / "m.safetensors")
     entries = [(k, str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in tensors.items()]
     assert formats.safetensors_header_bytes(entries) == 8 + n
 
