@@ -184,8 +184,24 @@ def test_watchdog_ends_a_process_stuck_where_python_cannot_run_a_handler(tmp_pat
     proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals)
     assert proc.stdout.readline().strip() == "stuck"
+    _cpu_seconds_more(proc.pid, 0.2)  # on a busy machine the print may not have returned yet: be inside PBKDF2
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     assert [line for line in err.splitlines() if line.strip()] == ["qtool: error: terminated (SIGTERM)"]
     assert marker.exists()
+
+
+def _cpu_seconds_more(pid: int, seconds: float) -> None:
+    """Wait until the process has run `seconds` more of CPU time (/proc/PID/stat utime + stime); without /proc,
+    that long on the clock."""
+    def used() -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    try:
+        start = used()
+        while used() - start < seconds:
+            time.sleep(0.01)
+    except OSError:
+        time.sleep(seconds)
