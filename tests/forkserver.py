@@ -87,14 +87,16 @@ class ForkServer:
         self._proc.stdin.flush()
         return json.loads(self._proc.stdout.readline())
 
-    def qtool(self, *args: str, cwd: Path, env: dict, ignore: tuple[int, ...] = ()) -> Child:
-        """`python -m qtool ARGS` in `cwd` with exactly `env`; signals in `ignore` start ignored (as after nohup)."""
+    def qtool(self, *args: str, cwd: Path, env: dict, ignore: tuple[int, ...] = (), setattrs: dict | None = None) -> Child:
+        """`python -m qtool ARGS` in `cwd` with exactly `env`; signals in `ignore` start ignored (as after nohup);
+        `setattrs` {"module.NAME": value} is set in the child before qtool runs (a module constant a test
+        does not need at its real value, such as a grace period)."""
         fd, out = tempfile.mkstemp(dir=self._folder, suffix=".out")
         os.close(fd)
         fd, err = tempfile.mkstemp(dir=self._folder, suffix=".err")
         os.close(fd)
         pid = self._ask(op="spawn", argv=["qtool", *map(str, args)], cwd=str(cwd), env=env, stdout=out,
-                        stderr=err, ignore=list(ignore))["pid"]
+                        stderr=err, ignore=list(ignore), setattrs=setattrs or {})["pid"]
         return Child(self, pid, Path(out), Path(err))
 
     def close(self) -> None:
@@ -123,6 +125,11 @@ def _become(request: dict) -> None:
         os.close(f)
     sys.argv = request["argv"]
     sys.path.insert(0, os.getcwd())  # `python -m` puts the working directory first
+    import importlib
+
+    for target, value in request["setattrs"].items():
+        module, name = target.rsplit(".", 1)
+        setattr(importlib.import_module(module), name, value)
 
 
 def _serve(preload: list[str]) -> None:
