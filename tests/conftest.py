@@ -15,6 +15,13 @@ import safetensors_bytes as _safetensors_bytes
 from hubserver import HUB_ALLOWED_TOKEN, HubServer
 from tinymodels import llama_config, save_pretrained_model, write_checkpoint
 
+def pytest_collection_modifyitems(items):
+    """Every test, in every folder, runs hermetic (the autouse fixture below): a folder's own conftest or a
+    different rootdir would show here, not as a test that reads the caller's HF_TOKEN."""
+    outside = [item.nodeid for item in items if "_hermetic" not in getattr(item, "fixturenames", ())]
+    assert not outside, f"tests without the _hermetic fixture: {outside[:5]}"
+
+
 def pytest_collection_finish(session):
     """What collection imported (torch, transformers, every test module) lives until the end: move it out of
     the garbage collector's reach. qtool verify, accelerate and transformers call gc.collect(), and in a test

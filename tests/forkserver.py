@@ -78,6 +78,7 @@ class ForkServer:
         self._folder = Path(folder)
         self._proc = subprocess.Popen([sys.executable, __file__, *preload], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, text=True, env=env, cwd=folder, preexec_fn=preexec_fn)
+        self._children: list[Child] = []
         ready = self._proc.stdout.readline()
         if not ready:
             raise RuntimeError(f"fork server did not start (exit {self._proc.wait()})")
@@ -97,9 +98,15 @@ class ForkServer:
         os.close(fd)
         pid = self._ask(op="spawn", argv=["qtool", *map(str, args)], cwd=str(cwd), env=env, stdout=out,
                         stderr=err, ignore=list(ignore), setattrs=setattrs or {})["pid"]
-        return Child(self, pid, Path(out), Path(err))
+        self._children.append(Child(self, pid, Path(out), Path(err)))
+        return self._children[-1]
 
     def close(self) -> None:
+        """End the server; a child a failed test left running is killed first."""
+        for child in self._children:
+            if child.poll() is None:
+                os.kill(child.pid, signal.SIGKILL)
+                child.wait(timeout=30)
         self._proc.stdin.close()
         self._proc.wait(timeout=30)
 
