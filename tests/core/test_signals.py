@@ -49,7 +49,7 @@ def forks(tmp_path_factory):
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("QTOOL_", "HF_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("QTOOL_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     env["HF_HUB_OFFLINE"] = "1"
