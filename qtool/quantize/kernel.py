@@ -267,13 +267,17 @@ class _Scratch:
         self.codes = torch.empty(elements, dtype=torch.uint8)
 
 
+class NonFiniteError(ValueError):
+    """The tensor holds inf or NaN (found from the block maxima, so finite tensors pay no extra pass)."""
+
+
 def _quantize_chunk(blocks: torch.Tensor, quant_type: str, scratch: _Scratch) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, absmax) of (blocks, blocksize): fp32 product, then a table lookup on its bit pattern."""
     # |x| orders like its bit pattern without the sign bit: one integer max per block (NaN stays NaN)
     ints = _INT_OF[blocks.dtype]
     absmax = (blocks.view(ints) & torch.iinfo(ints).max).amax(dim=1).view(blocks.dtype).float()
     if not bool(torch.isfinite(absmax).all()):
-        raise ValueError("cannot quantize a tensor holding inf or NaN")
+        raise NonFiniteError("cannot quantize a tensor holding inf or NaN")
     if bool((absmax < _SMALL_ABSMAX).any()):  # zero blocks, subnormals that count: the exact path
         return _quantize_blocks_exact(blocks, quant_type)
     n = blocks.numel()

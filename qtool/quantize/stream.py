@@ -69,9 +69,13 @@ def quantize_tensor(t, *, settings: QuantSettings, known_finite: bool = False):
     if t.device.type == "cpu" and (known_finite or bool(torch.isfinite(t).all())):
         from qtool.quantize.kernel import quantize_4bit as cpu_quantize_4bit
 
+        from qtool.quantize.kernel import NonFiniteError
+
         try:
             return cpu_quantize_4bit(t, blocksize=settings.blocksize, quant_type=settings.quant_type,
                                      double_quant=settings.double_quant, quant_storage=storage)
+        except NonFiniteError:
+            raise  # the caller names the tensor and counts (check_finite)
         except ValueError as exc:
             raise WeightsError(str(exc)) from exc
     from bitsandbytes.functional import quantize_4bit
@@ -180,6 +184,17 @@ class _Feed:
         self.sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
         self.reader = None
 
+    def _quantize(self, t, w) -> dict:
+        """On the CPU qtool's kernel sees NaN/inf in its block maxima, so a finite tensor pays no extra pass;
+        only a refused tensor is scanned again, to name what it holds."""
+        from qtool.quantize.kernel import NonFiniteError
+
+        try:
+            return quantize_tensor(w, settings=self.plan.settings, known_finite=not self.allow_nonfinite)
+        except NonFiniteError:
+            check_finite(t, w, self.ckpt)
+            raise
+
     def process(self, idx: int):
         """Read, cast, quantize one tensor -> ({suffix: CPU tensor}, lease of the arena block still in use)."""
         import torch
@@ -204,11 +219,11 @@ class _Feed:
             lease.release()
         if t.transpose:
             w = w.T
-        if not self.allow_nonfinite:
+        if not self.allow_nonfinite and self.dev == "cuda":  # bitsandbytes' kernel does not look
             with clock("check_finite"):
                 check_finite(t, w, self.ckpt)
         with clock("quantize"):
-            parts = quantize_tensor(w, settings=self.plan.settings, known_finite=not self.allow_nonfinite)
+            parts = self._quantize(t, w)
             self.sync()
         del w
         lease.release()
