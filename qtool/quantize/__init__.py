@@ -8,7 +8,7 @@
 
 What "exactly as transformers" means here was read from transformers 5 (core_model_loading.py,
 integrations/bitsandbytes.py, modeling_utils.save_pretrained) and is checked tensor for tensor by
-tests/test_quantize.py against `from_pretrained(quantization_config=...)` + `save_pretrained`.
+tests/quantize/test_quantize.py against `from_pretrained(quantization_config=...)` + `save_pretrained`.
 """
 
 from __future__ import annotations

@@ -177,7 +177,7 @@ def cuda_mean(x: torch.Tensor, *, sms: int = H100_SMS, threads_per_sm: int = H10
 def _dquantize(x: torch.Tensor) -> torch.Tensor:
     """dQuantize<0> against the dynamic map, in closed form: the seven halvings compare x with the odd
     entries 127, 63|191, ... and stop on an even pivot p with code[p-1] < x <= code[p+1]; then x goes
-    to the nearer neighbour by fp32 midpoints. (tests/test_kernel.py holds the literal transcription.)"""
+    to the nearer neighbour by fp32 midpoints. (tests/quantize/test_kernel.py holds the literal transcription.)"""
     code = dynamic_map()
     pivot = 2 * torch.bucketize(x, code[1:254:2].contiguous(), out_int32=True).long()
     pivot[torch.isnan(x)] = 0  # a zero block (0 * inf): every comparison false

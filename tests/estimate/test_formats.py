@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 
 import pytest
 
@@ -134,16 +133,13 @@ def test_int8_parts_follow_linear8bitlt():
     assert parts[".weight_format"].nbytes == 1
 
 
-def test_safetensors_header_exact():
+def test_safetensors_header_exact(tmp_path, safetensors_bytes):
     from safetensors.torch import save_file
 
-    import tempfile
     tensors = {"b.weight": torch.zeros(3, 5, dtype=torch.bfloat16), "a.absmax": torch.zeros(7, dtype=torch.float32),
                "a.x": torch.zeros(1000, 2, dtype=torch.uint8), "c": torch.zeros((), dtype=torch.uint8)}
-    with tempfile.TemporaryDirectory() as d:
-        save_file(tensors, f"{d}/m.safetensors", metadata={"format": "pt"})
-        with open(f"{d}/m.safetensors", "rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
+    save_file(tensors, tmp_path / "m.safetensors", metadata={"format": "pt"})
+    n = safetensors_bytes.header_length(tmp_path / "m.safetensors")
     entries = [(k, str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in tensors.items()]
     assert formats.safetensors_header_bytes(entries) == 8 + n
 
@@ -155,7 +151,7 @@ def test_gpu_bytes_round_to_allocator_blocks():
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_safetensors_header_exact_for_random_tensor_sets(seed, tmp_path):
+def test_safetensors_header_exact_for_random_tensor_sets(seed, tmp_path, safetensors_bytes):
     """Names that json must escape, every dtype, 0-d and empty tensors, offsets crossing digit counts."""
     import random
 
@@ -170,8 +166,7 @@ def test_safetensors_header_exact_for_random_tensor_sets(seed, tmp_path):
         shape = tuple(rng.choice([0, 1, 3, 64, 1000, 4097]) for _ in range(rng.randint(0, 3)))
         tensors[name] = torch.zeros(shape, dtype=rng.choice(dtypes))
     save_file(tensors, tmp_path / "m.safetensors", metadata={"format": "pt"})
-    with open(tmp_path / "m.safetensors", "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
+    n = safetensors_bytes.header_length(tmp_path / "m.safetensors")
     entries = [(k, str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in tensors.items()]
     assert formats.safetensors_header_bytes(entries) == 8 + n
 

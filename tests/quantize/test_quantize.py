@@ -26,6 +26,7 @@ torch.set_num_threads(1)
 from qtool.core.config import QuantSettings  # noqa: E402
 from qtool.core.errors import BadInput, WeightsError  # noqa: E402
 from qtool.quantize import plan_quantization, run_quantization  # noqa: E402
+import safetensors_bytes  # noqa: E402
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=256, max_position_embeddings=128)
@@ -130,19 +131,11 @@ def test_llama_matches_transformers(sources, tmp_path, dtype, qt, dq):
     _assert_same_file_but_header_spaces(tmp_path / "ours/model.safetensors", tmp_path / "oracle/model.safetensors")
 
 
-def _split_file(path: Path) -> tuple[int, dict, bytes]:
-    import struct
-
-    raw = path.read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    return n, json.loads(raw[8:8 + n]), raw[8 + n:]
-
-
 def _assert_same_file_but_header_spaces(ours: Path, oracle: Path) -> None:
     """Ours is written in place with room reserved for the header: the same JSON (padded with more spaces,
     still a multiple of 8) and the very same data bytes as safetensors' own serialization."""
-    na, ha, da = _split_file(ours)
-    nb, hb, db = _split_file(oracle)
+    na, ha, da = safetensors_bytes.split(ours)
+    nb, hb, db = safetensors_bytes.split(oracle)
     assert na % 8 == 0 and na >= nb
     assert ha == hb
     assert list(ha) == list(hb)  # same key order too
