@@ -163,13 +163,12 @@ def test_safetensors_header_exact_for_random_tensor_sets(seed, tmp_path, safeten
     tensors = {}
     for _ in range(rng.randint(1, 40)):
         name = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12)))
-        shape = tuple(rng.choice([0, 1, 3, 64, 1000, 4097]) for _ in range(rng.randint(0, 3)))
+        shape = tuple(rng.choice([0, 1, 3, 64, 333]) for _ in range(rng.randint(0, 2)))  # <= 887 KB each
         tensors[name] = torch.zeros(shape, dtype=rng.choice(dtypes))
     save_file(tensors, tmp_path / "m.safetensors", metadata={"format": "pt"})
     n = safetensors_bytes.header_length(tmp_path / "m.safetensors")
     entries = [(k, str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in tensors.items()]
     assert formats.safetensors_header_bytes(entries) == 8 + n
-
 
 
 def test_safetensors_header_of_groups_equals_their_tensors_one_by_one():
