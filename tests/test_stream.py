@@ -306,3 +306,17 @@ def test_ctrl_c_mid_stream_leaves_nothing(server, env, repo, tmp_path):
     assert proc.returncode == 130, err
     assert one_error_line(err) == "qtool: error: interrupted"
     assert_nothing_left(work, env)
+
+
+@pytest.mark.bench
+def test_bench_script(tmp_path):
+    """bench/stream_bench.py end to end on a 2-layer model: both modes write the same bytes, streaming holds less."""
+    proc = subprocess.run([PY, str(ROOT / "bench" / "stream_bench.py"), "--layers", "2", "--shard-mb", "20",
+                           "--rates", "0", "--repeat", "1", "--workdir", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {line.split()[1]: line.split() for line in proc.stdout.splitlines() if line.startswith("  loopback")}
+    assert set(rows) == {"download-first", "stream"}, proc.stdout
+    assert rows["stream"][-1] == rows["download-first"][-1]  # the weights' hash
+    assert int(rows["stream"][3]) < int(rows["download-first"][3])  # measured peak disk, MB
+    assert list(tmp_path.iterdir()) == []
