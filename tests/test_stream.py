@@ -320,3 +320,40 @@ def test_bench_script(tmp_path):
     assert rows["stream"][-1] == rows["download-first"][-1]  # the weights' hash
     assert int(rows["stream"][3]) < int(rows["download-first"][3])  # measured peak disk, MB
     assert list(tmp_path.iterdir()) == []
+
+
+def test_layout_writer_spills_early_arrivals_to_disk_and_writes_the_same_bytes(tmp_path):
+    """The stream's order (layer 2 before layer 10) makes tensors wait for the blobs before them in name order.
+    With no memory budget every waiting tensor goes through the spill file; the files are the same bytes as
+    writing in name order, and the spill file is gone at the end."""
+    import torch
+
+    from qtool.quantize.sink import EntrySpec, LayoutWriter, split_shards
+
+    g = torch.Generator().manual_seed(0)
+    tensors, specs = {}, []
+    for i in range(12):
+        w, blob = f"m.layers.{i}.w", f"m.layers.{i}.w.quant_state.bitsandbytes__nf4"
+        tensors[w] = torch.randint(0, 255, (64, 1), dtype=torch.uint8, generator=g)
+        tensors[blob] = torch.tensor(list(json.dumps({"offset": 1 / (i + 3)}).encode()), dtype=torch.uint8)
+        specs += [EntrySpec(w, "U8", (64, 1), 64, 64), EntrySpec(blob, "U8", None, 10, 40)]
+    tensors["m.norm"] = torch.rand(8, generator=g)
+    specs.append(EntrySpec("m.norm", "F32", (8,), 32, 32))
+    shards = split_shards(specs, 10**9)
+
+    def write(folder: Path, order: list[str], budget: int) -> tuple[bytes, int]:
+        folder.mkdir()
+        sink = LayoutWriter(folder, specs, shards, spill_budget=budget)
+        for name in order:
+            sink.add(name, tensors[name])
+        spilled = sink.spill.end
+        sink.finish()
+        assert [p.name for p in folder.iterdir()] == ["model.safetensors"]
+        return (folder / "model.safetensors").read_bytes(), spilled
+
+    by_name, none = write(tmp_path / "a", sorted(tensors), 0)
+    by_layer, spilled = write(tmp_path / "b", list(tensors), 0)  # numeric layer order, as a stream sends them
+    in_memory, kept = write(tmp_path / "c", list(tensors), 1 << 20)
+    assert none == 0 and kept == 0
+    assert spilled == 64 * 8 + sum(len(tensors[f"m.layers.{i}.w.quant_state.bitsandbytes__nf4"]) for i in range(2, 10))
+    assert by_layer == by_name == in_memory

@@ -2,6 +2,7 @@
 
   source    where the weights come from: a local folder, or a hub id downloaded (qtool.core.hub) or streamed
   fetch     --stream: the plan from remote headers, the shards fetched one ahead and deleted once read
+  spill     where a tensor that reaches the sink before its offset is known waits (memory, then disk)
   plan      every output tensor decided from the headers and the meta-device model, before a byte is written
   stream    read, cast, check, quantize, hand to the sink, tensor by tensor; staging renamed on success
   sink      the safetensors shard writers (one Sink protocol)
