@@ -172,6 +172,34 @@ def test_stream_is_byte_identical_and_disk_stays_near_output_plus_two_shards(ser
     assert report["fetch"]["seconds"] > 0 and 0 <= report["fetch"]["overlap_seconds"] <= report["fetch"]["seconds"]
 
 
+def test_stream_keeps_state_dict_order_when_the_output_split_needs_blob_lengths(server, env, repo, tmp_path):
+    """An output shard limit that falls inside a quant-state blob's possible lengths: the two-pass ShardWriter
+    takes tensors in state-dict order, and the fetcher follows that order instead of shard by shard."""
+    from qtool.core.config import resolve_settings
+    from qtool.quantize import plan_quantization
+    from qtool.quantize.plan import entry_specs
+    from qtool.quantize.sink import split_shards
+
+    specs = entry_specs(plan_quantization(repo, resolve_settings().quant))
+    total = 0
+    for e in specs:
+        if e.lo != e.hi and total > 2**20:  # a blob past the first MB: its length decides this boundary
+            limit = total + e.lo
+            break
+        total += e.lo
+    assert split_shards(specs, limit) is None
+    ref, work = tmp_path / "ref", tmp_path / "work"
+    work.mkdir()
+    proc = qtool([str(repo), "--out", str(ref), "--max-shard-size", str(limit)], env)
+    assert proc.returncode == 0, proc.stderr
+    proc = qtool([REPO, "--out", str(work / "out"), "--max-shard-size", str(limit), "--json"], env)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["single_pass"] is False and report["fetch"]["shards"] == SHARDS
+    assert weight_files(work / "out") == weight_files(ref)
+    assert leftovers(work) == ["out"] and cached_shards(env) == []
+
+
 def allocated_file(path: Path) -> int:
     return path.stat().st_blocks * 512
 
