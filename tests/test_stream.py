@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from hubserver import HubServer
-from tinymodels import llama_config, llama_weights, one_error_line
+from tinymodels import llama_config, llama_weights, one_error_line, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -50,11 +50,20 @@ def shards_of(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
+@pytest.fixture(scope="module")
+def odd_repo(tmp_path_factory) -> Path:
+    """org/odd: no index, and its one weight file is not named model.safetensors."""
+    root = write_checkpoint(tmp_path_factory.mktemp("oddhub") / "org" / "odd", llama_config())
+    (root / "model.safetensors").rename(root / "weights.safetensors")
+    return root
+
+
 @pytest.fixture
-def hub_server(repo):
-    """Overrides conftest's: this module's server holds org/sharded only (conftest's hub_env points at it)."""
+def hub_server(repo, odd_repo):
+    """Overrides conftest's: this module's server holds org/sharded and org/odd (conftest's hub_env uses it)."""
     hub = HubServer()
     hub.add_repo(REPO, repo)
+    hub.add_repo("org/odd", odd_repo)
     hub.start()
     yield hub
     hub.stop()
@@ -260,6 +269,13 @@ def test_dry_run_plans_from_headers_without_fetching_a_shard(server, env, tmp_pa
     assert shard_gets(server, ranged=False) == []
     assert len(set(shard_gets(server, ranged=True))) == SHARDS
     assert not (tmp_path / "out").exists() and cached_shards(env) == []
+
+
+def test_a_repo_without_index_or_model_safetensors_is_downloaded_first(server, env, tmp_path):
+    proc = qtool(["org/odd", "--out", str(tmp_path / "out"), "--json"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["fetch"] is None
+    assert [p.name for p in cached_shards(env)] == ["weights.safetensors"]
 
 
 def assert_nothing_left(work: Path, env: dict) -> None:

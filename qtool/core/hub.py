@@ -293,13 +293,20 @@ def checkpoint_files(repo_id: str, *, revision: str | None = None, progress: boo
                      ) -> tuple[Path, str, list[str] | None]:
     """The small files of a checkpoint (config, index, tokenizer, ...) in the cache, without its weights.
     -> (snapshot folder, commit sha, weight files by name: the index's shards, or ["model.safetensors"] (what
-    transformers loads without an index); None when the hub cannot be asked: offline, or unreachable)."""
+    transformers loads without an index); None when the hub cannot be asked (offline, unreachable) or the
+    repo has neither: only a listing finds its weights, as download_checkpoint does)."""
+    from huggingface_hub import HfApi
+
     no_route = _no_route()
     folder, sha = _small_files(repo_id, revision, progress, no_route)
     if _offline() or no_route:
         return folder, sha, None
     weights, _ = _weight_selection(folder)
-    return folder, sha, weights if weights != WEIGHT_PATTERNS else ["model.safetensors"]
+    if weights != WEIGHT_PATTERNS:
+        return folder, sha, weights
+    with _one_line(repo_id, sha, "model.safetensors"):
+        single = HfApi(endpoint=_endpoint()).file_exists(repo_id, "model.safetensors", revision=sha)
+    return folder, sha, ["model.safetensors"] if single else None
 
 
 def download_checkpoint(repo_id: str, *, revision: str | None = None, progress: bool = False) -> tuple[Path, str]:
