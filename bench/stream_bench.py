@@ -4,7 +4,8 @@ A multi-shard Llama-shaped model with random bf16 weights (a few hundred MB) is 
 127.0.0.1 and reached through HF_ENDPOINT, as a user's hub would be. Each run starts with an empty HF cache and
 an empty output folder; a thread sums the allocated blocks of every file under both (the HF cache, and the
 output's parent where the staging folder and the streamed shards live) every few milliseconds. The server can
-be throttled (--rate MB/s) to stand for a real network link; 0 = as fast as loopback goes.
+be throttled (--rates, MB/s over all connections together) to stand for a real network link; 0 = as fast as
+loopback goes.
 
   python bench/stream_bench.py                       # ~400 MB in 8 shards, loopback and 100 MB/s, 3 runs each
   python bench/stream_bench.py --layers 24 --rates 0 # bigger, loopback only
@@ -97,7 +98,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--shard-mb", type=int, default=50)
-    parser.add_argument("--rates", default="0,100", help="server rates in MB/s, comma-separated (0: unthrottled)")
+    parser.add_argument("--rates", default="0,100",
+                        help="link rates in MB/s, shared by all connections, comma-separated (0: unthrottled)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per mode and rate (the median is shown)")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()

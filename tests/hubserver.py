@@ -16,7 +16,7 @@ Test knobs: gated repos (401 without a token, 403 with a token that is not allow
 `drop(file, after=N, times=k)`: the next k GETs of that file send the headers and N bytes, then
 the connection is cut; `hide(file)`: whole-file requests (HEAD, GET without Range) answer 404 while
 ranged reads still work (a file that vanishes after its header was read); `rate`: bytes per second
-of /resolve/ bodies (None: as fast as it goes).
+of /resolve/ bodies, shared by all connections as one link would be (None: as fast as it goes).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class Repo:
     allowed_tokens: set[str] = field(default_factory=set)
 
     def __post_init__(self):
+        self._sha256: dict[tuple, str] = {}
         self.files = sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
         digest = hashlib.sha1()
         for name in self.files:
@@ -51,7 +52,13 @@ class Repo:
         return self.root / name
 
     def sha256(self, name: str) -> str:
-        return hashlib.sha256(self.path(name).read_bytes()).hexdigest()
+        """Hashed once per file version (every HEAD and GET needs it: hashing 50 MB shards each time made the
+        server, not the client, the bottleneck of bench/stream_bench.py)."""
+        st = self.path(name).stat()
+        key = (name, st.st_size, st.st_mtime_ns)
+        if key not in self._sha256:
+            self._sha256[key] = hashlib.sha256(self.path(name).read_bytes()).hexdigest()
+        return self._sha256[key]
 
     def git_oid(self, name: str) -> str:
         data = self.path(name).read_bytes()
@@ -72,7 +79,8 @@ class HubServer:
         self.requests: list[Request] = []
         self._drops: dict[str, list[int]] = {}  # file name -> [after_bytes, times_left]
         self.hidden: set[str] = set()
-        self.rate: float | None = None
+        self.rate: float | None = None  # bytes per second over all connections together
+        self._link_free = 0.0  # when the simulated link has sent what it was given
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -328,5 +336,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         step = 64 * 1024
         for i in range(0, len(body), step):
-            self.wfile.write(body[i: i + step])
-            time.sleep(len(body[i: i + step]) / rate)
+            chunk = body[i: i + step]
+            with self.hub._lock:  # one link: the rate is shared by every connection
+                start = max(time.monotonic(), self.hub._link_free)
+                self.hub._link_free = start + len(chunk) / rate
+            time.sleep(max(0.0, start + len(chunk) / rate - time.monotonic()))  # this chunk's turn on the link
+            self.wfile.write(chunk)

@@ -40,7 +40,7 @@ WINDOW = 2  # source shards on disk at once: the one being read and the next
 
 @dataclass(frozen=True)
 class HubSource:
-    """A hub checkpoint to stream: its small files are in the cache (`folder`), its weights not (all of them)."""
+    """A hub checkpoint to stream: its small files are in the cache (`folder`), some of its shards are not."""
 
     repo_id: str
     sha: str
