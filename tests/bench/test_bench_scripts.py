@@ -34,3 +34,16 @@ def test_bench_script_on_cpu(tmp_path):
         assert rep["exit_code"] == 0 and rep["versions"]["torch"]
     table = (out / "verify_gpu.md").read_text()
     assert "| tiny |" in table and "load only" in table and "qlora" in table and "inference" in table
+
+
+def test_stream_bench_script(tmp_path):
+    """bench/stream_bench.py end to end on a 2-layer model: both modes write the same bytes, streaming holds less."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "stream_bench.py"), "--layers", "2", "--shard-mb", "20",
+                           "--rates", "0", "--repeat", "1", "--workdir", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {line.split()[1]: line.split() for line in proc.stdout.splitlines() if line.startswith("  loopback")}
+    assert set(rows) == {"download-first", "stream"}, proc.stdout
+    assert rows["stream"][-1] == rows["download-first"][-1]  # the weights' hash
+    assert int(rows["stream"][3]) < int(rows["download-first"][3])  # measured peak disk, MB
+    assert list(tmp_path.iterdir()) == []
