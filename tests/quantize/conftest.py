@@ -1,0 +1,60 @@
+"""Fixtures of the hub-streaming tests (test_stream.py, test_stream_errors.py): module-scoped, so each module
+builds its own repo and pytest-xdist can run the two modules on different workers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hubserver import HubServer
+from streamhub import REPO, SHARDS, shards_of
+from tinymodels import llama_config, llama_weights, write_checkpoint
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """org/sharded: 6 safetensors shards + index, as save_pretrained names them (huggingface_hub's splitter)."""
+    from huggingface_hub import save_torch_state_dict
+
+    root = tmp_path_factory.mktemp("streamhub") / "org" / "sharded"
+    root.mkdir(parents=True)
+    config = llama_config(hidden_size=256, intermediate_size=512, num_hidden_layers=6, vocab_size=1024,
+                          num_attention_heads=4, num_key_value_heads=2)
+    weights = llama_weights(config)
+    total = sum(t.numel() * t.element_size() for t in weights.values())
+    save_torch_state_dict(weights, root, max_shard_size=total // (SHARDS - 1), safe_serialization=True)
+    (root / "config.json").write_text(json.dumps(config))
+    (root / "README.md").write_text("---\nlicense: apache-2.0\n---\n# sharded\n")
+    assert len(shards_of(root)) == SHARDS
+    return root
+
+
+@pytest.fixture(scope="module")
+def odd_repo(tmp_path_factory) -> Path:
+    """org/odd: no index, and its one weight file is not named model.safetensors."""
+    root = write_checkpoint(tmp_path_factory.mktemp("oddhub") / "org" / "odd", llama_config())
+    (root / "model.safetensors").rename(root / "weights.safetensors")
+    return root
+
+
+@pytest.fixture
+def hub_server(repo, odd_repo):
+    """Overrides conftest's: this module's server holds org/sharded and org/odd (conftest's hub_env uses it)."""
+    hub = HubServer()
+    hub.add_repo(REPO, repo)
+    hub.add_repo("org/odd", odd_repo)
+    hub.start()
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture
+def server(hub_server) -> HubServer:
+    return hub_server
+
+
+@pytest.fixture
+def env(hub_env) -> dict[str, str]:
+    return hub_env
