@@ -17,7 +17,7 @@ from qtool.core import presets
 from qtool.core.config import resolve_settings
 from qtool.core.models import resolve_model
 from qtool.core.sizes import parse_size
-from qtool.estimate import estimate_report, layout, placement
+from qtool.estimate import estimate_report, layout, memory, placement
 from qtool.estimate.cards import estimate_cards
 from qtool.estimate.pipeline import device_map
 from tests.tinymodels import llama_config
@@ -239,7 +239,8 @@ def test_ddp_is_a_full_copy_plus_buckets():
     est = estimate_cards(spec, _settings(gpus=2, parallel="ddp"))
     for card in est.cards:
         assert card.terms["ddp_buckets"] == one["breakdown"]["lora_grads"]
-        assert card.device_bytes == one["peak_bytes"] + one["breakdown"]["lora_grads"]
+        assert card.device_bytes == one["peak_bytes"] + one["breakdown"]["lora_grads"] + memory.NCCL_BYTES
+        assert card.peak_bytes == one["allocated_peak_bytes"] + one["breakdown"]["lora_grads"]
 
 
 def test_mixed_cards():
@@ -266,7 +267,8 @@ def test_json_has_one_peak_per_card(capsys):
     assert code == 0 and r["fits"] is None and r["parallel"] == "fsdp" and r["gpus"] == 3
     assert [c["index"] for c in r["cards"]] == [0, 1, 2]
     for c in r["cards"]:
-        assert c["peak_bytes"] + c["terms"]["cuda_context"] == c["device_bytes"] == sum(c["terms"].values())
+        outside = c["terms"]["cuda_context"] + c["terms"]["nccl_buffers"]
+        assert c["peak_bytes"] + outside == c["device_bytes"] == sum(c["terms"].values())
     assert r["host_ram_bytes"] > 0 and "breakdown" in r
 
 

@@ -141,4 +141,5 @@ def ddp_terms(inputs: memory.MemoryInputs) -> dict[str, int]:
     if grads:
         out["ddp_buckets"] = grads
     out["cuda_context"] = terms["cuda_context"]
+    out["nccl_buffers"] = memory.NCCL_BYTES  # measured on FSDP ranks; DDP's process group is NCCL's too
     return out

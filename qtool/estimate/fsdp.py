@@ -174,7 +174,7 @@ def rank_terms(basis, settings, n: int, **_) -> tuple[list[dict[str, int]], int,
     phases = {"step": _step(inputs, {**resident, **trainable}, strategy),
               **_loading(basis, u, run.fsdp_ram_efficient)}
     phase = max(phases, key=lambda k: sum(phases[k].values()))
-    peak = {**phases[phase], "cuda_context": memory.CUDA_CONTEXT_BYTES}
+    peak = {**phases[phase], "cuda_context": memory.CUDA_CONTEXT_BYTES, "nccl_buffers": memory.NCCL_BYTES}
     full_16bit = basis.weights["fp16"].data
     host += (n if not run.fsdp_ram_efficient else 1) * full_16bit
     detail = {"sharding": run.fsdp_sharding, "offload_params": run.fsdp_offload_params,

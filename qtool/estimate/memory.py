@@ -42,7 +42,10 @@ CUDA_CONTEXT_BYTES = 736 * MiB  # CUDA context + cuBLAS/bitsandbytes kernels, ou
 # (measured 0.68-0.73 GiB on H100/H200 with CUDA 13 once a 4-bit matmul and a backward have run)
 CUBLAS_WORKSPACE_BYTES = 32 * MiB  # torch's cuBLAS(Lt) workspace on sm90, allocator-owned
 
-OUTSIDE_ALLOCATOR = ("cuda_context", "optimizer_states_paged")  # on the GPU, not in memory_allocated()
+# A rank of a process group (FSDP, DDP) also holds NCCL's buffers outside the allocator: measured 1.575 GiB
+# outside torch on each FSDP rank (2 and 4 ranks, H200, docs/multigpu_measurements.json) less the context above.
+NCCL_BYTES = 877 * MiB
+OUTSIDE_ALLOCATOR = ("cuda_context", "nccl_buffers", "optimizer_states_paged")  # on the GPU, not allocated()
 
 # Without gradient checkpointing every layer keeps its activations for backward; in units of
 # batch x seq x (dim) x act bytes: norm in/out, q/k/v/o inputs & outputs, rotary q/k, SDPA out (hidden),
