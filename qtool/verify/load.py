@@ -71,6 +71,34 @@ def portable_cpu_kernels(model) -> int:
     return n
 
 
+def apply_cap(index: int, budget: int) -> int:
+    """Hold this process to `budget` bytes of card `index`, as if the card were that small
+    (torch.cuda.set_per_process_memory_fraction): the caching allocator gets the budget less what the CUDA
+    context already holds outside it. Returns the allocator's cap in bytes."""
+    import torch
+
+    from qtool.core.errors import DeviceError
+    from qtool.core.sizes import format_bytes
+
+    torch.zeros(1, device=f"cuda:{index}")  # the context exists from here on
+    free, total = torch.cuda.mem_get_info(index)
+    outside = total - free - torch.cuda.memory_reserved(index)
+    cap = budget - outside
+    if cap <= 0 or budget > total:
+        raise DeviceError(f"--cap-memory: a budget of {format_bytes(budget)} cannot be simulated on cuda:{index} "
+                          f"({format_bytes(total)}, of which the CUDA context holds {format_bytes(outside)})")
+    torch.cuda.set_per_process_memory_fraction(cap / total, index)
+    return cap
+
+
+def pipeline_memory(devices: list, caps: list) -> dict:
+    """device_map="auto"'s max_memory: the cards in use only, each at its cap or its free memory (accelerate's
+    own default for a card), so layers are placed as they would be on the smaller cards."""
+    import torch
+
+    return {d.index: cap if cap else torch.cuda.mem_get_info(d.index)[0] for d, cap in zip(devices, caps)}
+
+
 def _is_causal_lm(cls) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -81,7 +109,7 @@ def _is_causal_lm(cls) -> bool:
 
 
 def load_model(spec: ModelSpec, source: Source, settings: Settings, options: VerifyOptions, device_map, *,
-               quantize: bool, path: Path | None = None):
+               quantize: bool, path: Path | None = None, max_memory: dict | None = None):
     """from_pretrained, once, the way a user would call it. `quantize=False` loads 16-bit."""
     from qtool.core.meta import hf_config, model_class
 
@@ -89,6 +117,8 @@ def load_model(spec: ModelSpec, source: Source, settings: Settings, options: Ver
     cls = model_class(cfg)
     kwargs: dict[str, Any] = {"device_map": device_map, "trust_remote_code": options.trust_remote_code,
                               "dtype": _kept_dtype(spec, settings)}
+    if max_memory is not None:
+        kwargs["max_memory"] = max_memory
     if source.kind == "checkpoint-4bit":
         return cls.from_pretrained(source.path, **kwargs), cls
     if quantize:

@@ -151,6 +151,9 @@ def train_with_trainer(model, ids, settings: Settings, options, meter, phases: d
                   gradient_checkpointing_kwargs={"use_reentrant": False}, logging_strategy="no",
                   save_strategy="no", report_to="none", disable_tqdm=True, seed=options.seed,
                   dataloader_num_workers=0, use_cpu=not cuda,
+                  # DDP of a PeftModel: the Trainer would look for unused parameters, which non-reentrant
+                  # checkpointing refuses; every LoRA parameter is used
+                  ddp_find_unused_parameters=False if run.parallel == "ddp" else None,
                   **_precision_flags(run.precision, cuda, notes))
     steps: list = report.steps
     record: dict = {}
@@ -172,7 +175,10 @@ def train_with_trainer(model, ids, settings: Settings, options, meter, phases: d
         report.trainer = {"class": "trl.SFTTrainer" if sft else "transformers.Trainer",
                              "optim": args.optim if isinstance(args.optim, str) else args.optim.value,
                              "bf16": bool(args.bf16), "fp16": bool(args.fp16),
-                             "gradient_checkpointing": bool(args.gradient_checkpointing)}
+                             "gradient_checkpointing": bool(args.gradient_checkpointing),
+                             # what accelerate made of the launch: NO, MULTI_GPU (ddp), FSDP, MULTI_CPU
+                             "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1],
+                             "world_size": trainer.accelerator.num_processes}
         try:
             trainer.train()
         finally:
