@@ -106,6 +106,7 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
     notes: list[str] = []
     if several:
         settings, options, notes = multi.adjust(settings, options)
+        multi.check_cards(settings, options.device)
     settings, source, reference, seq_note = preflight(spec, settings, options)
     notes += [seq_note] if seq_note else []
     if multi.launched(settings):

@@ -33,7 +33,7 @@ def card_row(index: int, dev: dict, *, budget: int | None, cap: int | None, load
             "fits": None if budget is None else (not oom and needed <= budget), "out_of_memory": oom}
 
 
-def gather(launched, spec: ModelSpec, settings: Settings, budgets: list) -> VerifyReport:
+def gather(launched, budgets: list) -> VerifyReport:
     """The ranks' results -> one report. A crashed rank raises RankFailed; out of memory on any rank is the
     run's error (exit 3), as on one card."""
     n = len(launched.results)

@@ -43,14 +43,11 @@ def card_count(settings: Settings) -> int:
 
 
 def card_budgets(settings: Settings) -> list[int | None]:
-    """Each card's budget: its catalogue memory when --gpus names the cards, else --vram/--gpu for every card."""
-    from qtool.core import presets
-    from qtool.core.sizes import parse_size
+    """Each card's budget, by qtool estimate's rule (qtool.estimate.cards.card_budgets): --gpus names give each
+    card its catalogue memory, a count repeats --vram/--gpu."""
+    from qtool.estimate.cards import card_budgets as budgets
 
-    gpus = settings.run.gpus
-    if isinstance(gpus, tuple):
-        return [parse_size(presets.find_gpu(g)["vram"]) for g in gpus]
-    return [settings.run.budget_bytes] * int(gpus)
+    return [b for _, b in budgets(settings.run)]
 
 
 def accelerate_config(settings: Settings, *, cpu: bool = False) -> dict:
@@ -113,8 +110,9 @@ class Launched:
 
 
 def launch(job: dict, settings: Settings, workdir: Path, *, cpu: bool = False, timeout: float | None = None,
-           say=lambda _m: None) -> Launched:
-    """Run the ranks and wait for them. `job` is what every rank reads (qtool/verify/worker.py)."""
+           say=lambda _m: None, module: str = "qtool.verify.worker") -> Launched:
+    """Run the ranks (`python -m module JOB` each) and wait for them. `job` is what every rank reads
+    (qtool/verify/worker.py); each rank writes rank<N>.pid first and rank<N>.json last into `workdir`."""
     from qtool.core import signals
 
     n = card_count(settings)
@@ -123,7 +121,7 @@ def launch(job: dict, settings: Settings, workdir: Path, *, cpu: bool = False, t
     job_path = workdir / "job.json"
     job_path.write_text(json.dumps({**job, "out_dir": str(workdir), "cpu": cpu}, default=str))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg),
-           "--main_process_port", str(_free_port()), "-m", "qtool.verify.worker", str(job_path)]
+           "--main_process_port", str(_free_port()), "-m", module, str(job_path)]
     env = {**os.environ, **SAFE_ENV, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1" if cpu else "4")}
     if cpu:

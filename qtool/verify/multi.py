@@ -96,7 +96,7 @@ def run_ranks(spec: ModelSpec, settings: Settings, options: VerifyOptions, notes
            "budgets": budgets, "notes": notes}
     with tempfile.TemporaryDirectory(prefix="qtool-ranks-") as tmp:
         result = launch(job, settings, Path(tmp), cpu=options.device == "cpu", say=say)
-        report = gather(result, spec, settings, budgets)
+        report = gather(result, budgets)
     report.notes.append(f"{card_count(settings)} ranks launched with accelerate ({settings.run.parallel}, "
                         "transformers.Trainer on each); each card's peak is that rank's own")
     return report
