@@ -7,7 +7,8 @@ skips the later runs of the same --parallel (they would crash the same way). `--
 S seconds have passed since the start.
 
 Usage: OUT=out python bench/multigpu_gpu.py --runs "8b:2:fsdp:512,70b:2:fsdp:512:rtx-4090" [--deadline 500]
-  a run is MODEL:GPUS:PARALLEL:SEQ[:CAP_GPU] (CAP_GPU: --gpu CAP_GPU --cap-memory).
+  a run is MODEL:GPUS:PARALLEL:SEQ[:CAP_GPU[:FLAGS]] (CAP_GPU: --gpu CAP_GPU --cap-memory; FLAGS: more
+  qtool verify flags without dashes, joined by '+', e.g. no-fsdp-ram-efficient).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def parse_runs(text: str) -> list[dict]:
         parts = item.strip().split(":")
         model, gpus, parallel, seq = parts[:4]
         runs.append({"model": model, "gpus": int(gpus), "parallel": parallel, "seq_len": int(seq),
-                     "cap_gpu": parts[4] if len(parts) > 4 else None})
+                     "cap_gpu": parts[4] if len(parts) > 4 and parts[4] else None,
+                     "flags": ["--" + f for f in parts[5].split("+")] if len(parts) > 5 and parts[5] else []})
     return runs
 
 
@@ -39,13 +41,13 @@ def command(run: dict, steps: int) -> list[str]:
            "--steps", str(steps)]
     if run["cap_gpu"]:
         cmd += ["--gpu", run["cap_gpu"], "--cap-memory"]
-    return cmd
+    return cmd + run["flags"]
 
 
 def row_of(run: dict, code, report: dict | None, wall: float, stderr: str) -> dict:
     row = {"model": run["model"], "hf_config": f"qtool preset {run['model']} (qtool/configs/models)",
            "gpus": run["gpus"], "parallel": run["parallel"], "mode": "qlora", "seq_len": run["seq_len"],
-           "batch_size": 1, "exit": code, "wall_s": round(wall, 1)}
+           "batch_size": 1, "flags": run["flags"], "exit": code, "wall_s": round(wall, 1)}
     if report is None:
         lines = [ln for ln in stderr.splitlines() if ln.strip()]
         return {**row, "outcome": "error", "error": lines[-1] if lines else f"exit {code}"}
@@ -83,9 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     rows, broken, t0 = [], set(), time.perf_counter()
     for i, run in enumerate(parse_runs(args.runs), 1):
         label = f"{run['model']} x{run['gpus']} {run['parallel']} {run['seq_len']}" + (
-            f" cap {run['cap_gpu']}" if run["cap_gpu"] else "")
+            f" cap {run['cap_gpu']}" if run["cap_gpu"] else "") + "".join(f" {f}" for f in run["flags"])
         left = None if args.deadline is None else args.deadline - (time.perf_counter() - t0)
-        if run["parallel"] in broken or (left is not None and left < 30):
+        kind = (run["parallel"], tuple(run["flags"]))
+        if kind in broken or (left is not None and left < 30):
             print(f"[{i}] {label}: skipped", flush=True)
             continue
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(run["gpus"])))}
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         row = row_of(run, code, report, wall, stderr)
         rows.append(row)
         if code not in (0, 3):
-            broken.add(run["parallel"])
+            broken.add(kind)
             (out / f"err-{i}.log").write_text(stderr[-30000:])
         (out / args.name).write_text(json.dumps(rows, indent=2, default=str))
         gib = lambda xs: "/".join(f"{x / 2**30:.2f}" if x else "-" for x in xs or [])  # noqa: E731

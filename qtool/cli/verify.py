@@ -185,7 +185,7 @@ def _cards_table(cards: list[dict], b):
     from rich.table import Table
 
     t = Table(title="per card", show_header=True, header_style="bold")
-    for col in ("card", "peak allocated", "load peak", "needed", "budget", "cap", "estimate", "error", "fits"):
+    for col in ("card", "peak", "load", "needed", "budget", "cap", "estimate", "error", "fits"):
         t.add_column(col, justify="left" if col == "card" else "right")
     for c in cards:
         err = c.get("estimate_relative_error")
