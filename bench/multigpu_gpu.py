@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -72,6 +73,22 @@ def row_of(run: dict, code, report: dict | None, wall: float, stderr: str) -> di
     return row
 
 
+def run_one(cmd: list[str], env: dict, timeout: float) -> tuple:
+    """(exit code, stdout, stderr). Past the timeout qtool gets SIGINT, so it stops its ranks itself."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        return proc.returncode, stdout, stderr
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        try:
+            stdout, stderr = proc.communicate(timeout=40)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        return "timeout", "", stderr
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", required=True)
@@ -79,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=int, default=400, help="seconds per run")
     ap.add_argument("--deadline", type=float, default=None, help="skip runs after this many seconds")
     ap.add_argument("--name", default="multigpu_measurements.json")
+    ap.add_argument("--first-gpu", type=int, default=0, help="the runs use cards K, K+1, ... (two lanes side by side)")
     args = ap.parse_args(argv)
     out = Path(os.environ.get("OUT") or "./out")
     out.mkdir(parents=True, exist_ok=True)
@@ -88,28 +106,28 @@ def main(argv: list[str] | None = None) -> int:
             f" cap {run['cap_gpu']}" if run["cap_gpu"] else "") + "".join(f" {f}" for f in run["flags"])
         left = None if args.deadline is None else args.deadline - (time.perf_counter() - t0)
         kind = (run["parallel"], tuple(run["flags"]))
+        if kind in broken and run["parallel"] == "fsdp" and not run["flags"]:
+            # parked loading broke: the rest runs on transformers' own loading path
+            run["flags"], kind = ["--no-fsdp-ram-efficient"], ("fsdp", ("--no-fsdp-ram-efficient",))
         if kind in broken or (left is not None and left < 30):
             print(f"[{i}] {label}: skipped", flush=True)
             continue
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(run["gpus"])))}
+        env = {**os.environ, "QTOOL_DEBUG": "1",
+               "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(args.first_gpu, args.first_gpu + run["gpus"])))}
         t = time.perf_counter()
-        try:
-            proc = subprocess.run(command(run, args.steps), capture_output=True, text=True, cwd=ROOT, env=env,
-                                  timeout=min(args.timeout, left) if left else args.timeout)
-            code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
-        except subprocess.TimeoutExpired as exc:
-            code, stdout = "timeout", ""
-            stderr = (exc.stderr or b"").decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        code, stdout, stderr = run_one(command(run, args.steps), env, min(args.timeout, left) if left else args.timeout)
         wall = time.perf_counter() - t
         try:
             report = json.loads(stdout)
         except json.JSONDecodeError:
             report = None
         row = row_of(run, code, report, wall, stderr)
+        row["cuda_visible_devices"] = env["CUDA_VISIBLE_DEVICES"]
         rows.append(row)
         if code not in (0, 3):
             broken.add(kind)
-            (out / f"err-{i}.log").write_text(stderr[-30000:])
+            with open(out / args.name.replace(".json", ".err"), "a") as f:
+                f.write(f"=== [{i}] {label}: exit {code}\n{stderr[-20000:]}\n")
         (out / args.name).write_text(json.dumps(rows, indent=2, default=str))
         gib = lambda xs: "/".join(f"{x / 2**30:.2f}" if x else "-" for x in xs or [])  # noqa: E731
         print(f"[{i}] {label}: {row['outcome']} in {wall:.0f}s; peak GiB {gib(row.get('per_rank_peak_bytes'))}; "

@@ -41,14 +41,14 @@ def gather(launched, budgets: list) -> VerifyReport:
     crashed = [(r, res) for r, res in results.items() if res and res.get("crash") and not res.get("out_of_memory")]
     if crashed:
         r, res = crashed[0]
-        raise RankFailed(f"rank {r} of {n} failed: {res['crash']}")
+        raise RankFailed(f"rank {r} of {n} failed: {res['crash']}" + _debug_tail(launched))
     missing = [r for r, res in results.items() if not res]
     oom = [r for r, res in results.items() if res and res.get("out_of_memory")]
     if missing and not oom:
         why = next((line for line in reversed(launched.log_tail) if "Error" in line or "error" in line),
                    launched.log_tail[-1] if launched.log_tail else "no output")
         raise RankFailed(f"rank {missing[0]} of {n} ended without a result (launcher exit {launched.exit_code}): "
-                         f"{why.strip()[:300]}")
+                         f"{why.strip()[:300]}" + _debug_tail(launched))
     base = next(res["report"] for r, res in sorted(results.items()) if res and res.get("report"))
     report = VerifyReport.from_dict(base)
     cards = []
@@ -77,6 +77,15 @@ def gather(launched, budgets: list) -> VerifyReport:
         report.notes.append(f"rank(s) {', '.join(map(str, missing))} were stopped after rank {oom[0]} ran out "
                             "of memory (they wrote no result)")
     return report
+
+
+def _debug_tail(launched) -> str:
+    """--debug (QTOOL_DEBUG=1) shows the launcher's output, where the ranks' tracebacks are."""
+    import os
+
+    if os.environ.get("QTOOL_DEBUG", "") in ("", "0"):
+        return ""
+    return "\n--- accelerate launch, last lines ---\n" + "\n".join(launched.log_tail)
 
 
 def _merge_memory(report: VerifyReport, results: dict) -> None:
