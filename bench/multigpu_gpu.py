@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             report = json.loads(stdout)
         except json.JSONDecodeError:
             report = None
+        if report is not None and report.get("exit_code") is not None:
+            code = report["exit_code"]  # --debug (for the launcher's lines on a crash) exits 1 on any error
         row = row_of(run, code, report, wall, stderr)
         row["cuda_visible_devices"] = env["CUDA_VISIBLE_DEVICES"]
         rows.append(row)
