@@ -213,3 +213,29 @@ def test_a_signal_ends_the_run_and_every_rank(tiny, tmp_path):
     time.sleep(0.5)
     assert not any(_alive(p) for p in pids)
     assert not list(tmp_path.glob("qtool-ranks-*"))
+
+
+def test_every_card_is_held_to_its_own_budget():
+    from qtool.verify.cards import card_row
+    from qtool.verify.report import VerifyReport
+    from qtool.verify.verdict import checks, outcome
+
+    gib = 2**30
+
+    def dev(i, reserved):
+        return {"device": f"cuda:{i}", "name": "card", "total_bytes": 80 * gib, "peak_allocated_bytes": reserved - gib,
+                "peak_reserved_bytes": reserved, "outside_torch_bytes": gib // 2}
+
+    # card 0 needs 20.5 GiB of a 24 GiB budget, card 1 needs 12.5 GiB of a 12 GiB one: mixed cards, 1 is over
+    cards = [card_row(0, dev(0, 20 * gib), budget=24 * gib, cap=None, load_peak=None, steps_peak=None),
+             card_row(1, dev(1, 12 * gib), budget=12 * gib, cap=None, load_peak=None, steps_peak=None)]
+    assert [c["fits"] for c in cards] == [True, False]
+    report = VerifyReport(model={"name": "m", "description": "d"}, settings={}, device={"name": "card"}, versions={},
+                          loaded=True, loss=1.0, loss_finite=True, grads_finite=True, steps_requested=2, cards=cards)
+    report.checks = checks(report, _settings(gpus="rtx-4090,rtx-3060"))
+    fits = report.checks["fits_budget"]
+    assert fits["passed"] is False and fits["message"].startswith("card 1:")
+    assert outcome(report).exit_code == 3
+    report.cards[1] = card_row(1, dev(1, 11 * gib), budget=12 * gib, cap=None, load_peak=None, steps_peak=None)
+    report.checks = checks(report, _settings(gpus="rtx-4090,rtx-3060"))
+    assert report.checks["fits_budget"]["passed"] is True and outcome(report) is None

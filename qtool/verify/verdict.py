@@ -108,10 +108,10 @@ def checks(report: VerifyReport, settings: Settings) -> dict[str, dict]:
     if oom:
         where = f"rank {err['rank']} ({report.device['name']})" if "rank" in err else report.device["name"]
         out["fits_budget"] = Check("fits_budget", False, f"out of memory during {err.get('stage')} on {where}")
-    elif budget is None:
-        out["fits_budget"] = Check("fits_budget", None, f"no budget given ({what} {format_bytes(need or 0)})")
     elif report.cards and any(c.get("budget_bytes") for c in report.cards):
         out["fits_budget"] = _cards_fit(report.cards)
+    elif budget is None:
+        out["fits_budget"] = Check("fits_budget", None, f"no budget given ({what} {format_bytes(need or 0)})")
     else:
         per_gpu = [d["peak_reserved_bytes"] + d["outside_torch_bytes"] for d in report.memory.get("per_device", [])]
         worst = max(per_gpu) if per_gpu else need
