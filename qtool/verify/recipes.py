@@ -175,10 +175,10 @@ def train_with_trainer(model, ids, settings: Settings, options, meter, phases: d
         report.trainer = {"class": "trl.SFTTrainer" if sft else "transformers.Trainer",
                              "optim": args.optim if isinstance(args.optim, str) else args.optim.value,
                              "bf16": bool(args.bf16), "fp16": bool(args.fp16),
-                             "gradient_checkpointing": bool(args.gradient_checkpointing),
-                             # what accelerate made of the launch: NO, MULTI_GPU (ddp), FSDP, MULTI_CPU
-                             "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1],
-                             "world_size": trainer.accelerator.num_processes}
+                             "gradient_checkpointing": bool(args.gradient_checkpointing)}
+        if trainer.accelerator.num_processes > 1:  # a rank of --parallel fsdp|ddp: what accelerate made of it
+            report.trainer["distributed_type"] = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
+            report.trainer["world_size"] = trainer.accelerator.num_processes
         try:
             trainer.train()
         finally:
