@@ -2,7 +2,8 @@
 # What runs on the multi-GPU machine (no internet; bitsandbytes from the carried wheel in ../../.whl or .whl).
 #   bash bench/multigpu_run.sh DEADLINE_S LANE [LANE...]      -> results in $OUT
 # A LANE is FIRST_GPU=RUNS (RUNS as bench/multigpu_gpu.py --runs takes them); lanes run side by side, each on
-# its own cards (2-card runs on cards 0,1 and 2,3 of a 4-card machine), and write lane<FIRST_GPU>.json/.log/.err.
+# its own cards (2-card runs on cards 0,1 and 2,3 of a 4-card machine), and write $OUT/lane<FIRST_GPU>.json (and
+# .err when a run failed); their progress lines are printed at the end (few files: the device returns 8).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 deadline=$1; shift
@@ -15,13 +16,13 @@ export OUT="${OUT:-./out}"
 mkdir -p "$OUT"
 { date -u; nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader; grep MemTotal /proc/meminfo; nproc
   python3 -c "import torch, transformers, bitsandbytes, peft, accelerate; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', transformers.__version__, '| bitsandbytes', bitsandbytes.__version__, '| peft', peft.__version__, '| accelerate', accelerate.__version__)"
-} 2>&1 | tee "$OUT/machine.txt"
+} 2>&1
 pids=()
 for lane in "$@"; do
   first=${lane%%=*}; runs=${lane#*=}
   python3 bench/multigpu_gpu.py --first-gpu "$first" --runs "$runs" --deadline "$deadline" --name "lane$first.json" \
-    > "$OUT/lane$first.log" 2>&1 &
+    > "/tmp/lane$first.log" 2>&1 &
   pids+=($!)
 done
 wait "${pids[@]}"
-cat "$OUT"/lane*.log
+for lane in "$@"; do cat "/tmp/lane${lane%%=*}.log"; done

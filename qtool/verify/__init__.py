@@ -114,7 +114,7 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
     else:
         cards = None
         if several:
-            options, cards = multi.pipeline_options(settings, options)
+            settings, options, cards = multi.pipeline_options(settings, options)
         run = _Run(spec, settings, options, source, reference, say, cards=cards,
                    budgets=multi.card_budgets(settings) if cards else None)
         run.report.notes.extend(notes)

@@ -76,11 +76,15 @@ def with_values(settings: Settings, changes: dict) -> Settings:
         return resolve_settings({**values, **changes}, env={}, cwd=Path(empty), command=settings.command)
 
 
-def pipeline_options(settings: Settings, options: VerifyOptions) -> tuple[VerifyOptions, int | None]:
-    """--parallel pipeline: device_map="auto" over the first N cards (all of them for --device-map auto)."""
+def pipeline_options(settings: Settings, options: VerifyOptions) -> tuple[Settings, VerifyOptions, int]:
+    """--parallel pipeline: device_map="auto" over the first N cards; --device-map auto: over all of them
+    (the settings then say how many, so the per-card estimate is for the same cards)."""
+    if options.device_map == "auto" and options.device != "cpu":
+        import torch
+
+        settings = with_values(settings, {"gpus": max(1, torch.cuda.device_count())})
     check_cards(settings, options.device)
-    cards = None if options.device_map == "auto" else card_count(settings)
-    return dataclasses.replace(options, device_map="auto"), cards
+    return settings, dataclasses.replace(options, device_map="auto"), card_count(settings)
 
 
 def run_ranks(spec: ModelSpec, settings: Settings, options: VerifyOptions, notes: list[str], say):
