@@ -48,7 +48,8 @@ def command(run: dict, steps: int) -> list[str]:
 def row_of(run: dict, code, report: dict | None, wall: float, stderr: str) -> dict:
     row = {"model": run["model"], "hf_config": f"qtool preset {run['model']} (qtool/configs/models)",
            "gpus": run["gpus"], "parallel": run["parallel"], "mode": "qlora", "seq_len": run["seq_len"],
-           "batch_size": 1, "flags": run["flags"], "exit": code, "wall_s": round(wall, 1)}
+           "batch_size": 1, "flags": run["flags"], "exit": code, "wall_s": round(wall, 1),
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if report is None:
         lines = [ln for ln in stderr.splitlines() if ln.strip()]
         return {**row, "outcome": "error", "error": lines[-1] if lines else f"exit {code}"}
