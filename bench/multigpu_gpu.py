@@ -87,7 +87,7 @@ def run_one(cmd: list[str], env: dict, timeout: float) -> tuple:
         except subprocess.TimeoutExpired:
             proc.kill()
             stdout, stderr = proc.communicate()
-        return "timeout", "", stderr
+        return "timeout", stdout or "", stderr  # a report printed before the signal still counts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         row = row_of(run, code, report, wall, stderr)
         row["cuda_visible_devices"] = env["CUDA_VISIBLE_DEVICES"]
         rows.append(row)
-        if code not in (0, 3):
+        if code not in (0, 3, 4):  # 4 (not finite) ran; only a crash says the path is broken
             broken.add(kind)
             with open(out / args.name.replace(".json", ".err"), "a") as f:
                 f.write(f"=== [{i}] {label}: exit {code}\n{stderr[-20000:]}\n")

@@ -108,7 +108,11 @@ def _callback(meter, phases: dict, params: list, steps: list, record: dict):
         def on_pre_optimizer_step(self, args, state, control, **kw):
             # backward and the Trainer's gradient clipping
             phases["backward_peak"] = max(phases.get("backward_peak", 0), meter.phase_peak())
-            grads = [p.grad for p in params if p.grad is not None]
+            # the model the Trainer steps: under FSDP its flat (sharded) parameters hold the gradients, not
+            # the parameters the peft model had before it was wrapped
+            model = kw.get("model")
+            trained = [p for p in model.parameters() if p.requires_grad] if model is not None else params
+            grads = [p.grad for p in trained if p.grad is not None]
             record["grads_finite"] = bool(grads) and all(bool(torch.isfinite(g).all()) for g in grads)
             meter.reset_peak()
 
