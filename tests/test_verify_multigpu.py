@@ -239,3 +239,21 @@ def test_every_card_is_held_to_its_own_budget():
     report.cards[1] = card_row(1, dev(1, 11 * gib), budget=12 * gib, cap=None, load_peak=None, steps_peak=None)
     report.checks = checks(report, _settings(gpus="rtx-4090,rtx-3060"))
     assert report.checks["fits_budget"]["passed"] is True and outcome(report) is None
+
+
+def test_pipeline_cards_come_from_the_meter_per_device():
+    """--parallel pipeline runs in one process: each entry of memory.per_device (qtool.verify.meter) is a card."""
+    from qtool.verify.cards import pipeline_cards
+    from qtool.verify.report import VerifyReport
+
+    mib = 2**20
+    per_device = [{"device": f"cuda:{i}", "name": "card", "total_bytes": 80_000 * mib,
+                   "peak_allocated_bytes": (5 + i) * 1000 * mib, "peak_reserved_bytes": (6 + i) * 1000 * mib,
+                   "outside_torch_bytes": 700 * mib, "load_peak_allocated_bytes": (4 + i) * 1000 * mib,
+                   "steps_peak_allocated_bytes": (5 + i) * 1000 * mib} for i in range(2)]
+    report = VerifyReport(model={}, settings={}, device={}, versions={}, memory={"per_device": per_device})
+    pipeline_cards(report, [6700 * mib, 6700 * mib], [None, None])
+    assert [c["device"] for c in report.cards] == ["cuda:0", "cuda:1"]
+    assert [c["needed_bytes"] for c in report.cards] == [6700 * mib, 7700 * mib]
+    assert [c["fits"] for c in report.cards] == [True, False]  # 6700 <= 6700; 7700 > 6700
+    assert report.cards[1]["load_peak_allocated_bytes"] == 5000 * mib
