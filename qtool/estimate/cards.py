@@ -114,7 +114,18 @@ def estimate_cards(spec, settings, *, trust_remote_code: bool = False, basis=Non
         for i, ((gpu, budget), terms) in enumerate(zip(budgets, per_card))
     )
     fits = None if any(c.fits is None for c in cards) else all(c.fits for c in cards)
+    if detail.get("offloaded"):  # bitsandbytes refuses a 4-bit model dispatched partly to the CPU or disk
+        fits = False
     return CardsEstimate(run.parallel, cards, host, fits, detail)
+
+
+def cards_report(report: dict, est: CardsEstimate) -> dict:
+    """The one-GPU report with the cards in: `cards` (one entry per card, `peak_bytes` its allocated peak),
+    `host_ram_bytes`, `parallel`, and fits/headroom_bytes now about the cards (the fullest one)."""
+    worst = est.worst
+    return {**report, "parallel": est.parallel, "gpus": len(est.cards), "cards": [c.to_dict() for c in est.cards],
+            "host_ram_bytes": est.host_ram_bytes, "placement": dict(est.detail), "fits": est.fits,
+            "headroom_bytes": None if worst.budget_bytes is None else worst.budget_bytes - worst.device_bytes}
 
 
 # DDP's Reducer copies each gradient into a bucket (gradient_as_bucket_view=False, the default): the buckets of

@@ -124,28 +124,61 @@ def _trainable(u: Units, n: int, strategy: str, optimizer: str) -> dict[str, int
             "optimizer_states_paged" if optimizer.startswith("paged_") else "optimizer_states": states}
 
 
+def _loading(basis, u: Units, ram_efficient: bool) -> dict[str, dict[str, int]]:
+    """What a rank holds before training. Without ram-efficient loading every rank loads the whole 4-bit model
+    on its own card (transformers 5 does so for quantized models; one weight at a time arrives 16-bit and is
+    quantized there), then peft adds the fp32 adapters whole and FSDP flattens the first layer beside it all.
+    With it, each weight is parked in host memory once quantized (qtool verify does so, as transformers 4 did
+    for rank 0 under fsdp_cpu_ram_efficient_loading) and FSDP brings one unit at a time to the card: never more
+    than the step's shards."""
+    if ram_efficient:
+        return {}
+    plan = basis.cached.plan
+    largest = max((g.numel for g in plan.groups if g.action == QUANTIZE), default=0) * itemsize(basis.dtype)
+    full = basis.weights[basis.chosen].gpu
+    lora_full = basis.inputs.lora_params * LORA_DTYPE_BYTES
+    return {"load": {"weights_full": full, "load_transient": largest},
+            "wrap": {"weights_full": full, "lora_full": lora_full, "layer_flat": _block(u.layer_bytes)}}
+
+
+def _step(inputs: memory.MemoryInputs, resident: dict[str, int], strategy: str) -> dict[str, int]:
+    """The training step: the resident terms, checkpoints and workspace, then the larger of the loss phase
+    and a layer's backward. FULL_SHARD reshards each decoder layer after its forward and gathers it again in
+    its pre-backward hook, which fires after lm_head's backward: during the loss phase no decoder layer is
+    gathered, only the root; in a layer's backward that layer and the prefetched next one are."""
+    single = memory.memory_breakdown(inputs)
+    terms = dict(resident)
+    gathered = terms.pop("layers_gathered", 0) if strategy == "full_shard" else 0
+    terms.update({k: single[k] for k in ("cublas_workspace", "activation_checkpoints", "activations") if k in single})
+    loss, layer = memory.phases(inputs, *memory.stream_bytes(inputs))
+    if gathered:
+        layer = {**layer, "layers_gathered": gathered}
+    terms.update({k: v for k, v in (loss if sum(loss.values()) >= sum(layer.values()) else layer).items() if v})
+    return terms
+
+
 def rank_terms(basis, settings, n: int, **_) -> tuple[list[dict[str, int]], int, dict[str, Any]]:
-    """(terms per rank, host RAM bytes, detail) for N ranks of FSDP-QLoRA."""
+    """(terms per rank at its peak, host RAM bytes, detail) for N ranks of FSDP-QLoRA: the larger of loading
+    (qtool verify measures the whole run) and the training step."""
     run = settings.run
     u = model_units(basis, settings)
     strategy = "full_shard" if run.fsdp_sharding == "hybrid_shard" else run.fsdp_sharding
     inputs = dataclasses.replace(basis.inputs, upcast_kept=False)
-    single = memory.memory_breakdown(inputs)
-    resident = ("weights", "kept_fp32", "lora_params", "lora_grads", "optimizer_states", "optimizer_states_paged",
-                "expert_adapters", "cuda_context")
-    terms = _weights(u, n, strategy)
+    resident = _weights(u, n, strategy)
     trainable = _trainable(u, n, strategy, run.optimizer) if inputs.lora_params else {}
     host = 0
     if run.fsdp_offload_params:  # shards, their grads and the optimizer (CPU Adam) live in host RAM
-        moved = terms.pop("weights_shard") + sum(trainable.values())
+        moved = resident.pop("weights_shard") + sum(trainable.values())
         host += n * moved
         trainable = {}
-    terms.update(trainable)
-    terms.update({k: v for k, v in single.items() if k not in resident})
-    terms["cuda_context"] = single["cuda_context"]
+    phases = {"step": _step(inputs, {**resident, **trainable}, strategy),
+              **_loading(basis, u, run.fsdp_ram_efficient)}
+    phase = max(phases, key=lambda k: sum(phases[k].values()))
+    peak = {**phases[phase], "cuda_context": memory.CUDA_CONTEXT_BYTES}
     full_16bit = basis.weights["fp16"].data
     host += (n if not run.fsdp_ram_efficient else 1) * full_16bit
     detail = {"sharding": run.fsdp_sharding, "offload_params": run.fsdp_offload_params,
               "ram_efficient_loading": run.fsdp_ram_efficient, "layer_bytes": u.layer_bytes,
-              "root_bytes": u.root_bytes, "quant_storage": settings.quant.quant_storage}
-    return [dict(terms) for _ in range(n)], host, detail
+              "root_bytes": u.root_bytes, "quant_storage": settings.quant.quant_storage, "phase": phase,
+              "phases": {k: sum(v.values()) for k, v in phases.items()}}
+    return [dict(peak) for _ in range(n)], host, detail

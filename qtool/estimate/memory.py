@@ -303,6 +303,17 @@ def memory_breakdown(m: MemoryInputs) -> dict[str, int]:
             per_layer += LAYER_SCORE_TENSORS * b * d.heads * s * s * act
         out["activations"] = d.layers * per_layer
 
+    loss_phase, layer_phase = phases(m, act, logit_bytes)
+    phase = loss_phase if sum(loss_phase.values()) >= sum(layer_phase.values()) else layer_phase
+    out.update({k: v for k, v in phase.items() if v})
+    out["cuda_context"] = CUDA_CONTEXT_BYTES
+    return out
+
+
+def phases(m: MemoryInputs, act: int, logit_bytes: int) -> tuple[dict[str, int], dict[str, int]]:
+    """The two candidates for a training step's dynamic peak: (loss phase, layer phase). `act`/`logit_bytes`:
+    itemsize of the residual stream and of the logits."""
+    d, b, s, c = m.dims, m.batch, m.seq, m.compute_bytes
     hidden_grads = HIDDEN_GRAD_TENSORS * b * s * d.hidden * act
     loss_phase = _loss_phase(m, logit_bytes)
     loss_phase["hidden_grads"] = hidden_grads
@@ -319,10 +330,14 @@ def memory_breakdown(m: MemoryInputs) -> dict[str, int]:
         "attention_backward" if attention >= mlp else "mlp_backward": max(attention, mlp),
         "dequant_buffer": m.largest_linear * c if m.mode == "qlora" else 0,
     }
-    phase = loss_phase if sum(loss_phase.values()) >= sum(layer_phase.values()) else layer_phase
-    out.update({k: v for k, v in phase.items() if v})
-    out["cuda_context"] = CUDA_CONTEXT_BYTES
-    return out
+    return loss_phase, layer_phase
+
+
+def stream_bytes(m: MemoryInputs) -> tuple[int, int]:
+    """(residual stream itemsize, logits itemsize) of a training mode: fp32 where QLoRA upcast the norms."""
+    if m.mode == "qlora" and m.recipe != "unsloth" and m.upcast_kept:
+        return 4, 4
+    return m.compute_bytes, m.compute_bytes
 
 
 def expert_adapter_params(m: MemoryInputs) -> int:
