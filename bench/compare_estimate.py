@@ -2,7 +2,7 @@
 and docs/recipe_measurements.json (loop, Trainer, SFTTrainer, Unsloth, generate) and print the error.
 
 The measurements come from lent H200s (bench/verify_gpu.py, bench/recipe_gpu.py); this script needs no GPU,
-so CI (tests/test_estimate_accuracy.py) checks that the memory model still predicts every recorded peak.
+so CI (tests/estimate/test_estimate_accuracy.py) checks that the memory model still predicts every recorded peak.
 Rows of the recipe file name an architecture and a depth (`arch`, `layers`): the config is the preset's
 (or bench/configs'), truncated to `layers` as the measurement was.
 

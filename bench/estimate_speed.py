@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
 import subprocess
@@ -22,9 +23,15 @@ ROOT = Path(__file__).resolve().parent.parent
 THROUGH_TYPER = "from qtool.cli.app import typer_app; typer_app()(['estimate', '70b'], prog_name='qtool')"
 
 
+# as an installed qtool runs: pip compiles every module at install time, so the warm-up run must be allowed to
+# write the .pyc files a PYTHONDONTWRITEBYTECODE in the caller's environment would forbid (typer and rich,
+# the baseline, are compiled in site-packages already)
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
 def wall(cmd: list[str]) -> float:
     t0 = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     return time.perf_counter() - t0
 
 

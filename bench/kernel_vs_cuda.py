@@ -421,8 +421,8 @@ def main() -> None:
     say(f"== {about}")
     summary: dict = {"about": about}
     t0 = time.monotonic()
-    summary["rcp_table"] = build_rcp_table(ROOT / "qtool" / "data" / "mufu_rcp.bin")
-    shutil.copy(ROOT / "qtool" / "data" / "mufu_rcp.bin", args.out / "mufu_rcp.bin")
+    summary["rcp_table"] = build_rcp_table(ROOT / "qtool" / "quantize" / "data" / "mufu_rcp.bin")
+    shutil.copy(ROOT / "qtool" / "quantize" / "data" / "mufu_rcp.bin", args.out / "mufu_rcp.bin")
     summary["rcp_check"] = check_rcp()
     say(f"1. rcp: table {summary['rcp_table']}; check {summary['rcp_check']} ({time.monotonic() - t0:.0f} s)")
     summary["mean"] = check_mean(props)

@@ -172,6 +172,16 @@ def _in_child(what: str, *args) -> dict:
     return json.loads(out["stdout"])
 
 
+def _import_torch_s(tries: int = 3) -> float:
+    """The last part of issue 12's floor: a whole `python -c "import torch"` process, best of a few."""
+    best = float("inf")
+    for _ in range(tries):
+        start = time.monotonic()
+        subprocess.run([sys.executable, "-c", "import torch"], check=True)
+        best = min(best, time.monotonic() - start)
+    return round(best, 2)
+
+
 def run(layers: int, device: str, workdir: Path, with_io_floor: bool, skip_transformers: bool = False) -> dict:
     src = workdir / f"llama3-8b-shaped-{layers}l"
     if not (src / "model.safetensors").is_file():
@@ -198,6 +208,7 @@ def run(layers: int, device: str, workdir: Path, with_io_floor: bool, skip_trans
            "qtool_reported_peak_rss": report.get("peak_rss_bytes"), "qtool_peak_gpu": report.get("peak_gpu_bytes")}
     if with_io_floor:
         row["io_floor"] = _in_child("floor", src, out_bytes, workdir)
+        row["io_floor"]["import_torch_s"] = _import_torch_s()
     for d in (q_out, t_out):
         shutil.rmtree(d, ignore_errors=True)
     return row
@@ -268,6 +279,9 @@ def print_row(row: dict) -> None:
               f"{f['write_s']} s (no fsync {f['write_no_fsync_s']} s); qtool/floor = {q['wall_s'] / f['total_s']:.2f} "
               f"({q['wall_excl_overhead_s'] / f['total_s']:.2f} without overhead); single-thread floor "
               f"{f['total_single_s']} s")
+        full = f["total_s"] + f["import_torch_s"]
+        print(f"   floor with `import torch` ({f['import_torch_s']} s, whole process) {full:.2f} s; "
+              f"qtool/floor = {q['wall_s'] / full:.2f}")
     print("   qtool stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in q["stage_seconds"].items()), flush=True)
 
 

@@ -1,18 +1,35 @@
-"""Shared pytest fixtures. This file starts with the hub fixtures (tests/hubserver.py); others may add
-fixtures of their own below, in their own section."""
+"""Shared pytest fixtures for every folder under tests/ (this is the rootdir's conftest, so its autouse
+fixture reaches them all). The helper modules next to it (tinymodels, hubserver, forkserver, reference_models)
+are importable from any test: pyproject's `pythonpath` puts tests/ (and the checkout) on sys.path."""
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+import safetensors_bytes as _safetensors_bytes
+from hubserver import HUB_ALLOWED_TOKEN, HubServer
+from tinymodels import llama_config, save_pretrained_model, write_checkpoint
 
-from hubserver import HubServer  # noqa: E402
+def pytest_collection_modifyitems(items):
+    """Every test, in every folder, runs hermetic (the autouse fixture below): a folder's own conftest or a
+    different rootdir would show here, not as a test that reads the caller's HF_TOKEN."""
+    outside = [item.nodeid for item in items if "_hermetic" not in getattr(item, "fixturenames", ())]
+    assert not outside, f"tests without the _hermetic fixture: {outside[:5]}"
+
+
+def pytest_collection_finish(session):
+    """What collection imported (torch, transformers, every test module) lives until the end: move it out of
+    the garbage collector's reach. qtool verify, accelerate and transformers call gc.collect(), and in a test
+    process a full pass walks all of those objects (~0.3 s a call, several calls a verify run); in a qtool
+    process it would not. The objects made by the tests themselves are collected as before."""
+    gc.collect()
+    gc.freeze()
+
 
 # ---------------------------------------------------------------------------------------------------
 # Every test: a clean environment and a temporary working directory (as simonw/llm isolates user state).
@@ -35,14 +52,64 @@ def _hermetic(monkeypatch, tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Tiny models and safetensors bytes: one factory, one helper (tests/tinymodels.py, tests/safetensors_bytes.py).
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """The tests' one tiny-model factory: `tiny_model(**config_overrides, init=, seed=, dtype=, into=)` returns
+    the folder of a tiny Llama checkpoint (tinymodels.llama_config with the overrides).
+
+    init="uniform"        tinymodels.llama_weights (uniform in +-0.05), written with safetensors (the default)
+    init="transformers"   transformers' own init under torch.manual_seed(seed), written by save_pretrained
+
+    Each distinct model is written once per session and shared: a test that changes its files passes
+    `into=tmp_path / NAME` and gets its own copy there."""
+    cache = tmp_path_factory.mktemp("tiny_models")
+    made: dict[str, Path] = {}
+
+    def make(*, init: str = "uniform", seed: int = 0, dtype=None, into: Path | None = None, **overrides) -> Path:
+        key = repr((init, seed, str(dtype), sorted(overrides.items())))
+        if key not in made:
+            root, config = cache / f"model{len(made)}", llama_config(**overrides)
+            if init == "transformers":
+                save_pretrained_model(root, config, seed=seed, dtype=dtype)
+            elif init == "uniform":
+                write_checkpoint(root, config, seed=seed, dtype=dtype)
+            else:
+                raise ValueError(init)
+            made[key] = root
+        if into is None:
+            return made[key]
+        shutil.copytree(made[key], into)
+        return Path(into)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def safetensors_bytes():
+    """Read and write safetensors files byte by byte (tests/safetensors_bytes.py): write, split,
+    header_length, set_header_length, rewrite_header."""
+    return _safetensors_bytes
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module's tests (CPU runs stay the same size on any machine, and two xdist
+    workers do not fight over the cores); restored afterwards."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Hub fixtures: a tiny real Llama checkpoint served over HTTP on 127.0.0.1 (see tests/hubserver.py).
 # ---------------------------------------------------------------------------------------------------
 
-HUB_ALLOWED_TOKEN = "hf_testALLOWEDtoken0123456789abcdef"  # fake values: tests grep outputs for them
-HUB_OTHER_TOKEN = "hf_testOTHERtoken9876543210fedcba"
-TINY_LLAMA = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                  tie_word_embeddings=False)
 
 
 def _tiny_tokenizer(dst: Path) -> None:
@@ -69,14 +136,13 @@ def hub_repos(tmp_path_factory) -> dict[str, Path]:
                 download chunk, so a cut connection can resume part-way
     """
     import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
+    from transformers import GenerationConfig
 
-    torch.manual_seed(0)
     root = tmp_path_factory.mktemp("hub")
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**TINY_LLAMA))
+    config = llama_config(intermediate_size=128, max_position_embeddings=128)
 
     tiny = root / "org" / "tiny"
-    model.save_pretrained(tiny, max_shard_size="100KB")
+    save_pretrained_model(tiny, config, max_shard_size="100KB")
     _tiny_tokenizer(tiny)
     GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(tiny)
     (tiny / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny\n")
@@ -88,7 +154,7 @@ def hub_repos(tmp_path_factory) -> dict[str, Path]:
     (tiny / "original" / "params.json").write_text("{}")
 
     single = root / "org" / "single"
-    model.save_pretrained(single)
+    save_pretrained_model(single, config)  # the same seed: the same weights as org/tiny
     _tiny_tokenizer(single)
 
     gated = root / "org" / "gated"

@@ -13,8 +13,10 @@ Errors carry the hub's X-Error-Code header (RepoNotFound, RevisionNotFound, Entr
 which is how huggingface_hub tells them apart.
 
 Test knobs: gated repos (401 without a token, 403 with a token that is not allowed), a request log,
-and `drop(file, after=N, times=k)`: the next k GETs of that file send the headers and N bytes, then
-the connection is cut.
+`drop(file, after=N, times=k)`: the next k GETs of that file send the headers and N bytes, then
+the connection is cut; `hide(file)`: whole-file requests (HEAD, GET without Range) answer 404 while
+ranged reads still work (a file that vanishes after its header was read); `rate`: bytes per second
+of /resolve/ bodies, shared by all connections as one link would be (None: as fast as it goes).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
+HUB_ALLOWED_TOKEN = "hf_testALLOWEDtoken0123456789abcdef"  # fake values: tests grep outputs for them
+HUB_OTHER_TOKEN = "hf_testOTHERtoken9876543210fedcba"
 LFS_MIN_SIZE = 1024  # files at least this big are listed as LFS files, like the hub does for weights
 
 
@@ -39,6 +43,7 @@ class Repo:
     allowed_tokens: set[str] = field(default_factory=set)
 
     def __post_init__(self):
+        self._sha256: dict[tuple, str] = {}
         self.files = sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
         digest = hashlib.sha1()
         for name in self.files:
@@ -49,7 +54,13 @@ class Repo:
         return self.root / name
 
     def sha256(self, name: str) -> str:
-        return hashlib.sha256(self.path(name).read_bytes()).hexdigest()
+        """Hashed once per file version (every HEAD and GET needs it: hashing 50 MB shards each time made the
+        server, not the client, the bottleneck of bench/stream_bench.py)."""
+        st = self.path(name).stat()
+        key = (name, st.st_size, st.st_mtime_ns)
+        if key not in self._sha256:
+            self._sha256[key] = hashlib.sha256(self.path(name).read_bytes()).hexdigest()
+        return self._sha256[key]
 
     def git_oid(self, name: str) -> str:
         data = self.path(name).read_bytes()
@@ -69,6 +80,9 @@ class HubServer:
         self.repos: dict[str, Repo] = {}
         self.requests: list[Request] = []
         self._drops: dict[str, list[int]] = {}  # file name -> [after_bytes, times_left]
+        self.hidden: set[str] = set()
+        self.rate: float | None = None  # bytes per second over all connections together
+        self._link_free = 0.0  # when the simulated link has sent what it was given
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -84,6 +98,10 @@ class HubServer:
         with self._lock:
             self._drops[filename] = [after, times]
 
+    def hide(self, filename: str) -> None:
+        """404 for HEAD and un-ranged GETs of `filename` (a header read by Range still works)."""
+        self.hidden.add(filename)
+
     def start(self) -> "HubServer":
         server = self
 
@@ -92,7 +110,8 @@ class HubServer:
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        # shutdown() waits for the loop's next look: every 50 ms, not serve_forever's default 0.5 s
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
         return self
 
@@ -266,7 +285,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}", repo)
         if self._access_denied(repo):
             return
-        if name not in repo.files:
+        if name not in repo.files or (name in self.hub.hidden and not self.headers.get("Range")):
             return self._error(404, "EntryNotFound", f"{name} does not exist on \"{rev}\"", repo)
         data = repo.path(name).read_bytes()
         size = len(data)
@@ -294,6 +313,8 @@ class _Handler(BaseHTTPRequestHandler):
         body = data[start:end]
         headers["Content-Length"] = str(len(body))
         cut = self.hub._take_drop(name)
+        if cut is None and self.hub.rate:
+            return self._send_slowly(status, body, headers, self.hub.rate)
         if cut is None:
             return self._send(status, body, headers)
         # The fault: headers promise the whole body, then the connection dies part-way.
@@ -308,3 +329,19 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+    def _send_slowly(self, status: int, body: bytes, headers: dict, rate: float) -> None:
+        import time
+
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        step = 64 * 1024
+        for i in range(0, len(body), step):
+            chunk = body[i: i + step]
+            with self.hub._lock:  # one link: the rate is shared by every connection
+                start = max(time.monotonic(), self.hub._link_free)
+                self.hub._link_free = start + len(chunk) / rate
+            time.sleep(max(0.0, start + len(chunk) / rate - time.monotonic()))  # this chunk's turn on the link
+            self.wfile.write(chunk)

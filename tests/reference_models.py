@@ -2,7 +2,7 @@
 
 bench/kernel_vs_cuda.py runs transformers' own path (from_pretrained(quantization_config=...) +
 save_pretrained) on CUDA over these sources and stores the digests in tests/data/cuda_reference.json;
-tests/test_kernel.py rebuilds the same sources on the CPU, quantizes them with qtool and compares.
+tests/quantize/test_kernel.py rebuilds the same sources on the CPU, quantizes them with qtool and compares.
 Every value comes from a CPU torch.Generator seeded per tensor name, so the sources do not depend on
 transformers' init code, the device or the number of threads.
 """

@@ -2,7 +2,9 @@
 
 `llama_config(**overrides)` is a config.json dict; `llama_weights(config)` random weights with the names and
 shapes transformers itself gives it (built on the meta device); `write_checkpoint(dir, config)` both, saved as
-safetensors the way save_pretrained would name them.
+safetensors the way save_pretrained would name them; `save_pretrained_model(dir, config)` a model with
+transformers' own initialisation, written by save_pretrained itself (a hub repo's layout and config.json).
+Tests usually take them through the `tiny_model` fixture (tests/conftest.py), which writes each model once.
 """
 
 from __future__ import annotations
@@ -41,6 +43,20 @@ def write_checkpoint(root: Path, config: dict, *, seed: int = 0, dtype=None, wei
     save_file(weights if weights is not None else llama_weights(config, seed=seed, dtype=dtype),
               root / "model.safetensors", metadata={"format": "pt"})
     return root
+
+
+def save_pretrained_model(root: Path, config: dict, *, seed: int = 0, dtype=None, **save_kwargs) -> Path:
+    """transformers' own init under torch.manual_seed(seed), cast to `dtype`, saved by save_pretrained."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    keep = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**keep))
+    if dtype is not None:
+        model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    model.save_pretrained(root, **save_kwargs)
+    return Path(root)
 
 
 def one_error_line(err: str) -> str:

@@ -5,7 +5,7 @@
 
 Each file holds the preset's ModelPlan.to_dict() (groups, not the full tensor list) from
 qtool.core.meta.build_plan on the meta device, the quantized Linear shapes by module name (for LoRA
-targets), and a hash of the preset's config so a stale cache is ignored. tests/test_presets.py
+targets), and a hash of the preset's config so a stale cache is ignored. tests/core/test_presets.py
 rebuilds every plan and compares.
 """
 

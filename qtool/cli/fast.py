@@ -8,7 +8,7 @@ from the same table (qtool.core.config.KEYS), and the command runs with the same
 
 estimate's own --json, --revision, --config and --trust-remote-code are read too. Anything else (--help, an
 unknown or malformed option, a value that looks like an option, shell completion) returns None and goes through
-Typer as usual, with Typer's own messages. tests/test_cli.py runs
+Typer as usual, with Typer's own messages. tests/cli/test_cli.py runs
 the same argument lists both ways and compares the results.
 """
 

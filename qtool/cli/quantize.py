@@ -25,6 +25,7 @@ Examples:
   qtool quantize ./my-model --quant-type fp4 --no-double-quant
   qtool quantize ./my-model --skip-modules lm_head --max-shard-size 5GB
   qtool quantize ./my-model --device cpu --json > report.json
+  qtool quantize meta-llama/Meta-Llama-3-70B --keep-source
 """
 
 OutOpt = Annotated[Optional[Path], typer.Option(
@@ -67,7 +68,8 @@ def quantize(
     with QuantizeJob(model, settings.quant, destination=out, revision=revision, device=device, max_shard_size=shard,
                      force=force, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                      allow_nonfinite=settings.values["allow_nonfinite"], dry_run=dry_run,
-                     download_progress=not as_json) as job:
+                     download_progress=not as_json, stream=settings.values["stream"],
+                     keep_source=settings.values["keep_source"]) as job:
         plan = job.plan
         for w in plan.warnings:
             output.warn(w)
@@ -110,6 +112,10 @@ def render_plan(console, plan, data: dict, format_bytes) -> None:
     console.print(f"destination: {data['destination']} (dry run: nothing written)")
 
 
+def _secs(seconds: float) -> str:
+    return f"{seconds:.1f}" if seconds < 10 else f"{seconds:.0f}"
+
+
 def render_result(console, plan, result, format_bytes) -> None:
     r = result.to_dict()
     console.print(f"[green]wrote[/green] {result.destination} ({len(result.files)} shard"
@@ -121,8 +127,16 @@ def render_result(console, plan, result, format_bytes) -> None:
     st = result.stage_seconds or {}
     quantize = sum(st.get(k, 0.0) for k in ("cast", "h2d", "quantize", "d2h"))
     write = sum(st.get(k, 0.0) for k in ("write", "write_copy", "finish_shards"))
-    console.print(f"  stages: read {st.get('read', 0.0):.1f} s (waited for {st.get('read_wait', 0.0):.1f} s), "
-                  f"quantize {quantize:.1f} s, write {write:.1f} s, overlapping")
+    line = (f"  stages: read {_secs(st.get('read', 0.0))} s (waited for {_secs(st.get('read_wait', 0.0))} s), "
+            f"quantize {_secs(quantize)} s, write {_secs(write)} s")
+    console.print(line + (", overlapped" if len(line) <= 68 else ""))  # 80 columns
+    f = result.fetch
+    if f:  # a hub stream (qtool.quantize.fetch): downloads ran beside the quantizing
+        console.print(f"  fetch: {f['shards']} shards, {format_bytes(f['bytes'])} in {_secs(f['seconds'])} s, "
+                      f"{_secs(f['overlap_seconds'])} s of it beside quantizing")
+    what = "the output" if not f else "output + shards, kept in the HF cache" if f["kept_in_cache"] else \
+        "output + shards, each deleted once read"
+    console.print(f"  peak disk: {format_bytes(result.peak_disk_bytes)} ({what})")
     gpu = f", GPU peak {format_bytes(result.peak_gpu_bytes)}" if result.peak_gpu_bytes is not None else ""
     console.print(f"  peak host RSS: {format_bytes(result.peak_rss_bytes)}{gpu}")
     from qtool.quantize.card import auto_class

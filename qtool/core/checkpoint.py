@@ -78,8 +78,13 @@ def weights_dtype(root: Path) -> str | None:
 
 def read_safetensors_header(path: Path) -> SafetensorsHeader:
     """Parse and validate a safetensors header without trusting any of it. Raises WeightsError."""
-    path = Path(path)
-    size, n, raw = _read_header_bytes(path)
+    return parse_safetensors_header(Path(path), *_read_header_bytes(Path(path)))
+
+
+def parse_safetensors_header(path: Path, size: int, n: int, raw: bytes) -> SafetensorsHeader:
+    """The same checks on header bytes read elsewhere (a hub stream reads them by HTTP range): `size` is the
+    file's length, `n` the header length its first 8 bytes give, `raw` the n header bytes; `path` is where the
+    file is, or will be."""
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except UnicodeDecodeError:
@@ -229,7 +234,8 @@ def _read_json(path: Path, what: str) -> Any:
         raise WeightsError(f"invalid {what}: invalid JSON ({_short(exc)})", path=path) from None
 
 
-def _read_index(index_path: Path, root: Path, allowed: list[Path]) -> tuple[dict, list[Path], dict[str, str]]:
+def _read_index(index_path: Path, root: Path, allowed: list[Path], *,
+                present: bool = True) -> tuple[dict, list[Path], dict[str, str]]:
     index = _read_json(index_path, "index file")
     if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
         raise WeightsError("invalid index file: expected a JSON object with a 'weight_map' object", path=index_path)
@@ -246,7 +252,7 @@ def _read_index(index_path: Path, root: Path, allowed: list[Path]) -> tuple[dict
     files = []
     for shard in sorted(shards):
         path = shards[shard]
-        if not path.is_file():
+        if present and not path.is_file():
             raise WeightsError(f"shard {shard!r} named in the index is missing", path=index_path)
         files.append(path)
     return index, files, weight_map
@@ -266,8 +272,10 @@ class Checkpoint:
     MAX_OPEN_HANDLES = 4
 
     @classmethod
-    def open(cls, root: Path, *, allow_pickle: bool = False, require_config: bool = True) -> "Checkpoint":
-        """Open a checkpoint directory: validate every header and the index; read no tensor data."""
+    def open(cls, root: Path, *, allow_pickle: bool = False, require_config: bool = True,
+             headers: dict[str, SafetensorsHeader] | None = None) -> "Checkpoint":
+        """Open a checkpoint directory: validate every header and the index; read no tensor data. `headers`
+        (file name -> header read elsewhere): the weight files are not on disk yet (qtool.quantize.fetch)."""
         root = Path(root).expanduser()
         if not root.exists():
             raise WeightsError("no such file or directory", path=root)
@@ -287,7 +295,10 @@ class Checkpoint:
         weight_map: dict[str, str] | None = None
         index_path = root / INDEX_NAME
         single = root / "model.safetensors"
-        if index_path.is_file() and not single.is_file():
+        if headers is not None:  # a hub stream: the index, else model.safetensors (as transformers loads it)
+            index, files, weight_map = (_read_index(index_path, root, allowed, present=False)
+                                        if index_path.is_file() else (None, [single], None))
+        elif index_path.is_file() and not single.is_file():
             index, files, weight_map = _read_index(index_path, root, allowed)
         else:
             # As transformers (modeling_utils._get_resolved_checkpoint_files): model.safetensors when present,
@@ -309,7 +320,7 @@ class Checkpoint:
 
         tensors: dict[str, TensorInfo] = {}
         for path in files:
-            header = read_safetensors_header(path)
+            header = headers[path.name] if headers is not None else read_safetensors_header(path)
             for name, info in header.tensors.items():
                 if name in tensors:
                     raise WeightsError(f"tensor {name!r} appears in both {tensors[name].file.name} and {path.name}", path=root)

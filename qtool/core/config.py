@@ -139,6 +139,10 @@ KEYS: tuple[Key, ...] = (
        type=bool),
     _k("allow_nonfinite", False, _bool, "Quantize weights that hold NaN/inf (refused by default: they spread "
        "over their blocks)", panel=Q, commands=("quantize",), type=bool),
+    _k("stream", None, _bool, "Hub id: fetch shard i+1 while shard i is quantized, delete each once read (disk: "
+       "output + ~2 shards)  [default: on when the HF cache lacks the shards]", commands=("quantize",), type=bool),
+    _k("keep_source", False, _bool, "With --stream, keep the fetched shards in the HF cache for later runs",
+       commands=("quantize",), type=bool),
     # output
     _k("units", "gib", _choice(UNITS, _UNIT_ALIASES), "Memory shown in GiB, MiB (as nvidia-smi and torch) or in "
        "GB, MB (powers of 1000)", metavar="UNITS"),

@@ -18,6 +18,7 @@ Failures become one-line HubErrors (exit 2):
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import json
 import os
@@ -26,7 +27,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from qtool.core.errors import HubError, QtoolError, WeightsError
+from qtool.core.errors import HubError, OutputError, QtoolError, WeightsError
 
 ACCESS_HINT = "set HF_TOKEN to a token with access; accept the model's license on the hub"
 
@@ -58,6 +59,7 @@ WEIGHT_SKIPPED = ["*/*", "consolidated*.safetensors"]
 
 _TOKEN_RE = re.compile(r"\bhf_[A-Za-z0-9]{20,}")  # real tokens: hf_ + 34 letters/digits
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def redact(text: str) -> str:
@@ -213,8 +215,9 @@ def _map_error(exc: BaseException, repo_id: str, revision: str | None, what: str
     for e in chain:
         if isinstance(e, _transport_errors()) or "Consistency check failed" in str(e):
             kept = f", finished files stay in {_cache_dir()}" if what == "the checkpoint" else ""
-            return HubError(f"connection to {endpoint} failed; run again to resume ({type(e).__name__}{kept})",
-                            path=repo_id)
+            # a streamed shard (qtool.quantize.fetch) is not resumed: the run starts over
+            again = f" while fetching {what}; run again" if what.endswith(".safetensors") else "; run again to resume"
+            return HubError(f"connection to {endpoint} failed{again} ({type(e).__name__}{kept})", path=repo_id)
     if isinstance(exc, LocalEntryNotFoundError):
         return HubError(f"connection to {endpoint} failed; run again to resume", path=repo_id)
     first = redact(str(exc)).strip().splitlines()[0] if str(exc).strip() else ""
@@ -251,18 +254,59 @@ def _redacted(err: QtoolError) -> QtoolError:
     return err
 
 
+@contextlib.contextmanager
+def _one_line(repo_id: str, revision: str | None, what: str, no_route: str | None = None):
+    """Whatever huggingface_hub raises inside becomes one redacted QtoolError line."""
+    try:
+        yield
+    except QtoolError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - everything from the hub becomes one line
+        if no_route:
+            raise _redacted(_unreachable_error(repo_id, revision, what, no_route)) from None
+        full = next((e for e in _chain(exc) if isinstance(e, OSError) and e.errno in _DISK_FULL), None)
+        if full is not None:
+            raise _redacted(OutputError(f"{os.strerror(full.errno).lower()} downloading {what}", path=repo_id,
+                                        hint="free some space or choose another --out")) from None
+        raise _redacted(_map_error(exc, repo_id, revision, what)) from None
+
+
 def fetch_config(repo_id: str, *, revision: str | None = None) -> Path:
     """Download (or find in the cache) only config.json of `repo_id`; no weights are touched."""
     from huggingface_hub import hf_hub_download
 
     no_route = _no_route()
-    try:
-        with _progress_bars(False):
-            return Path(hf_hub_download(repo_id, "config.json", revision=revision, **_hub_kwargs(no_route)))
-    except Exception as exc:  # noqa: BLE001 - everything from the hub becomes one line
-        if no_route:
-            raise _redacted(_unreachable_error(repo_id, revision, "config.json", no_route)) from None
-        raise _redacted(_map_error(exc, repo_id, revision, "config.json")) from None
+    with _one_line(repo_id, revision, "config.json", no_route), _progress_bars(False):
+        return Path(hf_hub_download(repo_id, "config.json", revision=revision, **_hub_kwargs(no_route)))
+
+
+def _small_files(repo_id: str, revision: str | None, progress: bool, no_route: str | None) -> tuple[Path, str]:
+    from huggingface_hub import snapshot_download
+
+    with _one_line(repo_id, revision, "the checkpoint", no_route), _progress_bars(progress):
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=SMALL_FILES,
+                                        ignore_patterns=SKIPPED, **_hub_kwargs(no_route)))
+    return folder, folder.name if _SHA_RE.match(folder.name) else (revision or "")
+
+
+def checkpoint_files(repo_id: str, *, revision: str | None = None, progress: bool = False
+                     ) -> tuple[Path, str, list[str] | None]:
+    """The small files of a checkpoint (config, index, tokenizer, ...) in the cache, without its weights.
+    -> (snapshot folder, commit sha, weight files by name: the index's shards, or ["model.safetensors"] (what
+    transformers loads without an index); None when the hub cannot be asked (offline, unreachable) or the
+    repo has neither: only a listing finds its weights, as download_checkpoint does)."""
+    from huggingface_hub import HfApi
+
+    no_route = _no_route()
+    folder, sha = _small_files(repo_id, revision, progress, no_route)
+    if _offline() or no_route:
+        return folder, sha, None
+    weights, _ = _weight_selection(folder)
+    if weights != WEIGHT_PATTERNS:
+        return folder, sha, weights
+    with _one_line(repo_id, sha, "model.safetensors"):
+        single = HfApi(endpoint=_endpoint()).file_exists(repo_id, "model.safetensors", revision=sha)
+    return folder, sha, ["model.safetensors"] if single else None
 
 
 def download_checkpoint(repo_id: str, *, revision: str | None = None, progress: bool = False) -> tuple[Path, str]:
@@ -276,22 +320,62 @@ def download_checkpoint(repo_id: str, *, revision: str | None = None, progress: 
     from huggingface_hub import snapshot_download
 
     no_route = _no_route()
-    try:
-        with _progress_bars(progress):
-            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=SMALL_FILES,
-                                            ignore_patterns=SKIPPED, **_hub_kwargs(no_route)))
-            sha = folder.name if _SHA_RE.match(folder.name) else (revision or "")
-            weights, skipped = _weight_selection(folder)
-            folder = Path(snapshot_download(repo_id, revision=sha or revision, allow_patterns=weights,
-                                            ignore_patterns=skipped, **_hub_kwargs(no_route)))
-    except QtoolError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        if no_route:
-            raise _redacted(_unreachable_error(repo_id, revision, "the checkpoint", no_route)) from None
-        raise _redacted(_map_error(exc, repo_id, revision, "the checkpoint")) from None
+    folder, sha = _small_files(repo_id, revision, progress, no_route)
+    with _one_line(repo_id, revision, "the checkpoint", no_route), _progress_bars(progress):
+        weights, skipped = _weight_selection(folder)
+        folder = Path(snapshot_download(repo_id, revision=sha or revision, allow_patterns=weights,
+                                        ignore_patterns=skipped, **_hub_kwargs(no_route)))
     _check_weights(folder, repo_id)
     return folder, folder.name if _SHA_RE.match(folder.name) else sha
+
+
+def cached_file(repo_id: str, sha: str, filename: str) -> Path | None:
+    """`filename` of commit `sha` when the HF cache holds it whole, else None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, filename, cache_dir=_cache_dir(), revision=sha)
+    return Path(found) if isinstance(found, str) else None
+
+
+HEADER_PROBE = 100_000  # as HfApi.get_safetensors_metadata: most headers fit, one request
+
+
+def read_remote_header(repo_id: str, sha: str, filename: str) -> tuple[int, int, bytes]:
+    """(file size, header length, header bytes) of a safetensors file on the hub, by HTTP range requests as
+    HfApi.get_safetensors_metadata makes them (same URL, token and endpoint as a download); nothing else of
+    the file is fetched. The caller validates the bytes (qtool.core.checkpoint.parse_safetensors_header)."""
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    from qtool.core.checkpoint import MAX_HEADER_BYTES
+
+    url = hf_hub_url(repo_id, filename, revision=sha, endpoint=_endpoint())
+
+    def get(first: int, last: int):
+        response = get_session().get(url, headers={**build_hf_headers(), "range": f"bytes={first}-{last}"})
+        hf_raise_for_status(response)
+        total = response.headers.get("content-range", "").rpartition("/")[2]
+        return response.content, int(total) if total.isdigit() else len(response.content)
+
+    with _one_line(repo_id, sha, filename):
+        data, size = get(0, HEADER_PROBE - 1)
+        n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+        if not 0 <= n <= min(size - 8, MAX_HEADER_BYTES):
+            raise WeightsError(f"corrupt safetensors header: header length {n} does not fit the file ({size} "
+                               "bytes) or the limit", path=f"{repo_id}/{filename}")
+        if len(data) < 8 + n:
+            data += get(len(data), 8 + n - 1)[0]
+    return size, n, data[8: 8 + n]
+
+
+def fetch_file(repo_id: str, sha: str, filename: str, local_dir: Path | None = None) -> Path:
+    """One file of commit `sha` through huggingface_hub's own download (resumed by Range when a connection
+    drops): into `local_dir`, or into the HF cache when None. -> its path."""
+    from huggingface_hub import hf_hub_download
+
+    where = {"local_dir": str(local_dir)} if local_dir is not None else {}
+    with _one_line(repo_id, sha, filename), _progress_bars(False):
+        return Path(hf_hub_download(repo_id, filename, revision=sha, **_hub_kwargs(), **where))
 
 
 def _weight_selection(folder: Path) -> tuple[list[str], list[str]]:

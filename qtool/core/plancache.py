@@ -1,7 +1,7 @@
 """Tensor plans without torch where possible.
 
   presets/shorthands  configs/plans/<preset>.json, written by tools/gen_plans.py from qtool.core.meta.build_plan
-                      (tests/test_presets.py rebuilds each one and compares, so the cache cannot go stale;
+                      (tests/core/test_presets.py rebuilds each one and compares, so the cache cannot go stale;
                       a cache whose config hash differs from the preset file is ignored)
   approximations      built analytically (the dense Llama-style config of qtool.core.models.approximate_config;
                       tests compare it to build_plan)

@@ -157,25 +157,47 @@ def checkpoint_bytes(parts: Iterable[Part]) -> int:
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\-]*\Z")  # what json.dumps writes unchanged between its quotes
 
 
-def safetensors_header_bytes(entries: Iterable[tuple[str, str, Sequence[int]]]) -> int:
-    """Size of a safetensors header (8-byte length + JSON, space-padded to 8) for (name, dtype, shape).
+def _quoted_len(name: str) -> int:
+    """Bytes of a JSON string as safetensors (serde_json) writes it: UTF-8, only quotes, backslashes and
+    control characters escaped."""
+    return len(json.dumps(name, ensure_ascii=False).encode("utf-8"))
+
+
+def _digits(first: int, step: int, count: int) -> int:
+    """len(str(first + k * step)) summed over k < count, one run of equal length at a time."""
+    if step == 0:
+        return count * len(str(first))
+    total = k = 0
+    while k < count:
+        d = len(str(first + k * step))
+        upto = min(count, -(-(10 ** d - first) // step))  # first k whose value has more digits
+        total += (upto - k) * d
+        k = upto
+    return total
+
+
+def safetensors_header_bytes(entries: Iterable[tuple]) -> int:
+    """Size of a safetensors header (8-byte length + JSON, space-padded to 8) for (name, dtype, shape) or
+    (name, dtype, shape, count) entries (count equal entries in a row, as a plan's groups give them).
 
     safetensors lays tensors out sorted by dtype (widest first) then name and writes each one's byte
-    range, so with exact names this is exact.
+    range, so with exact names this is exact. A group is summed at once (its offsets are an arithmetic
+    series): this runs over every tensor of a 70B model for 7 formats.
     """
-    dt = BY_NAME  # one lookup per entry: this runs over every tensor of a 70B model, for 7 formats
+    dt = BY_NAME
     order = sorted(entries, key=lambda e: (-(dt[e[1]].rank or 0), e[0]))
     size = len('{"__metadata__":{"format":"pt"}}')
     fixed = 1 + len(':{"dtype":"","shape":[],"data_offsets":[,]}')
     offset = 0
-    for name, dtype, shape in order:
+    for name, dtype, shape, *rest in order:
+        count = rest[0] if rest else 1
         d = dt[dtype]
-        end = offset + math.prod(shape) * d.itemsize
+        nbytes = math.prod(shape) * d.itemsize
         # ,"name":{"dtype":"F32","shape":[a,b],"data_offsets":[s,e]}
-        quoted = len(name) + 2 if _PLAIN_NAME.match(name) else len(json.dumps(name))  # json.dumps is the slow part
-        size += fixed + quoted + len(d.code) + len(",".join(map(str, shape)))
-        size += len(str(offset)) + len(str(end))
-        offset = end
+        quoted = len(name) + 2 if _PLAIN_NAME.match(name) else _quoted_len(name)
+        size += count * (fixed + quoted + len(d.code) + len(",".join(map(str, shape))))
+        size += _digits(offset, nbytes, count) + _digits(offset + nbytes, nbytes, count)
+        offset += count * nbytes
     return 8 + -(-size // 8) * 8
 
 
@@ -219,20 +241,20 @@ def weights_for_format(
     plain = fmt.quant_type is None
     plain_dtype = "float32" if fmt.bits == 32 else "bfloat16"
     quantized = kept = gpu = 0
-    entries: list[tuple[str, str, tuple[int, ...]]] = []
+    entries: list[tuple[str, str, tuple[int, ...], int]] = []
     for name, shape, quantize, keep_fp32, count in _plan_tensors(plan):
         if quantize and not plain:
             prefix = name[: -len(".weight")] if name.endswith(".weight") else name
             parts = quantized_parts(shape, fmt, blocksize=blocksize, dtype=dtype, quant_storage=quant_storage)
             quantized += count * checkpoint_bytes(parts)
             gpu += count * gpu_bytes(parts)
-            entries += [(prefix + p.suffix, p.dtype, p.shape) for p in saved_parts(parts)] * count
+            entries += [(prefix + p.suffix, p.dtype, p.shape, count) for p in saved_parts(parts)]
         else:
             t_dtype = "float32" if keep_fp32 else (plain_dtype if plain else dtype)
             part = Part("", t_dtype, tuple(shape))
             kept += count * part.nbytes
             gpu += count * gpu_bytes([part])
-            entries += [(name, t_dtype, tuple(shape))] * count
+            entries.append((name, t_dtype, tuple(shape), count))
     data = quantized + kept
     header = safetensors_header_bytes(entries)
     return WeightBytes(key, data + header, gpu, data, quantized, kept, header)

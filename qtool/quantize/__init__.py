@@ -1,6 +1,8 @@
 """`qtool quantize` as a library, one module per step:
 
-  source    where the weights come from: a local folder, or a hub id downloaded (qtool.core.hub)
+  source    where the weights come from: a local folder, or a hub id downloaded (qtool.core.hub) or streamed
+  fetch     --stream: the plan from remote headers, the shards fetched one ahead and deleted once read
+  spill     where a tensor that reaches the sink before its offset is known waits (memory, then disk)
   plan      every output tensor decided from the headers and the meta-device model, before a byte is written
   stream    read, cast, check, quantize, hand to the sink, tensor by tensor; staging renamed on success
   sink      the safetensors shard writers (one Sink protocol)
@@ -8,7 +10,7 @@
 
 What "exactly as transformers" means here was read from transformers 5 (core_model_loading.py,
 integrations/bitsandbytes.py, modeling_utils.save_pretrained) and is checked tensor for tensor by
-tests/test_quantize.py against `from_pretrained(quantization_config=...)` + `save_pretrained`.
+tests/quantize/test_quantize.py against `from_pretrained(quantization_config=...)` + `save_pretrained`.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ class QuantizeJob:
     def __init__(self, ref: str, settings: QuantSettings, *, destination: Path | None = None,
                  revision: str | None = None, device: str = "auto", max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
                  force: bool = False, allow_pickle: bool = False, trust_remote_code: bool = False,
-                 allow_nonfinite: bool = False, dry_run: bool = False, download_progress: bool = False):
+                 allow_nonfinite: bool = False, dry_run: bool = False, download_progress: bool = False,
+                 stream: bool | None = None, keep_source: bool = False):
         from qtool.core.checkpoint import Checkpoint
         from qtool.core.errors import BadInput
         from qtool.quantize.staging import check_destination
@@ -40,13 +43,19 @@ class QuantizeJob:
         if max_shard_size <= 0:
             raise BadInput(f"invalid --max-shard-size {max_shard_size}: must be positive")
         self.device = pick_device(device)
-        source, name, rev = resolve_source(ref, revision=revision, progress=download_progress)
+        source, name, rev, self.remote = resolve_source(ref, revision=revision, progress=download_progress,
+                                                        stream=stream, keep_source=keep_source)
         self.destination = Path(destination) if destination is not None else default_destination(name)
         if not dry_run:
             check_destination(self.destination, force=force, source=source)
         self._options = dict(max_shard_size=max_shard_size, force=force, trust_remote_code=trust_remote_code,
                              allow_nonfinite=allow_nonfinite)
-        self._ckpt = Checkpoint.open(source, allow_pickle=allow_pickle)
+        if self.remote is not None:  # a hub stream: the plan comes from the shards' headers, read remotely
+            from qtool.quantize.fetch import open_checkpoint
+
+            self._ckpt = open_checkpoint(self.remote)
+        else:
+            self._ckpt = Checkpoint.open(source, allow_pickle=allow_pickle)
         try:
             self.plan = plan_quantization(source, settings, source_name=name, revision=rev,
                                           allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
@@ -57,7 +66,7 @@ class QuantizeJob:
 
     def run(self, on_progress: Callable[[int, int, str], None] | None = None) -> QuantizeResult:
         return run_quantization(self.plan, self.destination, device=self.device, on_progress=on_progress,
-                                ckpt=self._ckpt, **self._options)
+                                ckpt=self._ckpt, remote=self.remote, **self._options)
 
     def close(self) -> None:
         self._ckpt.close()

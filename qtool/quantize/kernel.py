@@ -177,7 +177,7 @@ def cuda_mean(x: torch.Tensor, *, sms: int = H100_SMS, threads_per_sm: int = H10
 def _dquantize(x: torch.Tensor) -> torch.Tensor:
     """dQuantize<0> against the dynamic map, in closed form: the seven halvings compare x with the odd
     entries 127, 63|191, ... and stop on an even pivot p with code[p-1] < x <= code[p+1]; then x goes
-    to the nearer neighbour by fp32 midpoints. (tests/test_kernel.py holds the literal transcription.)"""
+    to the nearer neighbour by fp32 midpoints. (tests/quantize/test_kernel.py holds the literal transcription.)"""
     code = dynamic_map()
     pivot = 2 * torch.bucketize(x, code[1:254:2].contiguous(), out_int32=True).long()
     pivot[torch.isnan(x)] = 0  # a zero block (0 * inf): every comparison false
@@ -267,13 +267,17 @@ class _Scratch:
         self.codes = torch.empty(elements, dtype=torch.uint8)
 
 
+class NonFiniteError(ValueError):
+    """The tensor holds inf or NaN (found from the block maxima, so finite tensors pay no extra pass)."""
+
+
 def _quantize_chunk(blocks: torch.Tensor, quant_type: str, scratch: _Scratch) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, absmax) of (blocks, blocksize): fp32 product, then a table lookup on its bit pattern."""
     # |x| orders like its bit pattern without the sign bit: one integer max per block (NaN stays NaN)
     ints = _INT_OF[blocks.dtype]
     absmax = (blocks.view(ints) & torch.iinfo(ints).max).amax(dim=1).view(blocks.dtype).float()
     if not bool(torch.isfinite(absmax).all()):
-        raise ValueError("cannot quantize a tensor holding inf or NaN")
+        raise NonFiniteError("cannot quantize a tensor holding inf or NaN")
     if bool((absmax < _SMALL_ABSMAX).any()):  # zero blocks, subnormals that count: the exact path
         return _quantize_blocks_exact(blocks, quant_type)
     n = blocks.numel()

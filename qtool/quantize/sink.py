@@ -6,8 +6,8 @@ order; a tensor larger than the limit gets its own shard), and each file's layou
 own: dtype rank descending, then name. Every size is known from shapes except the quant-state JSON
 blobs (U8, a data-dependent float inside), and U8 sorts last: tensors before the first blob still to
 come have known offsets and are pwritten where they go; the caller sends tensors in name order so
-the U8 region fills front to back (anything that arrives early waits in memory until its offset is
-known). The header goes first but its length is known only at the end: room for the worst case
+the U8 region fills front to back (anything that arrives early waits until its offset is known: in
+memory up to a budget, then in a spill file, qtool.quantize.spill). The header goes first but its length is known only at the end: room for the worst case
 (every blob at its longest) is reserved and the final JSON is padded to it with spaces (safetensors
 accepts trailing whitespace; the length stays a multiple of 8). Files thus differ from
 save_pretrained's only in header whitespace; names, dtypes, shapes and bytes are identical.
@@ -268,8 +268,8 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 class _Layout:
     """One output file: its entries in data order, their offsets as they become known."""
 
-    def __init__(self, path: Path, specs: list[EntrySpec], metadata: dict | None):
-        self.path = path
+    def __init__(self, path: Path, specs: list[EntrySpec], metadata: dict | None, spill=None):
+        self.path, self.spill = path, spill  # qtool.quantize.spill: where early arrivals wait
         self.specs = sorted(specs, key=lambda e: dtypes.layout_key(e.dtype, e.name))
         self.index = {e.name: k for k, e in enumerate(self.specs)}
         if len(self.index) != len(self.specs):
@@ -294,12 +294,17 @@ class _Layout:
             self.end += self.sizes[k]
             self.resolved += 1
             if k in self.pending:
-                self._write(k, self.pending.pop(k))
+                item = self.pending.pop(k)
+                self._write(k, item)
+                self.spill.released(item)
 
     def _write(self, k: int, t) -> None:
         if self.sizes[k]:
             with naming_file(self.path):
-                _pwrite_all(self.fd, _tensor_bytes(t), 8 + self.header_room + self.offsets[k])
+                if isinstance(t, tuple):  # qtool.quantize.spill.Spilled: its bytes wait in the spill file
+                    _copy_between(self.spill.path, t[0], self.fd, 8 + self.header_room + self.offsets[k], t[1])
+                else:
+                    _pwrite_all(self.fd, _tensor_bytes(t), 8 + self.header_room + self.offsets[k])
         self.written[k] = True
 
     def add(self, name: str, t) -> None:
@@ -312,12 +317,13 @@ class _Layout:
             if not e.lo <= nbytes <= e.hi:  # the reserved header would not fit: a planning bug
                 raise RuntimeError(f"{name}: {nbytes} bytes, planned {e.lo}..{e.hi}")
             self.sizes[k], self.shapes[k] = nbytes, (nbytes,)
+            self._resolve()  # the blob itself, when next, is written in place rather than kept waiting
         elif nbytes != self.sizes[k] or tuple(t.shape) != tuple(e.shape) or dtypes.code_of(t.dtype) != e.dtype:
             raise RuntimeError(f"{name}: got {t.dtype} {tuple(t.shape)}, planned {e.dtype} {e.shape}")
         if k < self.resolved:
             self._write(k, t)
         else:
-            self.pending[k] = t
+            self.pending[k] = self.spill.keep(t)
             self._resolve()
 
     def copy(self, name: str, src_path, src_offset: int, nbytes: int) -> None:
@@ -381,8 +387,11 @@ class LayoutWriter:
     """Writes planned shards once, in place. `add` in any order (name order keeps memory flat), then `finish`."""
 
     def __init__(self, directory: Path, specs: list[EntrySpec], shards: list[list[int]], *,
-                 metadata: dict | None = None):
+                 metadata: dict | None = None, spill_budget: int = 1 << 30):
+        from qtool.quantize.spill import Spill
+
         self.dir = Path(directory)
+        self.spill = Spill(self.dir, spill_budget)  # early arrivals: in memory up to the budget, then on disk
         self.metadata = metadata if metadata is not None else {"format": "pt"}
         shards = shards or [[]]  # an empty model: one file with an empty header, like safetensors
         self.names = shard_names(len(shards))
@@ -391,7 +400,7 @@ class LayoutWriter:
         self.weight_map: dict[str, str] = {}
         try:
             for fname, members in zip(self.names, shards):
-                layout = _Layout(self.dir / fname, [specs[i] for i in members], self.metadata)
+                layout = _Layout(self.dir / fname, [specs[i] for i in members], self.metadata, self.spill)
                 self.layouts.append(layout)
                 for i in members:
                     self.where[specs[i].name] = layout
@@ -414,11 +423,13 @@ class LayoutWriter:
 
     def finish(self) -> dict:
         self.total_size = sum(layout.finish() for layout in self.layouts)
+        self.spill.close()
         return {"files": list(self.names), "weight_map": dict(self.weight_map), "total_size": self.total_size}
 
     def abort(self) -> None:
         for layout in self.layouts:
             layout.close()
+        self.spill.close()
 
 
 def write_index(directory: Path, weight_map: dict[str, str], metadata: dict) -> None:

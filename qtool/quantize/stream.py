@@ -10,6 +10,7 @@ renamed into place on success. Seconds per stage are returned as `stage_seconds`
 from __future__ import annotations
 
 import contextlib
+import functools
 import resource
 import time
 from collections.abc import Callable
@@ -36,6 +37,8 @@ class QuantizeResult:
     stage_seconds: dict = field(default_factory=dict)  # where the time went (see qtool.quantize.streamio)
     single_pass: bool = True  # False: a shard boundary depended on blob lengths, written twice
     warnings: list[str] = field(default_factory=list)  # files of the source that were not copied, and why
+    peak_disk_bytes: int = 0  # the most disk this run added at once: staged output (+ fetched source shards)
+    fetch: dict | None = None  # a hub stream's shards: bytes, seconds, overlap (qtool.quantize.fetch)
 
     def to_dict(self) -> dict:
         d = self.__dict__.copy()
@@ -69,9 +72,13 @@ def quantize_tensor(t, *, settings: QuantSettings, known_finite: bool = False):
     if t.device.type == "cpu" and (known_finite or bool(torch.isfinite(t).all())):
         from qtool.quantize.kernel import quantize_4bit as cpu_quantize_4bit
 
+        from qtool.quantize.kernel import NonFiniteError
+
         try:
             return cpu_quantize_4bit(t, blocksize=settings.blocksize, quant_type=settings.quant_type,
                                      double_quant=settings.double_quant, quant_storage=storage)
+        except NonFiniteError:
+            raise  # the caller names the tensor and counts (check_finite)
         except ValueError as exc:
             raise WeightsError(str(exc)) from exc
     from bitsandbytes.functional import quantize_4bit
@@ -100,9 +107,11 @@ def run_quantization(
     on_progress: Callable[[int, int, str], None] | None = None,
     ckpt=None,
     allow_nonfinite: bool = False,
+    remote=None,
 ) -> QuantizeResult:
     """Stream the planned tensors into `destination`. Nothing is left behind on failure or Ctrl-C.
-    A NaN/inf in a tensor that passes through memory is refused unless `allow_nonfinite`."""
+    A NaN/inf in a tensor that passes through memory is refused unless `allow_nonfinite`. `remote`: a
+    qtool.quantize.fetch.HubSource whose shards are fetched as the stream goes (`ckpt` from its headers)."""
     import torch
 
     from qtool.core.checkpoint import Checkpoint
@@ -116,7 +125,7 @@ def run_quantization(
     ckpt = ckpt or Checkpoint.open(plan.source)
     try:
         return _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_code, on_progress,
-                       allow_nonfinite=allow_nonfinite)
+                       allow_nonfinite=allow_nonfinite, remote=remote)
     except OSError as exc:
         err = output_error(exc, destination)
         if err is None:
@@ -172,13 +181,24 @@ def check_finite(t, tensor, ckpt) -> None:
 class _Feed:
     """One run's tensors: read -> cast -> check -> quantize -> sink, one at a time, in the schedule's order."""
 
-    def __init__(self, plan: QuantizePlan, ckpt, dev: str, clock, *, allow_nonfinite: bool):
+    def __init__(self, plan: QuantizePlan, ckpt, dev: str, clock, *, allow_nonfinite: bool, gate=None):
         import torch
 
-        self.plan, self.ckpt, self.dev, self.clock = plan, ckpt, dev, clock
+        self.plan, self.ckpt, self.dev, self.clock, self.gate = plan, ckpt, dev, clock, gate
         self.allow_nonfinite = allow_nonfinite
         self.sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
         self.reader = None
+
+    def _quantize(self, t, w) -> dict:
+        """On the CPU qtool's kernel sees NaN/inf in its block maxima, so a finite tensor pays no extra pass;
+        only a refused tensor is scanned again, to name what it holds."""
+        from qtool.quantize.kernel import NonFiniteError
+
+        try:
+            return quantize_tensor(w, settings=self.plan.settings, known_finite=not self.allow_nonfinite)
+        except NonFiniteError:
+            check_finite(t, w, self.ckpt)
+            raise
 
     def process(self, idx: int):
         """Read, cast, quantize one tensor -> ({suffix: CPU tensor}, lease of the arena block still in use)."""
@@ -204,11 +224,11 @@ class _Feed:
             lease.release()
         if t.transpose:
             w = w.T
-        if not self.allow_nonfinite:
+        if not self.allow_nonfinite and self.dev == "cuda":  # bitsandbytes' kernel does not look
             with clock("check_finite"):
                 check_finite(t, w, self.ckpt)
         with clock("quantize"):
-            parts = quantize_tensor(w, settings=self.plan.settings, known_finite=not self.allow_nonfinite)
+            parts = self._quantize(t, w)
             self.sync()
         del w
         lease.release()
@@ -226,15 +246,18 @@ class _Feed:
             copies = {i for i, _ in schedule if _copyable(plan, ckpt, sink, i)}
             reads = list(dict.fromkeys(i for i, _ in schedule if i not in copies))
             big = max((plan.tensors[i].source_bytes for i in reads), default=0)
-            self.reader = Reader(ckpt, [plan.tensors[i].source for i in reads],
-                                 arena_bytes=_arena_bytes(big, self.dev), pin=self.dev == "cuda", clock=clock)
+            self.reader = Reader(ckpt, [plan.tensors[i].source for i in reads], arena_bytes=_arena_bytes(big, self.dev),
+                                 pin=self.dev == "cuda", clock=clock, gate=self.gate)
             writer = BackgroundWriter(sink, max_bytes=max(big, 256 * 2**20), clock=clock)
             done, pending = 0, {}  # parts of a tensor the sink takes later (state-dict order)
             for idx, slots in schedule:
                 t = plan.tensors[idx]
                 if idx in copies:  # file to file, never through memory
                     info = ckpt.tensors[t.source]
-                    writer.submit_copy(t.name, info.file, info.start, info.end - info.start)
+                    if self.gate is not None:
+                        self.gate.wait(info.file)
+                    writer.submit_copy(t.name, info.file, info.start, info.end - info.start,
+                                       done=self.gate and functools.partial(self.gate.used, info.file))
                     done += t.source_bytes
                 else:
                     if idx in pending:
@@ -260,11 +283,22 @@ class _Feed:
                         part.close()
 
 
+def _source(remote, ckpt, plan: QuantizePlan, schedule, staging: Path, destination: Path, clock):
+    """A hub stream's ShardFetcher for this run (its schedule goes shard by shard), else None."""
+    if remote is None:
+        return contextlib.nullcontext()
+    from qtool.quantize.fetch import shards
+
+    sources = [plan.tensors[i].source for i in dict.fromkeys(i for i, _ in schedule)]
+    return shards(remote, ckpt, sources, staging, destination, clock)
+
+
 def _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_code, on_progress, *,
-            allow_nonfinite: bool = False) -> QuantizeResult:
+            allow_nonfinite: bool = False, remote=None) -> QuantizeResult:
     import torch
 
     from qtool.quantize.card import model_card
+    from qtool.quantize.fetch import allocated
     from qtool.quantize.finalize import finalize
     from qtool.quantize.sink import LayoutWriter, ShardWriter, split_shards
     from qtool.quantize.staging import staging_dir
@@ -282,11 +316,16 @@ def _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_co
             torch.cuda.synchronize()
     specs = entry_specs(plan)
     shards = split_shards(specs, max_shard_size)
-    with staging_dir(destination, force=force) as tmp:
+    schedule = _schedule(plan, single_pass=shards is not None)
+    if remote is not None and shards is not None:  # shard by shard (stable: by name within one)
+        rank = {f: i for i, f in enumerate(ckpt.files)}
+        schedule.sort(key=lambda item: rank[ckpt.tensors[plan.tensors[item[0]].source].file])
+    with staging_dir(destination, force=force) as tmp, \
+            _source(remote, ckpt, plan, schedule, tmp, destination, clock) as fetcher:
         sink = (LayoutWriter(tmp, specs, shards) if shards is not None
                 else ShardWriter(tmp, max_shard_size=max_shard_size))
-        feed = _Feed(plan, ckpt, dev, clock, allow_nonfinite=allow_nonfinite)
-        result = feed.into(sink, _schedule(plan, single_pass=shards is not None), on_progress)
+        feed = _Feed(plan, ckpt, dev, clock, allow_nonfinite=allow_nonfinite, gate=fetcher)
+        result = feed.into(sink, schedule, on_progress)
         with clock("config_and_small_files"):
             skipped = finalize(plan, tmp, result, trust_remote_code=trust_remote_code)
         seconds = time.monotonic() - start
@@ -298,6 +337,8 @@ def _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_co
             device=dev, quantized=sum(1 for t in plan.tensors if t.action == QUANTIZE),
             kept=sum(1 for t in plan.tensors if t.action == KEEP), stage_seconds=clock.rounded(),
             single_pass=shards is not None, warnings=[f"not copied: {name} ({why})" for name, why in skipped],
+            peak_disk_bytes=max(fetcher.sample(), fetcher.peak) if fetcher is not None else allocated(tmp),
+            fetch=fetcher.report(clock.rounded()) if fetcher is not None else None,
         )
         (tmp / "README.md").write_text(model_card(plan, res), encoding="utf-8")
     return res

@@ -17,7 +17,7 @@ import contextlib
 import os
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 
 from qtool.core.errors import WeightsError
@@ -141,8 +141,10 @@ class Reader:
     """Reads tensors in a given order, ahead of the consumer, as far as the arena allows."""
 
     def __init__(self, ckpt, names: list[str], *, arena_bytes: int, pin: bool = False, threads: int | None = None,
-                 chunk_bytes: int = CHUNK_BYTES, clock: StageClock | None = None):
+                 chunk_bytes: int = CHUNK_BYTES, clock: StageClock | None = None, gate=None):
         self.ckpt, self.names = ckpt, names
+        self.gate = gate  # a hub stream's ShardFetcher (qtool.quantize.fetch): files arrive as the run goes
+        self.left = Counter(ckpt.tensors[n].file for n in names)  # reads still to come, per file
         self.clock = clock or StageClock()
         self.chunk = chunk_bytes
         self.direct = getattr(ckpt, "format", "safetensors") == "safetensors"
@@ -166,8 +168,8 @@ class Reader:
         while self.direct and self.pos < len(self.names):
             name = self.names[self.pos]
             info = self.ckpt.tensors[name]
-            if info.start < 0:
-                return
+            if info.start < 0 or (self.gate is not None and not self.gate.ready(info.file)):
+                return  # not a safetensors file, or its shard has not arrived yet
             nbytes = info.end - info.start
             block = self.arena.alloc(nbytes)
             if block is None:
@@ -194,7 +196,10 @@ class Reader:
             if not self.queue:
                 if self.pos >= len(self.names) or self.names[self.pos] != name:
                     raise RuntimeError(f"read order broken at {name}")
-                self.arena.wait_release()
+                if self.gate is not None and not self.gate.ready(self.ckpt.tensors[name].file):
+                    self.gate.wait(self.ckpt.tensors[name].file)
+                else:
+                    self.arena.wait_release()
         qname, t, lease, futures = self.queue.popleft()
         if qname != name:
             raise RuntimeError(f"read order broken: expected {qname}, asked for {name}")
@@ -204,8 +209,18 @@ class Reader:
         except BaseException:
             lease.release()
             raise
+        self._done(self.ckpt.tensors[name].file)
         self._fill()
         return t, lease
+
+    def _done(self, path) -> None:
+        """One read of `path` finished: after its last, its descriptor closes (a deleted shard frees its space)."""
+        self.left[path] -= 1
+        if self.left[path] == 0 and path in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(self.fds.pop(path))
+        if self.gate is not None:
+            self.gate.used(path)
 
     def close(self) -> None:
         for _, _, lease, futures in self.queue:
@@ -254,8 +269,8 @@ class BackgroundWriter:
         self.jobs.append((self.pool.submit(self._run, items, lease), nbytes))
         self.queued += nbytes
 
-    def submit_copy(self, name: str, src_path, src_offset: int, nbytes: int) -> None:
-        """A kept tensor straight from the source file into its place (no host memory)."""
+    def submit_copy(self, name: str, src_path, src_offset: int, nbytes: int, done=None) -> None:
+        """A kept tensor straight from the source file into its place (no host memory); then `done()`."""
         self._reap(block=False)
 
         def job():
@@ -264,6 +279,8 @@ class BackgroundWriter:
                 self.sink.copy(name, src_path, src_offset, nbytes)
             finally:
                 self.clock.add("write_copy", time.perf_counter() - t0)
+            if done is not None:
+                done()
 
         self.jobs.append((self.pool.submit(job), 0))
 

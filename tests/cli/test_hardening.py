@@ -1,6 +1,6 @@
 """Hardening round 2 (issue 8): any machine, any input, one line, nothing unsafe.
 
-Each test names the item of the issue it covers. Signals are in test_signals.py.
+Each test names the item of the issue it covers. Signals are in tests/core/test_signals.py.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ pytest.importorskip("bitsandbytes")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from qtool.cli.app import main  # noqa: E402
-from tinymodels import llama_config, one_error_line, write_checkpoint  # noqa: E402
+from tinymodels import llama_config, one_error_line  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TINY = llama_config(max_position_embeddings=128)
 
 
@@ -37,8 +37,8 @@ def one_line(err: str) -> str:
 
 
 @pytest.fixture
-def ckpt(tmp_path) -> Path:
-    return write_checkpoint(tmp_path / "tiny", TINY)
+def ckpt(tmp_path, tiny_model) -> Path:
+    return tiny_model(max_position_embeddings=128, into=tmp_path / "tiny")  # config.json is TINY
 
 
 # --- 1. any CPU -------------------------------------------------------------------------------------

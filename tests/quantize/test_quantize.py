@@ -10,7 +10,6 @@ the same config.json, and load with a stock from_pretrained into a model giving 
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ torch.set_num_threads(1)
 from qtool.core.config import QuantSettings  # noqa: E402
 from qtool.core.errors import BadInput, WeightsError  # noqa: E402
 from qtool.quantize import plan_quantization, run_quantization  # noqa: E402
+import safetensors_bytes  # noqa: E402
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=256, max_position_embeddings=128)
@@ -130,19 +130,11 @@ def test_llama_matches_transformers(sources, tmp_path, dtype, qt, dq):
     _assert_same_file_but_header_spaces(tmp_path / "ours/model.safetensors", tmp_path / "oracle/model.safetensors")
 
 
-def _split_file(path: Path) -> tuple[int, dict, bytes]:
-    import struct
-
-    raw = path.read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    return n, json.loads(raw[8:8 + n]), raw[8 + n:]
-
-
 def _assert_same_file_but_header_spaces(ours: Path, oracle: Path) -> None:
     """Ours is written in place with room reserved for the header: the same JSON (padded with more spaces,
     still a multiple of 8) and the very same data bytes as safetensors' own serialization."""
-    na, ha, da = _split_file(ours)
-    nb, hb, db = _split_file(oracle)
+    na, ha, da = safetensors_bytes.split(ours)
+    nb, hb, db = safetensors_bytes.split(oracle)
     assert na % 8 == 0 and na >= nb
     assert ha == hb
     assert list(ha) == list(hb)  # same key order too
@@ -218,27 +210,6 @@ def test_sharding_matches_save_pretrained(sources, tmp_path, single_pass):
             _assert_same_file_but_header_spaces(tmp_path / "ours" / f.name, f)
         else:  # assembled at the end: safetensors' own bytes
             assert (tmp_path / "ours" / f.name).read_bytes() == f.read_bytes()
-
-
-def test_split_shards_is_huggingface_hubs_split():
-    """Exact sizes: the same shards as huggingface_hub's split; a boundary within the unknown range: None."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-
-    from qtool.quantize.sink import EntrySpec, split_shards
-
-    gen = torch.Generator().manual_seed(1)
-    sizes = [int(x) for x in torch.randint(1, 400, (60,), generator=gen)] + [900, 5, 1200, 7]
-    sd = {f"t{i:03d}": torch.zeros(n, dtype=torch.uint8) for i, n in enumerate(sizes)}
-    specs = [EntrySpec(k, "U8", (v.numel(),), v.numel(), v.numel()) for k, v in sd.items()]
-    for limit in (1, 100, 399, 400, 1000, 1199, 5000, 10**9):
-        ours = split_shards(specs, limit)
-        theirs = split_torch_state_dict_into_shards(sd, max_shard_size=limit)
-        names = list(sd)
-        assert [[names[i] for i in shard] for shard in ours] == [list(f) for f in theirs.filename_to_tensors.values()]
-    fuzzy = [EntrySpec("a", "U8", (50,), 50, 50), EntrySpec("b", "U8", None, 40, 60), EntrySpec("c", "U8", (5,), 5, 5)]
-    assert split_shards(fuzzy, 200) == [[0, 1, 2]]
-    assert split_shards(fuzzy, 89) == [[0], [1, 2]]  # 50 + 40 > 89: b starts a shard whatever its length
-    assert split_shards(fuzzy, 100) is None  # 50 + (40..60) may or may not exceed 100
 
 
 def test_checkpoint_buffers_dropped_like_transformers(sources, tmp_path):
@@ -418,75 +389,6 @@ def test_cli_summary_splits_read_quantize_write(sources, tmp_path, capsys):
     assert m, out
     total = float(re.search(r"time: ([\d.]+) s", out).group(1))
     assert float(m.group(3)) <= total + 0.05  # the quantizing happens inside the run
-
-
-# ----------------------------------------------------------------------------------- staging folder
-
-
-def test_destination_parent_that_is_a_file_is_refused_before_any_work(tmp_path):
-    from qtool.quantize.staging import check_destination
-
-    afile = tmp_path / "afile"
-    afile.write_text("x")
-    for dest in (afile / "out", afile / "sub" / "out"):
-        with pytest.raises(BadInput, match="not a directory") as info:
-            check_destination(dest, force=False)
-        assert str(afile) in str(info.value)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
-
-
-def test_staging_dir_output_mode_follows_umask_and_keeps_created_parents(tmp_path):
-    from qtool.quantize.staging import staging_dir
-
-    dest = tmp_path / "a" / "b" / "out"
-    old = os.umask(0o027)
-    try:
-        with staging_dir(dest) as tmp:
-            (tmp / "f").write_text("x")
-    finally:
-        os.umask(old)
-    assert (dest / "f").read_text() == "x"
-    assert stat.S_IMODE(dest.stat().st_mode) == 0o750  # not mkdtemp's 0700
-    assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == ["out"]
-
-
-def test_staging_dir_failure_removes_the_parents_it_created(tmp_path):
-    from qtool.quantize.staging import staging_dir
-
-    (tmp_path / "keep").mkdir()
-    dest = tmp_path / "keep" / "new" / "deeper" / "out"
-    with pytest.raises(RuntimeError, match="boom"):
-        with staging_dir(dest) as tmp:
-            (tmp / "f").write_text("x")
-            raise RuntimeError("boom")
-    assert [p.name for p in tmp_path.iterdir()] == ["keep"]
-    assert list((tmp_path / "keep").iterdir()) == []
-
-
-def test_force_puts_the_old_destination_back_when_the_final_rename_fails(tmp_path, monkeypatch):
-    from qtool.quantize.staging import staging_dir
-
-    dest = tmp_path / "out"
-    dest.mkdir()
-    (dest / "old.txt").write_text("previous run")
-    real_rename = os.rename
-
-    def rename(src, dst):
-        if ".qtool-tmp-" in Path(src).name:  # the new output moving into place
-            raise OSError(errno.EXDEV, "Invalid cross-device link", str(src))
-        return real_rename(src, dst)
-
-    monkeypatch.setattr(os, "rename", rename)
-    with pytest.raises(OSError):
-        with staging_dir(dest, force=True) as tmp:
-            (tmp / "new.txt").write_text("new")
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no .qtool-old-*, no .qtool-tmp-*
-    assert [p.name for p in dest.iterdir()] == ["old.txt"]
-    monkeypatch.setattr(os, "rename", real_rename)
-    with staging_dir(dest, force=True) as tmp:
-        (tmp / "new.txt").write_text("new")
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
-    assert [p.name for p in dest.iterdir()] == ["new.txt"]
 
 
 def test_cli_is_the_library_plus_parsing_and_rendering(sources, tmp_path, capsys):

@@ -15,7 +15,7 @@ from qtool.core.models import resolve_model
 from qtool.core.plancache import load_cached, plans_dir
 
 # Public config.json files and published parameter totals (facts, copied from the team's reference folder).
-REFERENCE = Path(__file__).parent / "data" / "reference"
+REFERENCE = Path(__file__).parents[1] / "data" / "reference"
 SHAPE_KEYS = ("model_type", "hidden_size", "n_embd", "num_hidden_layers", "n_layer", "num_attention_heads",
               "num_key_value_heads", "intermediate_size", "vocab_size", "tie_word_embeddings", "head_dim",
               "num_local_experts", "ffn_dim", "word_embed_proj_dim")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 
 import pytest
 
@@ -134,16 +133,13 @@ def test_int8_parts_follow_linear8bitlt():
     assert parts[".weight_format"].nbytes == 1
 
 
-def test_safetensors_header_exact():
+def test_safetensors_header_exact(tmp_path, safetensors_bytes):
     from safetensors.torch import save_file
 
-    import tempfile
     tensors = {"b.weight": torch.zeros(3, 5, dtype=torch.bfloat16), "a.absmax": torch.zeros(7, dtype=torch.float32),
                "a.x": torch.zeros(1000, 2, dtype=torch.uint8), "c": torch.zeros((), dtype=torch.uint8)}
-    with tempfile.TemporaryDirectory() as d:
-        save_file(tensors, f"{d}/m.safetensors", metadata={"format": "pt"})
-        with open(f"{d}/m.safetensors", "rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
+    save_file(tensors, tmp_path / "m.safetensors", metadata={"format": "pt"})
+    n = safetensors_bytes.header_length(tmp_path / "m.safetensors")
     entries = [(k, str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in tensors.items()]
     assert formats.safetensors_header_bytes(entries) == 8 + n
 
@@ -152,3 +148,39 @@ def test_gpu_bytes_round_to_allocator_blocks():
     parts = quantized_parts((4096, 4096), FORMATS["nf4_dq"])
     # packed 8 MiB, absmax 256 KiB, nested absmax 4 KiB, nested code 1 KiB, code 64 B -> 512, offset 4 B -> 512
     assert formats.gpu_bytes(parts) == 4096 * 4096 // 2 + 4096 * 4096 // 64 + 4096 + 1024 + 512 + 512
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_safetensors_header_exact_for_random_tensor_sets(seed, tmp_path, safetensors_bytes):
+    """Names that json must escape, every dtype, 0-d and empty tensors, offsets crossing digit counts."""
+    import random
+
+    from safetensors.torch import save_file
+
+    rng = random.Random(seed)
+    dtypes = [torch.bfloat16, torch.float16, torch.float32, torch.uint8, torch.int8, torch.int32, torch.int64]
+    alphabet = "abcxyz0129._-" + '"\\/é\t'
+    tensors = {}
+    for _ in range(rng.randint(1, 40)):
+        name = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12)))
+        shape = tuple(rng.choice([0, 1, 3, 64, 333]) for _ in range(rng.randint(0, 2)))  # <= 887 KB each
+        tensors[name] = torch.zeros(shape, dtype=rng.choice(dtypes))
+    save_file(tensors, tmp_path / "m.safetensors", metadata={"format": "pt"})
+    n = safetensors_bytes.header_length(tmp_path / "m.safetensors")
+    entries = [(k, str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in tensors.items()]
+    assert formats.safetensors_header_bytes(entries) == 8 + n
+
+
+def test_safetensors_header_of_groups_equals_their_tensors_one_by_one():
+    """A plan's groups go in as (name, dtype, shape, count): the same bytes as count entries in a row, whose
+    offsets cross digit counts (the sum over a group is an arithmetic series)."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        names = rng.sample(["a", "b.c", "x\"y", "é", "model.layers.0.q", "model.norm"], rng.randint(1, 6))
+        groups = [(n, rng.choice(["bfloat16", "float32", "uint8", "int64"]),
+                   tuple(rng.choice([0, 1, 7, 333, 99999]) for _ in range(rng.randint(0, 2))), rng.randint(1, 300))
+                  for n in names]
+        one_by_one = [g[:3] for g in groups for _ in range(g[3])]
+        assert formats.safetensors_header_bytes(groups) == formats.safetensors_header_bytes(one_by_one)

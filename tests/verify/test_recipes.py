@@ -16,29 +16,16 @@ pytest.importorskip("bitsandbytes")
 pytest.importorskip("peft")
 
 from qtool.cli.app import main  # noqa: E402
-from tinymodels import llama_config  # noqa: E402
 
-TINY = {k: v for k, v in llama_config(vocab_size=128, torch_dtype="bfloat16").items()
-        if k not in ("model_type", "architectures")}  # LlamaConfig(**TINY)
+pytestmark = pytest.mark.usefixtures("one_thread")
+VOCAB = 128
 SEQ = ["--seq-len", "24", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    AutoModelForCausalLM.from_config(LlamaConfig(**TINY)).to(torch.bfloat16).save_pretrained(root)
-    return root
+def tiny(tiny_model) -> Path:
+    """A tiny Llama in bf16 with transformers' own init, written by save_pretrained."""
+    return tiny_model(init="transformers", vocab_size=VOCAB, torch_dtype="bfloat16", dtype="bfloat16")
 
 
 def _verify(argv, capsys) -> tuple[int, dict | None, str]:
@@ -85,7 +72,7 @@ def test_a_second_trainer_on_the_same_model_still_autocasts(tiny):
     model = wrap_for_training(AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.bfloat16), settings)
     seen: list[bool] = []
     model.get_output_embeddings().register_forward_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
-    ids = torch.randint(0, TINY["vocab_size"], (1, 16))
+    ids = torch.randint(0, VOCAB, (1, 16))
     for _ in range(2):
         report = VerifyReport(model={}, settings={}, device={}, versions={})
         recipes.train_with_trainer(model, ids, settings, VerifyOptions(device="cpu", steps=1),
@@ -131,14 +118,14 @@ def _estimate(*args) -> dict:
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-m", "qtool", "estimate", "llama-3-8b", "--json", *args], cwd=root,
                          capture_output=True, text=True, check=True).stdout
     return json.loads(out)
 
 
 def test_estimate_trainer_holds_a_16bit_copy_of_lm_head():
-    cfg = json.loads((Path(__file__).resolve().parents[1] / "configs" / "models" / "llama-3-8b.json").read_text())
+    cfg = json.loads((Path(__file__).resolve().parents[2] / "configs" / "models" / "llama-3-8b.json").read_text())
     loop = _estimate("--recipe", "loop", "--seq-len", "512")
     trainer = _estimate("--recipe", "trainer", "--seq-len", "512")
     copy = cfg["vocab_size"] * cfg["hidden_size"] * 2  # autocast's bf16 cast of the fp32 lm_head weight

@@ -11,7 +11,6 @@ import os
 import resource
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from qtool.cli.app import main
 from tinymodels import llama_config, llama_weights, one_error_line  # noqa: E402
 
 torch.set_num_threads(1)
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TINY = llama_config(intermediate_size=128, max_position_embeddings=128)
 
 
@@ -34,12 +33,9 @@ def tiny_weights():
 
 
 @pytest.fixture
-def ckpt(tmp_path, tiny_weights) -> Path:
-    d = tmp_path / "tiny"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps(TINY))
-    save_file(tiny_weights, d / "model.safetensors", metadata={"format": "pt"})
-    return d
+def ckpt(tmp_path, tiny_model) -> Path:
+    """config.json (TINY) and model.safetensors holding tiny_weights, the test's own copy."""
+    return tiny_model(intermediate_size=128, max_position_embeddings=128, into=tmp_path / "tiny")
 
 
 @pytest.fixture
@@ -81,15 +77,6 @@ def quantize(capsys, src, dest, *extra, **kw) -> str:
     leftovers = [p.name for p in Path(dest).parent.iterdir() if ".qtool-" in p.name]
     assert not leftovers, leftovers
     return line
-
-
-def rewrite_header(path: Path, fn) -> None:
-    raw = path.read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8 : 8 + n])
-    fn(header)
-    hb = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(hb)) + hb + raw[8 + n :])
 
 
 # --- paths and config.json -------------------------------------------------------------------------
@@ -220,15 +207,13 @@ def test_corrupted_header(capsys, ckpt, tmp_path):
     quantize(capsys, ckpt, tmp_path / "out", names=f, match="corrupt safetensors header")
 
 
-def test_header_length_claims_more_than_the_file(capsys, ckpt, tmp_path):
+def test_header_length_claims_more_than_the_file(capsys, ckpt, tmp_path, safetensors_bytes):
     f = ckpt / "model.safetensors"
-    raw = bytearray(f.read_bytes())
-    raw[:8] = struct.pack("<Q", 10**12)
-    f.write_bytes(bytes(raw))
+    safetensors_bytes.set_header_length(f, 10**12)
     quantize(capsys, ckpt, tmp_path / "out", names=f, match="exceeds the file")
 
 
-def test_header_claims_more_tensor_bytes_than_the_file_has(capsys, ckpt, tmp_path):
+def test_header_claims_more_tensor_bytes_than_the_file_has(capsys, ckpt, tmp_path, safetensors_bytes):
     f = ckpt / "model.safetensors"
 
     def grow(h):
@@ -239,7 +224,7 @@ def test_header_claims_more_tensor_bytes_than_the_file_has(capsys, ckpt, tmp_pat
         h[last]["data_offsets"][1] += row
         h[last]["shape"][0] += 1
 
-    rewrite_header(f, grow)
+    safetensors_bytes.rewrite_header(f, grow)
     quantize(capsys, ckpt, tmp_path / "out", names=f, match="truncated")
 
 
@@ -369,41 +354,43 @@ def _env():
     return env
 
 
-# Signals at every moment of a run (imports, staging, mid-shard, commit) are in tests/test_signals.py.
+# Signals at every moment of a run (imports, staging, mid-shard, commit) are in tests/core/test_signals.py.
 
 
-def test_full_disk_while_writing_leaves_nothing(ckpt, tmp_path):
-    dest = tmp_path / "out"
+@pytest.fixture(scope="module")
+def full_disk(tmp_path_factory, tiny_model):
+    """One real `qtool quantize` run whose writes fail past 40 KB (EFBIG, as on a full disk); both tests below
+    read what it did: (process, destination, the folder around it)."""
+    folder = tmp_path_factory.mktemp("full_disk")
+    ckpt = tiny_model(intermediate_size=128, max_position_embeddings=128, into=folder / "tiny")
+    assert (ckpt / "model.safetensors").stat().st_size > 40_000 * 4  # output would be well over the limit
+    dest = folder / "out"
 
     def limit_file_size():  # runs in the child: writes past 40 KB fail with EFBIG instead of SIGXFSZ
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
 
-    assert (ckpt / "model.safetensors").stat().st_size > 40_000 * 4  # output would be well over the limit
     proc = subprocess.run([sys.executable, "-m", "qtool", "quantize", str(ckpt), "--out", str(dest),
-                           "--device", "cpu"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                           "--device", "cpu"], cwd=folder, env=_env(), capture_output=True, text=True,
                           preexec_fn=limit_file_size, timeout=300)
+    return proc, dest, folder
+
+
+def test_full_disk_while_writing_leaves_nothing(full_disk):
+    proc, dest, folder = full_disk
     line = one_error_line(proc.stderr)
     assert proc.returncode != 0
     assert "file too large" in line, line
     assert not dest.exists()
-    assert not [p.name for p in tmp_path.iterdir() if ".qtool-" in p.name]
+    assert not [p.name for p in folder.iterdir() if ".qtool-" in p.name]
 
 
-def test_full_disk_message_is_not_an_internal_error(ckpt, tmp_path):
-    dest = tmp_path / "out"
-
-    def limit_file_size():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
-
-    proc = subprocess.run([sys.executable, "-m", "qtool", "quantize", str(ckpt), "--out", str(dest),
-                           "--device", "cpu"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                          preexec_fn=limit_file_size, timeout=300)
+def test_full_disk_message_is_not_an_internal_error(full_disk):
+    proc, dest, folder = full_disk
     line = one_error_line(proc.stderr)
     assert "internal error" not in line and "out" in line, line
     assert proc.returncode == 1
     assert line.startswith(f"qtool: error: file too large (file-size limit reached) writing {dest}/model"), line
     assert line.endswith(f"; nothing was left at {dest}"), line
     assert not dest.exists()
-    assert not [p.name for p in tmp_path.iterdir() if ".qtool-" in p.name]
+    assert not [p.name for p in folder.iterdir() if ".qtool-" in p.name]

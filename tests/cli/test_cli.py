@@ -17,7 +17,7 @@ from qtool.cli.app import main
 from qtool.core.config import KEYS, QuantSettings, RunSettings, flag_name, resolve_settings
 from qtool.core.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = ("estimate", "quantize", "verify")
 
 
@@ -223,7 +223,7 @@ def test_shell_completion_is_offered(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("COLUMNS", "200")
     assert main(["--help"]) == 0
     assert "--install-completion" in capsys.readouterr().out
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
            "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
     proc = subprocess.run([sys.executable, "-m", "qtool", "--show-completion", "bash"], capture_output=True,
                           text=True, env=env, cwd=tmp_path, timeout=120)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import sys
 
 import pytest
@@ -46,19 +45,6 @@ def make_dir(tmp_path, *, config=CONFIG, sharded=False, name="ckpt"):
     else:
         save_file(tensors_a() | tensors_b(), d / "model.safetensors", metadata={"format": "pt"})
     return d
-
-
-def raw_file(path, header, data=b"", *, length=None):
-    """Write a safetensors file by hand: 8-byte little-endian length, header bytes, data."""
-    hb = header if isinstance(header, bytes) else json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(hb) if length is None else length) + hb + data)
-    return path
-
-
-def split(path):
-    raw = path.read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
 def assert_names(exc_info, path):
@@ -208,20 +194,18 @@ def test_file_shorter_than_length_prefix(tmp_path):
     assert_names(e, f)
 
 
-def test_header_length_beyond_file(tmp_path):
+def test_header_length_beyond_file(tmp_path, safetensors_bytes):
     d = make_dir(tmp_path)
     f = d / "model.safetensors"
-    raw = bytearray(f.read_bytes())
-    raw[:8] = struct.pack("<Q", len(raw))  # one more than the header could be
-    f.write_bytes(bytes(raw))
+    safetensors_bytes.set_header_length(f, f.stat().st_size)  # one more than the header could be
     with pytest.raises(WeightsError, match="header length .* exceeds the file") as e:
         Checkpoint.open(d)
     assert_names(e, f)
 
 
-def test_header_length_over_100mb_limit(tmp_path):
+def test_header_length_over_100mb_limit(tmp_path, safetensors_bytes):
     f = tmp_path / "big.safetensors"
-    raw_file(f, b"{}", length=200_000_000)
+    safetensors_bytes.write(f, b"{}", length=200_000_000)
     with open(f, "r+b") as fh:  # sparse: the file is long enough, the header claims 200 MB
         fh.truncate(300_000_000)
     with pytest.raises(WeightsError, match="over the 100000000 byte limit"):
@@ -275,47 +259,47 @@ def test_header_not_utf8(tmp_path):
     (lambda h: h.__setitem__("__metadata__", {"format": 1}), "__metadata__ must map strings to strings"),
     (lambda h: h.__setitem__("u", {"dtype": "F32", "shape": [2], "data_offsets": [40, 48]}), "overlap"),
 ])
-def test_corrupt_header_entries(tmp_path, mutate, message):
+def test_corrupt_header_entries(tmp_path, mutate, message, safetensors_bytes):
     f = tmp_path / "model.safetensors"
     save_file({"t": torch.zeros(2, 6)}, f)
-    header, data = split(f)
+    _, header, data = safetensors_bytes.split(f)
     mutate(header)
-    raw_file(f, header, data)
+    safetensors_bytes.write(f, header, data)
     with pytest.raises(WeightsError, match=message) as e:
         read_safetensors_header(f)
     assert_names(e, f)
 
 
-def test_header_claims_more_data_than_the_file_has(tmp_path):
+def test_header_claims_more_data_than_the_file_has(tmp_path, safetensors_bytes):
     f = tmp_path / "model.safetensors"
     save_file({"t": torch.zeros(2, 6)}, f)
-    header, data = split(f)
+    _, header, data = safetensors_bytes.split(f)
     header["t"] = {"dtype": "F32", "shape": [4, 6], "data_offsets": [0, 96]}
-    raw_file(f, header, data)
+    safetensors_bytes.write(f, header, data)
     with pytest.raises(WeightsError, match="truncated safetensors file: tensor 't' ends at byte"):
         read_safetensors_header(f)
 
 
-def test_duplicate_keys_in_header(tmp_path):
-    f = raw_file(tmp_path / "dup.safetensors",
+def test_duplicate_keys_in_header(tmp_path, safetensors_bytes):
+    f = safetensors_bytes.write(tmp_path / "dup.safetensors",
                  b'{"t":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"t":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
                  b"\0" * 4)
     with pytest.raises(WeightsError, match="duplicate key 't'"):
         read_safetensors_header(f)
 
 
-def test_json_array_header_and_deep_nesting(tmp_path):
+def test_json_array_header_and_deep_nesting(tmp_path, safetensors_bytes):
     with pytest.raises(WeightsError, match="expected a JSON object"):
-        read_safetensors_header(raw_file(tmp_path / "a.safetensors", b"[]"))
+        read_safetensors_header(safetensors_bytes.write(tmp_path / "a.safetensors", b"[]"))
     with pytest.raises(WeightsError, match="invalid JSON"):
-        read_safetensors_header(raw_file(tmp_path / "b.safetensors", b"[" * 100_000))
+        read_safetensors_header(safetensors_bytes.write(tmp_path / "b.safetensors", b"[" * 100_000))
 
 
-def test_valid_hand_written_file_with_padding_and_empty_tensor(tmp_path):
+def test_valid_hand_written_file_with_padding_and_empty_tensor(tmp_path, safetensors_bytes):
     header = {"__metadata__": {"k": "v"}, "e": {"dtype": "F16", "shape": [0, 3], "data_offsets": [0, 0]},
               "x": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]}}
     hb = json.dumps(header).encode() + b"     "  # safetensors pads headers with spaces
-    f = raw_file(tmp_path / "m.safetensors", hb, b"\x01\x02\x03")
+    f = safetensors_bytes.write(tmp_path / "m.safetensors", hb, b"\x01\x02\x03")
     h = read_safetensors_header(f)
     assert h.metadata == {"k": "v"}
     assert h.tensors["x"].start == 8 + len(hb) and h.tensors["x"].nbytes == 3
@@ -516,20 +500,20 @@ def test_safetensors_preferred_over_pickle(tmp_path):
     assert ck.format == "safetensors" and "x" not in ck.tensors
 
 
-def test_gaps_and_trailing_bytes_are_refused_like_safetensors_does(tmp_path):
+def test_gaps_and_trailing_bytes_are_refused_like_safetensors_does(tmp_path, safetensors_bytes):
     from safetensors import SafetensorError, safe_open
 
     u8 = lambda b, e: {"dtype": "U8", "shape": [e - b], "data_offsets": [b, e]}  # noqa: E731
-    gap = raw_file(tmp_path / "gap.safetensors", {"a": u8(0, 2), "b": u8(4, 6)}, b"x" * 6)
-    tail = raw_file(tmp_path / "tail.safetensors", {"a": u8(0, 2)}, b"x" * 5)
-    late = raw_file(tmp_path / "late.safetensors", {"a": u8(2, 4)}, b"x" * 4)
+    gap = safetensors_bytes.write(tmp_path / "gap.safetensors", {"a": u8(0, 2), "b": u8(4, 6)}, b"x" * 6)
+    tail = safetensors_bytes.write(tmp_path / "tail.safetensors", {"a": u8(0, 2)}, b"x" * 5)
+    late = safetensors_bytes.write(tmp_path / "late.safetensors", {"a": u8(2, 4)}, b"x" * 4)
     for f, message in [(gap, r"bytes 2\.\.4 of the data are not part of any tensor"),
                        (tail, "3 bytes after the last tensor"), (late, r"bytes 0\.\.2")]:
         with pytest.raises(WeightsError, match=message):
             read_safetensors_header(f)
         with pytest.raises(SafetensorError):  # the library we read with agrees they are broken
             safe_open(str(f), framework="pt")
-    ok = raw_file(tmp_path / "ok.safetensors", {"b": u8(2, 4), "a": u8(0, 2)}, b"abcd")
+    ok = safetensors_bytes.write(tmp_path / "ok.safetensors", {"b": u8(2, 4), "a": u8(0, 2)}, b"abcd")
     h = read_safetensors_header(ok)  # out-of-order entries that tile the data are fine
     assert (h.tensors["a"].start, h.tensors["b"].start) == (h.data_start, h.data_start + 2)
     assert h.data_start == ok.stat().st_size - 4

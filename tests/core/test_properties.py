@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import struct
 import tempfile
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from qtool.core.config import KEY_BY_NAME, env_name, flag_name, resolve_settings
 from qtool.core.errors import ConfigError, WeightsError
 from qtool.core.presets import load_settings_preset, settings_presets
 from qtool.core.sizes import format_bytes, parse_size
+import safetensors_bytes  # noqa: E402  (a module: hypothesis tests take no function-scoped fixtures)
 
 FAST = settings(max_examples=60, deadline=10_000, suppress_health_check=[HealthCheck.too_slow])
 
@@ -152,11 +152,6 @@ def test_precedence_flag_env_file_preset_default(layers):
 
 # --- fuzzing the checkpoint reader -----------------------------------------------------------------
 
-def _write(path: Path, header: bytes, data: bytes, length: int | None = None) -> Path:
-    path.write_bytes(struct.pack("<Q", len(header) if length is None else length) + header + data)
-    return path
-
-
 def _only_our_errors(fn):
     try:
         return fn()
@@ -171,7 +166,7 @@ def _only_our_errors(fn):
        length=st.one_of(st.none(), st.integers(0, 2**64 - 1)))
 def test_random_bytes_as_header(header, data, length):
     with tempfile.TemporaryDirectory() as tmp:
-        f = _write(Path(tmp) / "m.safetensors", header, data, length)
+        f = safetensors_bytes.write(Path(tmp) / "m.safetensors", header, data, length=length)
         _only_our_errors(lambda: read_safetensors_header(f))
 
 
@@ -217,7 +212,7 @@ def plausible_headers(draw):
 def test_plausible_headers_ours_accepts_only_what_safetensors_can_read(case):
     header, data_len = case
     with tempfile.TemporaryDirectory() as tmp:
-        f = _write(Path(tmp) / "m.safetensors", json.dumps(header).encode(), b"\x00" * data_len)
+        f = safetensors_bytes.write(Path(tmp) / "m.safetensors", json.dumps(header).encode(), b"\x00" * data_len)
         parsed = _only_our_errors(lambda: read_safetensors_header(f))
         if parsed is None:
             # and what we refuse, safetensors refuses too (we are not stricter than the format)

@@ -16,8 +16,9 @@ from qtool.cli.app import main
 from qtool.core.config import resolve_settings
 from qtool.estimate import estimate_report
 from qtool.core.models import approximate_config, resolve_model
+from tinymodels import llama_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _json(capsys, *args):
@@ -234,9 +235,7 @@ def test_sizes_no_dense_shape_fits_are_refused():
 
 # --- report details ----------------------------------------------------------------------------------
 
-TINY_LLAMA_CFG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 64,
-                  "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-                  "num_key_value_heads": 2, "max_position_embeddings": 512}
+TINY_LLAMA_CFG = llama_config(vocab_size=256, intermediate_size=128, max_position_embeddings=512)
 TINY_BERT_CFG = {"model_type": "bert", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
                  "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 512}
 

@@ -25,7 +25,7 @@ from qtool.core.config import QuantSettings  # noqa: E402
 from qtool.quantize import plan_quantization, run_quantization  # noqa: E402
 from qtool.quantize.stream import quantize_tensor  # noqa: E402
 
-REFERENCE = Path(__file__).parent / "data" / "cuda_reference.json"
+REFERENCE = Path(__file__).parents[1] / "data" / "cuda_reference.json"
 DT = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -170,7 +170,7 @@ def test_quantize_tensor_on_cpu_uses_the_kernel_and_never_imports_bitsandbytes(t
             "p = quantize_tensor(torch.randn(64, 64), settings=QuantSettings())\n"
             "print(sorted(p), 'bitsandbytes' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).parents[1]).stdout
+                         cwd=Path(__file__).parents[2]).stdout
     assert out.strip().endswith("False")
     assert "'.nested_absmax'" in out
 
@@ -186,7 +186,7 @@ def test_quantize_tensor_matches_kernel_parts():
 def test_fp4_sign_follows_the_gpus_flush_of_tiny_products():
     """Products near -2^-126: the GPU's own FMUL.FTZ results (recorded on an H200) decide FP4's sign bit.
     These are cases IEEE rounds to -2^-126 and the GPU keeps; a flush before rounding would drop them."""
-    data = json.loads((Path(__file__).parent / "data" / "ftz_edges.json").read_text())["cases"]
+    data = json.loads((Path(__file__).parents[1] / "data" / "ftz_edges.json").read_text())["cases"]
     x = torch.tensor([float.fromhex(c["x"]) for c in data], dtype=torch.float32)
     inv = torch.tensor([float.fromhex(c["inv"]) for c in data], dtype=torch.float32)
     gpu = torch.tensor([float.fromhex(c["gpu_mul_ftz"]) for c in data], dtype=torch.float32)

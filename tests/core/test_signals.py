@@ -5,7 +5,10 @@ Each case is a real `python -m qtool quantize` process, signalled at one moment 
 imports (a time after start, once the process catches the signals: before that it is the interpreter
 starting up), once the staging folder exists (the first tensors), half-way through the
 shard, when the model card is in the staging folder (just before the final rename), and when the
-destination exists (just after it).
+destination exists (just after it). Moments during the imports need a fresh interpreter; the later ones are
+reached the same way from a fork of one that has torch and transformers imported already (tests/forkserver.py),
+which saves each of them ~4 s of imports. Either way it is a real process: its own pid, signal handlers, exit
+code, atexit callbacks and folders left behind.
 """
 
 from __future__ import annotations
@@ -21,23 +24,32 @@ from pathlib import Path
 import pytest
 
 torch = pytest.importorskip("torch")
-from tinymodels import llama_config, write_checkpoint  # noqa: E402
+from forkserver import ForkServer  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 MESSAGES = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminated (SIGTERM)"),
             signal.SIGHUP: (129, "terminated (SIGHUP)")}
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory) -> Path:
+def source(tiny_model) -> Path:
     """~20 MB of float32 Llama weights: a few seconds of quantizing on one CPU thread."""
-    cfg = llama_config(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
-                       num_key_value_heads=4, max_position_embeddings=128)
-    return write_checkpoint(tmp_path_factory.mktemp("sig") / "src", cfg)
+    return tiny_model(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
+                      num_key_value_heads=4, max_position_embeddings=128)
+
+
+@pytest.fixture(scope="module")
+def forks(tmp_path_factory):
+    """Real `python -m qtool` processes, forked after torch's and transformers' imports."""
+    preload = ["torch", "transformers", "safetensors.torch", "transformers.modeling_utils",
+               "transformers.models.llama.modeling_llama"]
+    server = ForkServer(preload, env=_env(), folder=tmp_path_factory.mktemp("forks"), preexec_fn=_default_signals)
+    yield server
+    server.close()
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("QTOOL_", "HF_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("QTOOL_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     env["HF_HUB_OFFLINE"] = "1"
@@ -89,12 +101,16 @@ CASES = [(signal.SIGINT, m) for m in (0.15, 1.5, "staging", "card")] + \
 
 
 @pytest.mark.parametrize("sig,moment", CASES, ids=[f"{s.name}-{m}" for s, m in CASES])
-def test_signal_at_any_moment(source, tmp_path, sig, moment):
+def test_signal_at_any_moment(source, tmp_path, sig, moment, request):
     dest = tmp_path / "out"
+    argv = ["quantize", str(source), "--out", str(dest), "--device", "cpu"]
     start = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "qtool", "quantize", str(source), "--out", str(dest),
-                             "--device", "cpu"], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals)
+    if isinstance(moment, float):  # during the imports: a fresh interpreter
+        proc = subprocess.Popen([sys.executable, "-m", "qtool", *argv], cwd=tmp_path, env=_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=_default_signals)
+    else:
+        proc = request.getfixturevalue("forks").qtool(*argv, cwd=tmp_path, env=_env())
     while proc.poll() is None and not _reached(moment, start, tmp_path, dest, proc.pid):
         time.sleep(0.005)
     if proc.poll() is not None:  # a busy machine: the run ended between two looks, before the signal
@@ -116,17 +132,11 @@ def test_signal_at_any_moment(source, tmp_path, sig, moment):
     assert not dest.exists()
 
 
-def test_ignored_signal_stays_ignored(source, tmp_path):
+def test_ignored_signal_stays_ignored(source, tmp_path, forks):
     """`nohup qtool quantize ... &`: SIGHUP was ignored by the caller, so the run goes on to the end."""
     dest = tmp_path / "out"
-
-    def ignore_hup():
-        _default_signals()
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-
-    proc = subprocess.Popen([sys.executable, "-m", "qtool", "quantize", str(source), "--out", str(dest),
-                             "--device", "cpu"], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=ignore_hup)
+    proc = forks.qtool("quantize", source, "--out", dest, "--device", "cpu", cwd=tmp_path, env=_env(),
+                       ignore=(signal.SIGHUP,))
     while proc.poll() is None and not _staging(tmp_path):
         time.sleep(0.005)
     proc.send_signal(signal.SIGHUP)
@@ -135,27 +145,28 @@ def test_ignored_signal_stays_ignored(source, tmp_path):
     assert (dest / "model.safetensors").is_file()
 
 
-def test_signal_ends_a_verify_stuck_in_one_native_op(tmp_path):
+def test_signal_ends_a_verify_stuck_in_one_native_op(tmp_path, forks):
     """A prefill of 8 x 4096 tokens through one wide layer is one long matmul in native code, where Python
-    runs no signal handler. The watchdog ends the run a few seconds after SIGTERM, with the one line."""
+    runs no signal handler. The watchdog ends the run a few seconds after SIGTERM, with the one line (here
+    after 1 s of grace, not 5: the length is not what is tested, and the matmul outlasts either)."""
     cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128, hidden_size=2048,
                intermediate_size=8192, num_hidden_layers=1, num_attention_heads=16, num_key_value_heads=4,
                max_position_embeddings=4096, torch_dtype="bfloat16")
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "qtool", "verify", str(tmp_path / "config.json"), "--device", "cpu",
-                             "--mode", "inference", "--seq-len", "4096", "--batch-size", "8", "--steps", "1"],
-                            cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_default_signals)
+    proc = forks.qtool("verify", tmp_path / "config.json", "--device", "cpu", "--mode", "inference", "--seq-len",
+                       "4096", "--batch-size", "8", "--steps", "1", cwd=tmp_path, env=_env(),
+                       setattrs={"qtool.core.signals.GRACE_SECONDS": 1.0})
     lines = []
-    for line in proc.stderr:  # qtool's own progress: the prefill has started
+    for line in proc.stderr_lines(timeout=120):  # qtool's own progress: the prefill has started
         lines.append(line)
         if line.startswith("inference: prefill"):
             break
     time.sleep(1.0)
     assert proc.poll() is None, "".join(lines)
     proc.send_signal(signal.SIGTERM)
-    _, rest = proc.communicate(timeout=60)  # without the watchdog: until the matmul returns
-    assert proc.returncode == 143, rest
+    _, err = proc.communicate(timeout=60)  # without the watchdog: until the matmul returns
+    rest = err.split("inference: prefill", 1)[1].split("\n", 1)[1]
+    assert proc.returncode == 143, err
     assert [line for line in rest.splitlines() if line.strip()] == ["qtool: error: terminated (SIGTERM)"]
 
 
@@ -164,9 +175,10 @@ def test_watchdog_ends_a_process_stuck_where_python_cannot_run_a_handler(tmp_pat
     handler never runs: the watchdog thread must run the registered cleanups, print the one line and exit."""
     script = tmp_path / "stuck.py"
     marker = tmp_path / "cleaned"
-    script.write_text(
+    script.write_text(  # the grace the watchdog gives the main thread is not what is tested: 0.5 s, not 5
         "import hashlib, sys\n"
         "from qtool.core import signals\n"
+        "signals.GRACE_SECONDS = 0.5\n"
         "signals.install(lambda line: (sys.stderr.write(line + '\\n'), sys.stderr.flush()))\n"
         f"with signals.cleanup(lambda: open({str(marker)!r}, 'w').close()):\n"
         "    print('stuck', flush=True)\n"
@@ -174,8 +186,24 @@ def test_watchdog_ends_a_process_stuck_where_python_cannot_run_a_handler(tmp_pat
     proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals)
     assert proc.stdout.readline().strip() == "stuck"
+    _cpu_seconds_more(proc.pid, 0.2)  # on a busy machine the print may not have returned yet: be inside PBKDF2
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     assert [line for line in err.splitlines() if line.strip()] == ["qtool: error: terminated (SIGTERM)"]
     assert marker.exists()
+
+
+def _cpu_seconds_more(pid: int, seconds: float) -> None:
+    """Wait until the process has run `seconds` more of CPU time (/proc/PID/stat utime + stime); without /proc,
+    that long on the clock."""
+    def used() -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    try:
+        start = used()
+        while used() - start < seconds:
+            time.sleep(0.01)
+    except OSError:
+        time.sleep(seconds)

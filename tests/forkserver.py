@@ -1,0 +1,177 @@
+"""Real `python -m qtool` processes without paying torch's and transformers' imports each time.
+
+A fresh `python -m qtool quantize` spends about 4 s of CPU importing torch and transformers before it touches
+a tensor. Tests that signal a run once its work has begun (tests/core/test_signals.py) need a real process (its own pid,
+signal dispositions, exit code, atexit, files left behind) but not those imports. `ForkServer` starts one
+interpreter that imports the heavy libraries (never qtool), then forks a child per run; the child sets its
+working directory, environment, signal dispositions and output files as a fresh interpreter would have them
+and runs `python -m qtool ARGS` from the start. qtool itself is imported in the child, after fork.
+
+Moments that fall *during* the imports still need a fresh interpreter: those tests use subprocess.Popen.
+
+Run as a script, this file is the server: it reads one JSON request a line on stdin and answers on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Child:
+    """The part of subprocess.Popen the tests use; stdout and stderr go to files, read once it has ended."""
+
+    def __init__(self, server: ForkServer, pid: int, out: Path, err: Path):
+        self._server, self.pid, self._out, self._err = server, pid, out, err
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self._server._ask(op="wait", pid=self.pid)["returncode"]
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:  # not reaped before the answer: the pid is still this child's
+            os.kill(self.pid, sig)
+
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                os.kill(self.pid, signal.SIGKILL)
+                raise subprocess.TimeoutExpired(f"qtool (pid {self.pid})", timeout)
+            time.sleep(0.01)
+        return self.returncode
+
+    def communicate(self, timeout: float) -> tuple[str, str]:
+        self.wait(timeout)
+        return self._out.read_text(), self._err.read_text()
+
+    def stderr_lines(self, timeout: float):
+        """stderr as it is written, a line at a time (like iterating over a Popen's stderr pipe)."""
+        deadline = time.monotonic() + timeout
+        with open(self._err) as f:
+            pending = ""
+            while time.monotonic() < deadline:
+                chunk = f.readline()
+                if chunk:
+                    pending += chunk
+                    if pending.endswith("\n"):
+                        yield pending
+                        pending = ""
+                elif self.poll() is not None:
+                    return
+                else:
+                    time.sleep(0.01)
+
+
+class ForkServer:
+    def __init__(self, preload: list[str], *, env: dict, folder: Path, preexec_fn=None):
+        self._folder = Path(folder)
+        self._proc = subprocess.Popen([sys.executable, __file__, *preload], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True, env=env, cwd=folder, preexec_fn=preexec_fn)
+        self._children: list[Child] = []
+        ready = self._proc.stdout.readline()
+        if not ready:
+            raise RuntimeError(f"fork server did not start (exit {self._proc.wait()})")
+
+    def _ask(self, **request) -> dict:
+        self._proc.stdin.write(json.dumps(request) + "\n")
+        self._proc.stdin.flush()
+        return json.loads(self._proc.stdout.readline())
+
+    def qtool(self, *args: str, cwd: Path, env: dict, ignore: tuple[int, ...] = (), setattrs: dict | None = None) -> Child:
+        """`python -m qtool ARGS` in `cwd` with exactly `env`; signals in `ignore` start ignored (as after nohup);
+        `setattrs` {"module.NAME": value} is set in the child before qtool runs (a module constant a test
+        does not need at its real value, such as a grace period)."""
+        fd, out = tempfile.mkstemp(dir=self._folder, suffix=".out")
+        os.close(fd)
+        fd, err = tempfile.mkstemp(dir=self._folder, suffix=".err")
+        os.close(fd)
+        pid = self._ask(op="spawn", argv=["qtool", *map(str, args)], cwd=str(cwd), env=env, stdout=out,
+                        stderr=err, ignore=list(ignore), setattrs=setattrs or {})["pid"]
+        self._children.append(Child(self, pid, Path(out), Path(err)))
+        return self._children[-1]
+
+    def close(self) -> None:
+        """End the server; a child a failed test left running is killed first."""
+        for child in self._children:
+            if child.poll() is None:
+                os.kill(child.pid, signal.SIGKILL)
+                child.wait(timeout=30)
+        self._proc.stdin.close()
+        self._proc.wait(timeout=30)
+
+
+# --- the server side ---------------------------------------------------------------------------------
+
+def _become(request: dict) -> None:
+    """In the forked child: what a fresh `python -m qtool` would have had from its parent and its start-up."""
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    for sig in SIGNALS:
+        if sig in request["ignore"]:
+            signal.signal(sig, signal.SIG_IGN)
+        else:  # as the interpreter starts: SIGINT raises KeyboardInterrupt, the others end the process
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+        f = os.open(path, os.O_WRONLY | os.O_TRUNC)
+        os.dup2(f, fd)
+        os.close(f)
+    sys.argv = request["argv"]
+    sys.path.insert(0, os.getcwd())  # `python -m` puts the working directory first
+    import importlib
+
+    for target, value in request["setattrs"].items():
+        module, name = target.rsplit(".", 1)
+        setattr(importlib.import_module(module), name, value)
+
+
+def _serve(preload: list[str]) -> None:
+    """Answer requests until stdin closes; return only in a forked child, which then runs qtool."""
+    import importlib
+
+    for name in preload:
+        importlib.import_module(name)
+    assert not [m for m in sys.modules if m == "qtool" or m.startswith("qtool.")], "qtool must be imported after fork"
+    requests, answers = os.fdopen(os.dup(0), "r"), os.fdopen(os.dup(1), "w")
+    answers.write("ready\n")
+    answers.flush()
+    for line in requests:
+        request = json.loads(line)
+        if request["op"] == "spawn":
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                requests.close()
+                answers.close()
+                _become(request)
+                return
+            answer = {"pid": pid}
+        else:  # wait
+            pid, status = os.waitpid(request["pid"], os.WNOHANG)
+            answer = {"returncode": os.waitstatus_to_exitcode(status) if pid else None}
+        answers.write(json.dumps(answer) + "\n")
+        answers.flush()
+    os._exit(0)  # nothing to clean up; tearing torch down would only take time
+
+
+if __name__ == "__main__":
+    sys.path.pop(0)  # this folder (tests/) is no place to import qtool from
+    _serve(sys.argv[1:])
+    import runpy
+
+    runpy.run_module("qtool", run_name="__main__", alter_sys=True)
