@@ -17,6 +17,8 @@ Examples:
   qtool estimate 70b --mode inference --seq-len 8192 --json
   qtool estimate ./my-model --optimizer paged_adamw8bit -r 64
   qtool estimate mistralai/Mistral-7B-v0.1 --no-gradient-checkpointing
+  qtool estimate 70b --gpu rtx-4090 --gpus 2 --parallel fsdp
+  qtool estimate llama-3-8b --gpus rtx-4090,rtx-3090   # mixed cards
 """
 
 _BAR = 30
@@ -51,6 +53,8 @@ def run(model: str, settings, *, revision=None, trust_remote_code: bool = False,
         out.warn(line)
     spec = resolve_model(model, revision=revision)
     report = estimate_report(spec, settings, trust_remote_code=trust_remote_code)
+    if settings.run.gpus != 1:
+        return _run_cards(out, spec, settings, report, trust_remote_code)
     for line in report["warnings"]:
         out.warn(line)
     out.result(report, lambda console: render(console, report, out.size))
@@ -60,6 +64,23 @@ def run(model: str, settings, *, revision=None, trust_remote_code: bool = False,
             f"{report['model']['name']} needs {size(report['peak_bytes'])} at peak ({report['mode']}), "
             f"over the {size(report['budget_bytes'])} budget by {size(-report['headroom_bytes'])}"
         )
+
+
+def _run_cards(out, spec, settings, report: dict, trust_remote_code: bool) -> None:
+    """Several GPUs: the formats, then one row per card and the verdict; exit 3 when a card does not fit."""
+    from qtool.cli.estimate_cards import render_cards, shortfall
+    from qtool.estimate.cards import cards_report, estimate_cards
+
+    est = estimate_cards(spec, settings, trust_remote_code=trust_remote_code)
+    report = cards_report(report, est)
+    for line in report["warnings"]:
+        out.warn(line)
+    out.result(report, lambda console: (render_formats(console, report, out.size),
+                                        render_cards(console, report, est, out.size)))
+    if est.fits is False:
+        from qtool.core.errors import DoesNotFit
+
+        raise DoesNotFit(f"{report['model']['name']}: {shortfall(est, out.size)}")
 
 
 def kept_summary(by_reason: dict[str, int]) -> str:
@@ -79,6 +100,12 @@ def kept_summary(by_reason: dict[str, int]) -> str:
 
 def render(console, r: dict, format_bytes) -> None:
     """The human report: formats table first, then the peak term by term, then the fit."""
+    render_formats(console, r, format_bytes)
+    render_peak(console, r, format_bytes)
+
+
+def render_formats(console, r: dict, format_bytes) -> None:
+    """The weights per format and why 4-bit is not exactly 75% less."""
     from rich.table import Table
 
     from qtool.estimate.formats import FORMATS, TABLE_FORMATS
@@ -107,13 +134,23 @@ def render(console, r: dict, format_bytes) -> None:
         f"for {p['quantized']:,} quantized params)."
     )
 
-    s = r["settings"]
+
+def run_line(r: dict) -> str:
+    """mode, batch x seq, format, LoRA, optimizer: what the peak is of."""
+    p, s = r["params"], r["settings"]
     run = f"{r['mode']}, batch {s['batch_size']} x seq {s['seq_len']}, {r['format']} ({s['compute_dtype']} compute)"
     if r["mode"] in ("qlora", "lora"):
         run += f", LoRA r={s['lora_rank']} on {','.join(s['lora_targets'])} ({p['lora']:,} params)"
     if r["mode"] != "inference":
         run += f", {s['optimizer']}, gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}"
-    b = Table(title=f"Peak memory: {run}", title_justify="left")
+    return run
+
+
+def render_peak(console, r: dict, format_bytes) -> None:
+    """The one-GPU peak term by term, then the fit."""
+    from rich.table import Table
+
+    b = Table(title=f"Peak memory: {run_line(r)}", title_justify="left")
     b.add_column("component")
     b.add_column("bytes", justify="right")
     b.add_column("", no_wrap=True)

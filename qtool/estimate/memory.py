@@ -197,6 +197,12 @@ class MemoryInputs:
     precision: str = "bf16"  # the Trainer's mixed precision: bf16 | fp16 | fp32
     lora_rank: int = 16
     expert_lora: bool = False  # LoRA targets all-linear: peft also wraps fused 3-D expert weights (MoE)
+    upcast_kept: bool = True  # qlora: prepare_model_for_kbit_training upcasts the kept params (FSDP-QLoRA: not)
+
+    @property
+    def fp32_head(self) -> bool:
+        """QLoRA's upcast made lm_head fp32 (the trainer casts a 16-bit copy; the chunked loss an fp32 slice)."""
+        return self.mode == "qlora" and self.upcast_kept
 
     @property
     def autocast(self) -> bool:
@@ -267,7 +273,7 @@ def memory_breakdown(m: MemoryInputs) -> dict[str, int]:
         out["cuda_context"] = CUDA_CONTEXT_BYTES
         return out
 
-    if m.mode == "qlora" and m.recipe == "unsloth":
+    if m.mode == "qlora" and (m.recipe == "unsloth" or not m.upcast_kept):
         # Unsloth loads with its own patched classes and does not upcast: embeddings, norms and lm_head stay
         # 16-bit, and so does the residual stream
         out["weights"] = m.quant_weights_gpu
@@ -297,6 +303,17 @@ def memory_breakdown(m: MemoryInputs) -> dict[str, int]:
             per_layer += LAYER_SCORE_TENSORS * b * d.heads * s * s * act
         out["activations"] = d.layers * per_layer
 
+    loss_phase, layer_phase = phases(m, act, logit_bytes)
+    phase = loss_phase if sum(loss_phase.values()) >= sum(layer_phase.values()) else layer_phase
+    out.update({k: v for k, v in phase.items() if v})
+    out["cuda_context"] = CUDA_CONTEXT_BYTES
+    return out
+
+
+def phases(m: MemoryInputs, act: int, logit_bytes: int) -> tuple[dict[str, int], dict[str, int]]:
+    """The two candidates for a training step's dynamic peak: (loss phase, layer phase). `act`/`logit_bytes`:
+    itemsize of the residual stream and of the logits."""
+    d, b, s, c = m.dims, m.batch, m.seq, m.compute_bytes
     hidden_grads = HIDDEN_GRAD_TENSORS * b * s * d.hidden * act
     loss_phase = _loss_phase(m, logit_bytes)
     loss_phase["hidden_grads"] = hidden_grads
@@ -313,10 +330,14 @@ def memory_breakdown(m: MemoryInputs) -> dict[str, int]:
         "attention_backward" if attention >= mlp else "mlp_backward": max(attention, mlp),
         "dequant_buffer": m.largest_linear * c if m.mode == "qlora" else 0,
     }
-    phase = loss_phase if sum(loss_phase.values()) >= sum(layer_phase.values()) else layer_phase
-    out.update({k: v for k, v in phase.items() if v})
-    out["cuda_context"] = CUDA_CONTEXT_BYTES
-    return out
+    return loss_phase, layer_phase
+
+
+def stream_bytes(m: MemoryInputs) -> tuple[int, int]:
+    """(residual stream itemsize, logits itemsize) of a training mode: fp32 where QLoRA upcast the norms."""
+    if m.mode == "qlora" and m.recipe != "unsloth" and m.upcast_kept:
+        return 4, 4
+    return m.compute_bytes, m.compute_bytes
 
 
 def expert_adapter_params(m: MemoryInputs) -> int:
@@ -355,16 +376,16 @@ def _loss_phase(m: MemoryInputs, logit_bytes: int) -> dict[str, int]:
     logits = logits_bytes(d, b, s, logit_bytes)
     # autocast runs lm_head in 16 bit: the fp32 lm_head weight (QLoRA's upcast) is cast down and the copy is
     # saved for backward -- vocab x hidden, large for big vocabularies (Qwen, Gemma)
-    lm_head_copy = d.vocab * d.hidden * c if m.autocast and m.mode == "qlora" else 0
+    lm_head_copy = d.vocab * d.hidden * c if m.autocast and m.fp32_head else 0
     if m.recipe in RECIPES_16BIT_ADAPTERS:
         # trl's fused LM head: fp32 logits of one chunk of tokens x one chunk of the vocabulary at a time;
         # no full-size 16-bit copy of lm_head (the kernel takes one vocabulary chunk of it at a time)
         chunk = min(b * s, SFT_TOKEN_CHUNK) * min(d.vocab, SFT_VOCAB_CHUNK) * 4
         # a vocabulary larger than one chunk is sliced: the slice of the fp32 lm_head weight is copied
         # (contiguous, fp32) while its chunk is computed; a vocabulary of one chunk is used in place
-        head_chunk = SFT_VOCAB_CHUNK * d.hidden * 4 if m.mode == "qlora" and d.vocab > SFT_VOCAB_CHUNK else 0
+        head_chunk = SFT_VOCAB_CHUNK * d.hidden * 4 if m.fp32_head and d.vocab > SFT_VOCAB_CHUNK else 0
         return {"lm_head_chunk": head_chunk, "loss_chunk": SFT_CHUNK_TENSORS * chunk}
-    if m.autocast and m.mode == "qlora":
+    if m.autocast and m.fp32_head:
         return {
             "lm_head_16bit": lm_head_copy,
             # 16-bit logits, upcast by the loss; log_softmax output and its grad in fp32

@@ -108,7 +108,20 @@ def _weights_table(weights: dict, total: int) -> dict:
             for k, w in weights.items()}
 
 
-def estimate_report(spec: ModelSpec, settings: Settings, *, trust_remote_code: bool = False) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class Basis:
+    """What every estimate starts from: the tensor plan, the weights per format and the memory model's inputs.
+    Shared by the one-GPU report and the per-card estimates (qtool.estimate.cards)."""
+
+    cached: Any  # qtool.core.plancache.CachedPlan
+    weights: dict  # format key -> formats.WeightBytes
+    chosen: str  # the format the settings choose
+    dtype: str  # dtype of the kept tensors
+    config: dict  # config.json, completed with transformers' defaults when the plan came from the meta device
+    inputs: memory.MemoryInputs
+
+
+def estimate_basis(spec: ModelSpec, settings: Settings, *, trust_remote_code: bool = False) -> Basis:
     from qtool.core.plancache import plan_for
 
     q, run = settings.quant, settings.run
@@ -146,7 +159,15 @@ def estimate_report(spec: ModelSpec, settings: Settings, *, trust_remote_code: b
         recipe=run.recipe, precision=run.precision, lora_rank=run.lora_rank,
         expert_lora="all-linear" in run.lora_targets,
     )
-    breakdown = memory.memory_breakdown(inputs)
+    return Basis(cached, weights, chosen, dtype, config, inputs)
+
+
+def estimate_report(spec: ModelSpec, settings: Settings, *, trust_remote_code: bool = False) -> dict[str, Any]:
+    run = settings.run
+    basis = estimate_basis(spec, settings, trust_remote_code=trust_remote_code)
+    cached, plan, weights, chosen, config = basis.cached, basis.cached.plan, basis.weights, basis.chosen, basis.config
+    total, kept_params, lora, dtype = plan.total_params, plan.kept_params, basis.inputs.lora_params, basis.dtype
+    breakdown = memory.memory_breakdown(basis.inputs)
     peak = memory.peak_bytes(breakdown)
 
     positions = _max_positions(config.get("text_config") if isinstance(config.get("text_config"), dict) else config)
