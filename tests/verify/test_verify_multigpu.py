@@ -19,7 +19,7 @@ import pytest
 
 from tinymodels import llama_config, one_error_line, write_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _settings(**flags):
