@@ -16,11 +16,19 @@ from streamhub import (
     REPO, SHARDS, shards_of, qtool, allocated, DiskPoller, weight_files, shard_gets, cached_shards, leftovers)
 
 
+def local_reference(repo: Path, out: Path, max_shard_size: int) -> None:
+    """The same model quantized from its local folder, in this process (no hub involved: no HF_* to read)."""
+    from qtool.core.config import resolve_settings
+    from qtool.quantize import quantize
+
+    quantize(str(repo), resolve_settings({}, env={}, cwd=out.parent).quant, destination=out, device="cpu",
+             max_shard_size=max_shard_size)
+
+
 def test_stream_is_byte_identical_and_disk_stays_near_output_plus_two_shards(server, env, repo, tmp_path):
     ref = tmp_path / "ref"
     split = ["--max-shard-size", "1500KB"]  # several output files and an index, as well
-    proc = qtool([str(repo), "--out", str(ref), *split], env)  # the local copy, no hub
-    assert proc.returncode == 0, proc.stderr
+    local_reference(repo, ref, 1_500_000)  # the local copy, no hub
 
     work = tmp_path / "work"
     work.mkdir()
@@ -76,8 +84,7 @@ def test_stream_keeps_state_dict_order_when_the_output_split_needs_blob_lengths(
     assert split_shards(specs, limit) is None
     ref, work = tmp_path / "ref", tmp_path / "work"
     work.mkdir()
-    proc = qtool([str(repo), "--out", str(ref), "--max-shard-size", str(limit)], env)
-    assert proc.returncode == 0, proc.stderr
+    local_reference(repo, ref, limit)
     proc = qtool([REPO, "--out", str(work / "out"), "--max-shard-size", str(limit), "--json"], env)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
