@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -21,11 +20,6 @@ SHARDS = 6
 
 def shards_of(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
-
-
-def qtool(args: list[str], env: dict, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, "-m", "qtool", "quantize", *args], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, **kw)
 
 
 def allocated(folder: Path) -> int:

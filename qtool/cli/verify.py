@@ -27,6 +27,8 @@ Examples:
   qtool verify ./Mistral-7B --mode inference --seq-len 8192 --json
   qtool verify ./my-bnb-4bit --reference ./my-16bit  # KL, top-1 agreement
   qtool verify ./tiny-model --device cpu --steps 1   # same steps on the CPU
+  qtool verify 70b --gpus 2 --parallel fsdp --gpu rtx-4090 --cap-memory  # FSDP-QLoRA as on 2 x 24 GB
+  qtool verify llama-3-8b --gpus 2 --parallel pipeline  # device_map="auto" over 2 cards
 """
 
 D = "Device and run"
@@ -39,7 +41,8 @@ def _opt(*names: str, help: str, metavar: str = "", **kw):
 DeviceOpt = Annotated[str, _opt("--device", metavar="DEV",
                                 help="cuda, cuda:N, or cpu (same steps; peak RSS instead of GPU memory).")]
 DeviceMapOpt = Annotated[Optional[str], _opt("--device-map", metavar="MAP", show_default=False,
-                                             help="auto: spread over all GPUs with accelerate; per-GPU peaks.")]
+                                             help="auto: spread over all GPUs with accelerate (= --parallel pipeline "
+                                                  "--gpus <all>); per-GPU peaks.")]
 StepsOpt = Annotated[int, _opt("--steps", metavar="N", min=0,
                                help="Optimizer steps (or prefill+decode rounds); 0 = load only.")]
 DataOpt = Annotated[Optional[Path], _opt("--data", metavar="FILE", show_default=False,
@@ -148,7 +151,7 @@ def _render(console, r: dict, b) -> None:
         t.add_row("[bold]peak allocated[/bold]", b(m.get("peak_allocated_bytes")))
         t.add_row("peak reserved", b(m.get("peak_reserved_bytes")))
         t.add_row("outside torch (CUDA context)", b(m.get("outside_torch_bytes")))
-        for d in m.get("per_device", []) if len(m.get("per_device", [])) > 1 else []:
+        for d in m.get("per_device", []) if len(m.get("per_device", [])) > 1 and not r.get("cards") else []:
             t.add_row(f"  {d['device']} peak allocated", b(d["peak_allocated_bytes"]))
     else:
         t.add_row("[bold]peak RSS (process lifetime)[/bold]", b(m.get("peak_rss_bytes")))
@@ -156,6 +159,8 @@ def _render(console, r: dict, b) -> None:
     if e.get("estimate_bytes") is not None:
         t.add_row("estimate", b(e["estimate_bytes"]))
     console.print(t)
+    if r.get("cards"):
+        console.print(_cards_table(r["cards"], b))
     if r.get("tokens_per_second"):
         console.print(f"step {r['step_seconds']:.2f}s, {r['tokens_per_second']:,.0f} tokens/s"
                       + (f", loss {r['loss']:.4f}" if isinstance(r.get("loss"), float) else ""))
@@ -172,3 +177,21 @@ def _render(console, r: dict, b) -> None:
     for key, c in r["checks"].items():
         mark = marks[c["passed"]] if not (c.get("informational") and c["passed"] is False) else "[yellow]info[/yellow]"
         console.print(f"  {mark}  {TITLES.get(key, key)}: {c['message']}")
+
+
+def _cards_table(cards: list[dict], b):
+    """One row per card: the whole run's allocated peak (load included), the load's, what the card had to
+    hold (reserved + outside torch), its budget and cap, the estimate for it."""
+    from rich.table import Table
+
+    t = Table(title="per card", show_header=True, header_style="bold")
+    for col in ("card", "peak", "load", "needed", "budget", "cap", "estimate", "error", "fits"):
+        t.add_column(col, justify="left" if col == "card" else "right")
+    for c in cards:
+        err = c.get("estimate_relative_error")
+        fits = {True: "yes", False: "[red]no[/red]", None: "-"}[c.get("fits")]
+        t.add_row(f"{c['index']} {c.get('device') or ''}" + (" [red]OOM[/red]" if c.get("out_of_memory") else ""),
+                  b(c.get("peak_allocated_bytes")), b(c.get("load_peak_allocated_bytes")), b(c.get("needed_bytes")),
+                  b(c.get("budget_bytes")), b(c.get("cap_bytes")), b(c.get("estimate_peak_bytes")),
+                  "-" if err is None else f"{err:+.1%}", fits)
+    return t

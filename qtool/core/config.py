@@ -134,6 +134,9 @@ KEYS: tuple[Key, ...] = (
        group="run", panel=M, commands=_EV, type=bool),
     _k("fsdp_ram_efficient", True, _bool, "FSDP: only rank 0 reads the weights, the others start empty "
        "(fsdp_cpu_ram_efficient_loading)", group="run", panel=M, commands=_EV, type=bool),
+    _k("cap_memory", False, _bool, "Hold each card to its budget (--gpu/--vram, or --gpus names) with torch's "
+       "set_per_process_memory_fraction: a big card behaves like the smaller one", panel=M, commands=("verify",),
+       type=bool),
     _k("allow_nonfinite", False, _bool, "Quantize weights that hold NaN/inf (refused by default: they spread "
        "over their blocks)", panel=Q, commands=("quantize",), type=bool),
     _k("stream", None, _bool, "Hub id: fetch shard i+1 while shard i is quantized, delete each once read (disk: "

@@ -34,7 +34,9 @@ from qtool.verify.inputs import (
     QUALITY_TOKENS, Source, VerifyOptions, _has_bitsandbytes, _resolve_reference, check_device, check_inputs,
     check_same_architecture, check_size, check_tokenizer_code, fit_positions, make_batch, resolve_source,
 )
-from qtool.verify.load import _is_causal_lm, _quiet_transformers, load_model, portable_cpu_kernels, random_state_dict
+from qtool.verify.load import (
+    _is_causal_lm, _quiet_transformers, apply_cap, load_model, pipeline_memory, portable_cpu_kernels, random_state_dict,
+)
 from qtool.verify.meter import Meter, _device_info, _max_rss_bytes, versions
 from qtool.verify.report import VerifyReport
 from qtool.verify.quality import _quality_outputs, _reference_quality, compare_outputs
@@ -94,17 +96,37 @@ def run_verify(spec: ModelSpec, settings: Settings, options: VerifyOptions,
     """Load, run, measure. Returns the report; raises BadInput (exit 2) for unusable input or device.
 
     Conditions found while running (out of memory, NaN loss, over budget) are recorded in the report's
-    checks, not raised: `outcome(report)` gives the error to exit with.
+    checks, not raised: `outcome(report)` gives the error to exit with. Several cards (--gpus, --parallel,
+    --device-map auto): qtool/verify/multi.py.
     """
+    from qtool.verify import multi
+
+    say = progress or (lambda _m: None)
+    several = multi.is_multi(settings, options)
+    notes: list[str] = []
+    if several:
+        settings, options, notes = multi.adjust(settings, options)
+        multi.check_cards(settings, options.device)
     settings, source, reference, seq_note = preflight(spec, settings, options)
-    run = _Run(spec, settings, options, source, reference, progress or (lambda _m: None))
-    if seq_note:
-        run.report.notes.append(seq_note)
-    run.execute()
-    run.measure()
-    run.compare_with_estimate()
-    run.reference_quality()
-    report = run.report
+    notes += [seq_note] if seq_note else []
+    if multi.launched(settings):
+        report = multi.run_ranks(spec, settings, options, notes, say)
+    else:
+        cards = None
+        if several:
+            settings, options, cards = multi.pipeline_options(settings, options)
+        run = _Run(spec, settings, options, source, reference, say, cards=cards,
+                   budgets=multi.card_budgets(settings) if cards else None)
+        run.report.notes.extend(notes)
+        run.execute()
+        run.measure()
+        run.compare_with_estimate()
+        run.reference_quality()
+        report = run.report
+        if several:
+            multi.pipeline_cards(report, run.budgets, run.caps)
+    if several:
+        multi.compare_cards(report, spec, settings, options.tolerance)
     report.checks = checks(report, settings)
     err = outcome(report)
     report.exit_code = 0 if err is None else err.exit_code
@@ -115,7 +137,7 @@ class _Run:
     """One verify run: the model, the meter and the report they fill, phase by phase."""
 
     def __init__(self, spec: ModelSpec, settings: Settings, options: VerifyOptions, source: Source, reference,
-                 say: Callable[[str], None]):
+                 say: Callable[[str], None], *, cards: int | None = None, budgets: list | None = None):
         import torch
 
         from qtool.core.meta import hf_config, model_class
@@ -136,8 +158,14 @@ class _Run:
             self.device_map = "auto"
         else:
             self.device_map = {"": options.device if options.device != "cuda" else "cuda:0"}
-        self.devices = ([torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())]
+        self.devices = ([torch.device(f"cuda:{i}") for i in range(cards or torch.cuda.device_count())]
                         if self.device_map == "auto" else [torch.device(self.device_map[""])])
+        # --cap-memory: each card held to its budget, as if it were that card
+        self.budgets = [*(budgets or []), *[settings.run.budget_bytes] * len(self.devices)][:len(self.devices)]
+        self.caps = [apply_cap(d.index, b) if self.cuda and settings.values.get("cap_memory") and b else None
+                     for d, b in zip(self.devices, self.budgets)]
+        self.max_memory = pipeline_memory(self.devices, self.caps) if self.device_map == "auto" and (
+            cards or any(self.caps)) else None
         self.meter = Meter(self.devices)
         torch.manual_seed(options.seed)
         self.model = self.quant_out = self.quality_ids = None
@@ -203,7 +231,8 @@ class _Run:
                  f"{self.options.device if self.device_map != 'auto' else 'all GPUs'}")
         t0 = time.perf_counter()
         with _quiet_transformers():
-            self.model, _ = load_model(spec, source, settings, self.options, self.device_map, quantize=quantize)
+            self.model, _ = load_model(spec, source, settings, self.options, self.device_map, quantize=quantize,
+                                       max_memory=self.max_memory)
         if not self.cuda:
             portable_cpu_kernels(self.model)
         report.load_seconds = time.perf_counter() - t0
@@ -215,7 +244,7 @@ class _Run:
         # the load's own peak includes 16-bit staging copies of tensors being quantized; the cache is not
         # emptied afterwards, as a training script would not empty it either
         report.memory["load_peak_allocated_bytes"] = meter.phase_peak()
-        meter.peak_allocated = meter.peak_reserved = 0
+        meter.start_steps()
         report.phases["after_load"] = meter.allocated()
 
     def _batch(self):

@@ -71,6 +71,34 @@ def portable_cpu_kernels(model) -> int:
     return n
 
 
+def apply_cap(index: int, budget: int) -> int:
+    """Hold this process to `budget` bytes of card `index`, as if the card were that small
+    (torch.cuda.set_per_process_memory_fraction): the caching allocator gets the budget less what the CUDA
+    context already holds outside it. Returns the allocator's cap in bytes."""
+    import torch
+
+    from qtool.core.errors import DeviceError
+    from qtool.core.sizes import format_bytes
+
+    torch.zeros(1, device=f"cuda:{index}")  # the context exists from here on
+    free, total = torch.cuda.mem_get_info(index)
+    outside = total - free - torch.cuda.memory_reserved(index)
+    cap = budget - outside
+    if cap <= 0 or budget > total:
+        raise DeviceError(f"--cap-memory: a budget of {format_bytes(budget)} cannot be simulated on cuda:{index} "
+                          f"({format_bytes(total)}, of which the CUDA context holds {format_bytes(outside)})")
+    torch.cuda.set_per_process_memory_fraction(cap / total, index)
+    return cap
+
+
+def pipeline_memory(devices: list, caps: list) -> dict:
+    """device_map="auto"'s max_memory: the cards in use only, each at its cap or its free memory (accelerate's
+    own default for a card), so layers are placed as they would be on the smaller cards."""
+    import torch
+
+    return {d.index: cap if cap else torch.cuda.mem_get_info(d.index)[0] for d, cap in zip(devices, caps)}
+
+
 def _is_causal_lm(cls) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -81,14 +109,58 @@ def _is_causal_lm(cls) -> bool:
 
 
 def load_model(spec: ModelSpec, source: Source, settings: Settings, options: VerifyOptions, device_map, *,
-               quantize: bool, path: Path | None = None):
-    """from_pretrained, once, the way a user would call it. `quantize=False` loads 16-bit."""
+               quantize: bool, path: Path | None = None, max_memory: dict | None = None):
+    """from_pretrained, once, the way a user would call it. `quantize=False` loads 16-bit. A rank of FSDP with
+    ram-efficient loading parks each quantized weight in host memory (see parked_on_cpu)."""
+    run = settings.run
+    if quantize and run.parallel == "fsdp" and run.fsdp_ram_efficient and device_map != {"": "cpu"}:
+        with parked_on_cpu():
+            return _load_model(spec, source, settings, options, device_map, quantize=quantize, path=path,
+                               max_memory=max_memory)
+    return _load_model(spec, source, settings, options, device_map, quantize=quantize, path=path,
+                       max_memory=max_memory)
+
+
+class parked_on_cpu:
+    """FSDP-QLoRA's low-memory load: each weight is quantized on the card, then moved to host memory with its
+    quantization state, so the card never holds the whole 4-bit model; FSDP then moves one wrapped layer at a
+    time to the card and keeps its shard (Params4bit.to moves the quant_state along). transformers 4 did this
+    for rank 0 under fsdp_cpu_ram_efficient_loading; transformers 5 quantizes the whole model onto every
+    rank's card. Done by wrapping bitsandbytes' Params4bit._quantize for the duration of the load."""
+
+    def __enter__(self):
+        from bitsandbytes.nn import Params4bit
+
+        self._original = original = Params4bit._quantize
+
+        def quantize_then_park(param, device):
+            out = original(param, device)
+            if out.data.device.type != "cpu":
+                out.data = out.data.to("cpu")
+                if out.quant_state is not None:
+                    out.quant_state.to("cpu")
+            return out
+
+        Params4bit._quantize = quantize_then_park
+        return self
+
+    def __exit__(self, *exc):
+        from bitsandbytes.nn import Params4bit
+
+        Params4bit._quantize = self._original
+        return False
+
+
+def _load_model(spec: ModelSpec, source: Source, settings: Settings, options: VerifyOptions, device_map, *,
+                quantize: bool, path: Path | None = None, max_memory: dict | None = None):
     from qtool.core.meta import hf_config, model_class
 
     cfg = hf_config(spec.config, source=spec.config_path or spec.ref, trust_remote_code=options.trust_remote_code)
     cls = model_class(cfg)
     kwargs: dict[str, Any] = {"device_map": device_map, "trust_remote_code": options.trust_remote_code,
                               "dtype": _kept_dtype(spec, settings)}
+    if max_memory is not None:
+        kwargs["max_memory"] = max_memory
     if source.kind == "checkpoint-4bit":
         return cls.from_pretrained(source.path, **kwargs), cls
     if quantize:

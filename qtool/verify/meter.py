@@ -32,6 +32,8 @@ class Meter:
         # per device, max over phases (each phase resets torch's counters)
         self.device_peak_allocated = [0] * len(devices)
         self.device_peak_reserved = [0] * len(devices)
+        self.device_load_peak: list[int | None] = [None] * len(devices)  # the load's own peak, per device
+        self.device_steps_peak = [0] * len(devices)  # after the load: what the steps add on top
 
     def sync(self) -> None:
         if self.cuda:
@@ -68,10 +70,17 @@ class Meter:
         for i, (a, r) in enumerate(zip(allocated, reserved)):
             self.device_peak_allocated[i] = max(self.device_peak_allocated[i], a)
             self.device_peak_reserved[i] = max(self.device_peak_reserved[i], r)
+            self.device_steps_peak[i] = max(self.device_steps_peak[i], a)
         peak = sum(allocated)
         self.peak_allocated = max(self.peak_allocated, peak)
         self.peak_reserved = max(self.peak_reserved, sum(reserved))
         return peak
+
+    def start_steps(self) -> None:
+        """The load is over: its peaks are kept apart, the run's own peaks start from zero."""
+        self.device_load_peak = list(self.device_peak_allocated)
+        self.device_steps_peak = [0] * len(self.devices)
+        self.peak_allocated = self.peak_reserved = 0
 
     def per_device(self) -> list[dict]:
         import torch
@@ -89,6 +98,8 @@ class Meter:
                 "peak_reserved_bytes": max(self.device_peak_reserved[i], torch.cuda.max_memory_reserved(d)),
                 # what the CUDA context, cuBLAS workspaces and other processes hold outside torch's allocator
                 "outside_torch_bytes": max(0, total - free - reserved),
+                "load_peak_allocated_bytes": self.device_load_peak[i],
+                "steps_peak_allocated_bytes": self.device_steps_peak[i],
             })
         return out
 

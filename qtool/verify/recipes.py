@@ -108,7 +108,11 @@ def _callback(meter, phases: dict, params: list, steps: list, record: dict):
         def on_pre_optimizer_step(self, args, state, control, **kw):
             # backward and the Trainer's gradient clipping
             phases["backward_peak"] = max(phases.get("backward_peak", 0), meter.phase_peak())
-            grads = [p.grad for p in params if p.grad is not None]
+            # the model the Trainer steps: under FSDP its flat (sharded) parameters hold the gradients, not
+            # the parameters the peft model had before it was wrapped
+            model = kw.get("model")
+            trained = [p for p in model.parameters() if p.requires_grad] if model is not None else params
+            grads = [p.grad for p in trained if p.grad is not None]
             record["grads_finite"] = bool(grads) and all(bool(torch.isfinite(g).all()) for g in grads)
             meter.reset_peak()
 
@@ -151,6 +155,9 @@ def train_with_trainer(model, ids, settings: Settings, options, meter, phases: d
                   gradient_checkpointing_kwargs={"use_reentrant": False}, logging_strategy="no",
                   save_strategy="no", report_to="none", disable_tqdm=True, seed=options.seed,
                   dataloader_num_workers=0, use_cpu=not cuda,
+                  # DDP of a PeftModel: the Trainer would look for unused parameters, which non-reentrant
+                  # checkpointing refuses; every LoRA parameter is used
+                  ddp_find_unused_parameters=False if run.parallel == "ddp" else None,
                   **_precision_flags(run.precision, cuda, notes))
     steps: list = report.steps
     record: dict = {}
@@ -173,6 +180,9 @@ def train_with_trainer(model, ids, settings: Settings, options, meter, phases: d
                              "optim": args.optim if isinstance(args.optim, str) else args.optim.value,
                              "bf16": bool(args.bf16), "fp16": bool(args.fp16),
                              "gradient_checkpointing": bool(args.gradient_checkpointing)}
+        if trainer.accelerator.num_processes > 1:  # a rank of --parallel fsdp|ddp: what accelerate made of it
+            report.trainer["distributed_type"] = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
+            report.trainer["world_size"] = trainer.accelerator.num_processes
         try:
             trainer.train()
         finally:

@@ -9,7 +9,7 @@ from typing import Any
 
 # Sections that exist only when the run got that far (absent from the JSON otherwise).
 _OPTIONAL = ("load_seconds", "inputs", "trainable_params", "decode_tokens_per_second", "trainer", "estimate",
-             "checks", "exit_code")
+             "checks", "exit_code", "cards")
 
 
 @dataclass
@@ -40,6 +40,7 @@ class VerifyReport:
     estimate: dict | None = None
     checks: dict[str, dict] | None = None
     exit_code: int | None = None
+    cards: list[dict] | None = None  # several cards: one row each (qtool/verify/cards.py)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}

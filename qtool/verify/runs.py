@@ -46,7 +46,13 @@ def wrap_for_training(model, settings: Settings):
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if run.mode == "qlora":
+    if run.mode == "qlora" and run.parallel == "fsdp":
+        # FSDP-QLoRA (peft's recipe; trl skips it too for sharded QLoRA): prepare_model_for_kbit_training would
+        # cast the kept weights to float32, and FSDP flattens only tensors of one dtype
+        if run.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    elif run.mode == "qlora":
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=run.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -106,8 +106,10 @@ def checks(report: VerifyReport, settings: Settings) -> dict[str, dict]:
     need = report.memory.get("peak_needed_bytes")
     what = "peak RSS" if report.memory.get("metric") == "process_rss" else "peak reserved + outside torch"
     if oom:
-        out["fits_budget"] = Check("fits_budget", False, f"out of memory during {err.get('stage')} on "
-                                   f"{report.device['name']}")
+        where = f"rank {err['rank']} ({report.device['name']})" if "rank" in err else report.device["name"]
+        out["fits_budget"] = Check("fits_budget", False, f"out of memory during {err.get('stage')} on {where}")
+    elif report.cards and any(c.get("budget_bytes") for c in report.cards):
+        out["fits_budget"] = _cards_fit(report.cards)
     elif budget is None:
         out["fits_budget"] = Check("fits_budget", None, f"no budget given ({what} {format_bytes(need or 0)})")
     else:
@@ -118,7 +120,9 @@ def checks(report: VerifyReport, settings: Settings) -> dict[str, dict]:
                                    f"{'<=' if ok else '>'} budget {format_bytes(budget)}")
 
     est = report.estimate or {}
-    if est.get("relative_error") is None:
+    if report.cards is not None:
+        out["estimate_within_tolerance"] = _cards_estimate(report.cards, est)
+    elif est.get("relative_error") is None:
         why = est.get("error") or est.get("note") or "no measurement to compare"
         out["estimate_within_tolerance"] = Check("estimate_within_tolerance", None, why, informational=True)
     else:
@@ -128,6 +132,33 @@ def checks(report: VerifyReport, settings: Settings) -> dict[str, dict]:
             f"{est['compared']}: {format_bytes(est['estimate_bytes'])} vs {format_bytes(est['measured_bytes'])} "
             f"({est['relative_error']:+.1%}, tolerance {est['tolerance']:.0%})", informational=True)
     return {k: {"passed": c.passed, "message": c.message, "informational": c.informational} for k, c in out.items()}
+
+
+def _cards_fit(cards: list[dict]) -> Check:
+    """Every card against its own budget; the message names the fullest one."""
+    from qtool.core.sizes import format_bytes
+
+    rated = [c for c in cards if c.get("budget_bytes") and c.get("needed_bytes") is not None]
+    if not rated:
+        return Check("fits_budget", None, "no card measured")
+    worst = max(rated, key=lambda c: c["needed_bytes"] - c["budget_bytes"])
+    ok = all(c["needed_bytes"] <= c["budget_bytes"] for c in rated)
+    return Check("fits_budget", ok, f"card {worst['index']}: peak reserved + outside torch "
+                 f"{format_bytes(worst['needed_bytes'])} {'<=' if ok else '>'} budget "
+                 f"{format_bytes(worst['budget_bytes'])} ({len(rated)} card(s))")
+
+
+def _cards_estimate(cards: list[dict], est: dict) -> Check:
+    """Each card's allocated peak against qtool estimate's figure for that card (informational)."""
+    errors = [(c["index"], c["estimate_relative_error"]) for c in cards if c.get("estimate_relative_error") is not None]
+    name = "estimate_within_tolerance"
+    if not errors:
+        return Check(name, None, "no card to compare (" + (est.get("error") or "no per-card estimate or "
+                                                              "measurement") + ")", informational=True)
+    tol = est.get("tolerance", 0.05)
+    ok = all(abs(e) <= tol for _, e in errors)
+    return Check(name, ok, "per card, estimate vs measured allocated peak: "
+                 + ", ".join(f"{i}: {e:+.1%}" for i, e in errors) + f" (tolerance {tol:.0%})", informational=True)
 
 
 def outcome(report: VerifyReport) -> QtoolError | None:

@@ -4,12 +4,15 @@ builds its own repo and pytest-xdist can run the two modules on different worker
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from forkserver import ForkServer
 from hubserver import HubServer
-from streamhub import REPO, SHARDS, shards_of
+from streamhub import PY, REPO, ROOT, SHARDS, shards_of
 from tinymodels import llama_config, llama_weights, write_checkpoint
 
 
@@ -58,3 +61,25 @@ def server(hub_server) -> HubServer:
 @pytest.fixture
 def env(hub_env) -> dict[str, str]:
     return hub_env
+
+
+@pytest.fixture(scope="session")
+def qtool(tmp_path_factory):
+    """qtool(args, env) -> CompletedProcess of `python -m qtool quantize ARGS` run with exactly `env`: a real
+    process, forked from one that has imported torch but never huggingface_hub or qtool (huggingface_hub reads
+    HF_* at import; the child imports it after taking `env`), which saves each run torch's import. With
+    subprocess options (a preexec_fn), a fresh interpreter."""
+    env0 = {k: v for k, v in os.environ.items() if not k.startswith(("QTOOL_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
+    env0["PYTHONPATH"] = str(ROOT) + os.pathsep + env0.get("PYTHONPATH", "")
+    server = ForkServer(["torch", "safetensors.torch"], env=env0, folder=tmp_path_factory.mktemp("forks"))
+
+    def run(args: list[str], env: dict, **kw) -> subprocess.CompletedProcess:
+        if kw:
+            return subprocess.run([PY, "-m", "qtool", "quantize", *args], env=env, cwd=ROOT, capture_output=True,
+                                  text=True, timeout=600, **kw)
+        child = server.qtool("quantize", *args, cwd=ROOT, env=env)
+        out, err = child.communicate(timeout=600)
+        return subprocess.CompletedProcess(["qtool", "quantize", *args], child.returncode, out, err)
+
+    yield run
+    server.close()

@@ -13,14 +13,22 @@ import json
 from pathlib import Path
 
 from streamhub import (
-    REPO, SHARDS, shards_of, qtool, allocated, DiskPoller, weight_files, shard_gets, cached_shards, leftovers)
+    REPO, SHARDS, shards_of, allocated, DiskPoller, weight_files, shard_gets, cached_shards, leftovers)
 
 
-def test_stream_is_byte_identical_and_disk_stays_near_output_plus_two_shards(server, env, repo, tmp_path):
+def local_reference(repo: Path, out: Path, max_shard_size: int) -> None:
+    """The same model quantized from its local folder, in this process (no hub involved: no HF_* to read)."""
+    from qtool.core.config import resolve_settings
+    from qtool.quantize import quantize
+
+    quantize(str(repo), resolve_settings({}, env={}, cwd=out.parent).quant, destination=out, device="cpu",
+             max_shard_size=max_shard_size)
+
+
+def test_stream_is_byte_identical_and_disk_stays_near_output_plus_two_shards(qtool, server, env, repo, tmp_path):
     ref = tmp_path / "ref"
     split = ["--max-shard-size", "1500KB"]  # several output files and an index, as well
-    proc = qtool([str(repo), "--out", str(ref), *split], env)  # the local copy, no hub
-    assert proc.returncode == 0, proc.stderr
+    local_reference(repo, ref, 1_500_000)  # the local copy, no hub
 
     work = tmp_path / "work"
     work.mkdir()
@@ -58,7 +66,7 @@ def test_stream_is_byte_identical_and_disk_stays_near_output_plus_two_shards(ser
     assert report["fetch"]["seconds"] > 0 and 0 <= report["fetch"]["overlap_seconds"] <= report["fetch"]["seconds"]
 
 
-def test_stream_keeps_state_dict_order_when_the_output_split_needs_blob_lengths(server, env, repo, tmp_path):
+def test_stream_keeps_state_dict_order_when_the_output_split_needs_blob_lengths(qtool, server, env, repo, tmp_path):
     """An output shard limit that falls inside a quant-state blob's possible lengths: the two-pass ShardWriter
     takes tensors in state-dict order, and the fetcher follows that order instead of shard by shard."""
     from qtool.core.config import resolve_settings
@@ -76,8 +84,7 @@ def test_stream_keeps_state_dict_order_when_the_output_split_needs_blob_lengths(
     assert split_shards(specs, limit) is None
     ref, work = tmp_path / "ref", tmp_path / "work"
     work.mkdir()
-    proc = qtool([str(repo), "--out", str(ref), "--max-shard-size", str(limit)], env)
-    assert proc.returncode == 0, proc.stderr
+    local_reference(repo, ref, limit)
     proc = qtool([REPO, "--out", str(work / "out"), "--max-shard-size", str(limit), "--json"], env)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
@@ -90,7 +97,7 @@ def allocated_file(path: Path) -> int:
     return path.stat().st_blocks * 512
 
 
-def test_summary_reports_fetch_and_peak_disk(server, env, tmp_path):
+def test_summary_reports_fetch_and_peak_disk(qtool, server, env, tmp_path):
     proc = qtool([REPO, "--out", str(tmp_path / "out")], {**env, "COLUMNS": "200"})  # rich would wrap at 80
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -102,7 +109,7 @@ def test_summary_reports_fetch_and_peak_disk(server, env, tmp_path):
     assert all(len(line) <= 80 for line in lines if str(tmp_path) not in line), lines
 
 
-def test_keep_source_puts_shards_in_the_cache_and_the_next_run_uses_it(server, env, repo, tmp_path):
+def test_keep_source_puts_shards_in_the_cache_and_the_next_run_uses_it(qtool, server, env, repo, tmp_path):
     proc = qtool([REPO, "--out", str(tmp_path / "a"), "--keep-source", "--json"], env)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["fetch"]["kept_in_cache"] is True
@@ -130,7 +137,7 @@ def test_keep_source_puts_shards_in_the_cache_and_the_next_run_uses_it(server, e
     assert weight_files(tmp_path / "c") == weight_files(tmp_path / "a")
 
 
-def test_no_stream_downloads_first_into_the_cache(server, env, repo, tmp_path):
+def test_no_stream_downloads_first_into_the_cache(qtool, server, env, repo, tmp_path):
     proc = qtool([REPO, "--out", str(tmp_path / "out"), "--no-stream", "--json"], env)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["fetch"] is None
@@ -138,7 +145,7 @@ def test_no_stream_downloads_first_into_the_cache(server, env, repo, tmp_path):
     assert len(cached_shards(env)) == SHARDS
 
 
-def test_dry_run_plans_from_headers_without_fetching_a_shard(server, env, tmp_path):
+def test_dry_run_plans_from_headers_without_fetching_a_shard(qtool, server, env, tmp_path):
     proc = qtool([REPO, "--out", str(tmp_path / "out"), "--dry-run", "--json"], env)
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout)
@@ -148,7 +155,7 @@ def test_dry_run_plans_from_headers_without_fetching_a_shard(server, env, tmp_pa
     assert not (tmp_path / "out").exists() and cached_shards(env) == []
 
 
-def test_a_repo_without_index_or_model_safetensors_is_downloaded_first(server, env, tmp_path):
+def test_a_repo_without_index_or_model_safetensors_is_downloaded_first(qtool, server, env, tmp_path):
     proc = qtool(["org/odd", "--out", str(tmp_path / "out"), "--json"], env)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["fetch"] is None

@@ -9,11 +9,11 @@ import subprocess
 import threading
 from pathlib import Path
 
-from streamhub import ROOT, PY, REPO, shards_of, qtool, shard_gets, assert_nothing_left
+from streamhub import ROOT, PY, REPO, shards_of, shard_gets, assert_nothing_left
 from tinymodels import one_error_line
 
 
-def test_shard_404_mid_stream_is_one_line_and_leaves_nothing(server, env, repo, tmp_path):
+def test_shard_404_mid_stream_is_one_line_and_leaves_nothing(qtool, server, env, repo, tmp_path):
     missing = shards_of(repo)[3].name
     server.hide(missing)  # its header is readable (the plan succeeds), the file itself 404s
     work = tmp_path / "work"
@@ -52,7 +52,7 @@ def _file_size_limit(limit: int):
     return apply
 
 
-def test_disk_full_while_fetching_is_one_line_and_leaves_nothing(server, env, repo, tmp_path):
+def test_disk_full_while_fetching_is_one_line_and_leaves_nothing(qtool, server, env, repo, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     limit = min(p.stat().st_size for p in shards_of(repo)) // 2  # no shard fits

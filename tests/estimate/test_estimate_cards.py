@@ -22,7 +22,7 @@ from qtool.estimate.cards import estimate_cards
 from qtool.estimate.pipeline import device_map
 from tests.tinymodels import llama_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GiB = 2**30
 
 
