@@ -132,8 +132,8 @@ KEYS: tuple[Key, ...] = (
        group="run", panel=M, commands=_EV, metavar="STRATEGY"),
     _k("fsdp_offload_params", False, _bool, "FSDP: keep parameters in CPU RAM between uses (fsdp_offload_params)",
        group="run", panel=M, commands=_EV, type=bool),
-    _k("fsdp_ram_efficient", True, _bool, "FSDP: only rank 0 reads the weights, the others start empty "
-       "(fsdp_cpu_ram_efficient_loading)", group="run", panel=M, commands=_EV, type=bool),
+    _k("fsdp_ram_efficient", True, _bool, "FSDP: no card ever holds the whole model while loading "
+       "(fsdp_cpu_ram_efficient_loading; verify parks each 4-bit weight in host RAM until FSDP shards it)", group="run", panel=M, commands=_EV, type=bool),
     _k("cap_memory", False, _bool, "Hold each card to its budget (--gpu/--vram, or --gpus names) with torch's "
        "set_per_process_memory_fraction: a big card behaves like the smaller one", panel=M, commands=("verify",),
        type=bool),
