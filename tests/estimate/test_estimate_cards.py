@@ -334,3 +334,29 @@ def test_fsdp_units_match_a_real_fsdp_wrap(tmp_path):
     assert len(lora) == sum(1 for _, _, _, t in real if t)
     assert lora == sorted(numel for numel, count in u.lora_units for _ in range(count))
     assert all(local == math.ceil(n / 2) for n, local, _, _ in real)
+
+
+def test_recorded_fsdp_runs_are_within_5_percent_per_card_and_capped_verdicts_agree():
+    """The GPU runs recorded in docs/multigpu_measurements.json (4 x H200 and 2 x H200, issue 13), recomputed
+    here without a GPU: every FSDP card within 5% of its rank's max_memory_allocated, and a capped run fits
+    exactly when it ran. (The pipeline rows there are the open part of issue 13: their per-card split is off.)"""
+    import json
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from compare_multigpu import compare
+
+    rows = json.loads((ROOT / "docs" / "multigpu_measurements.json").read_text())
+    checked = verdicts = 0
+    for row in rows:
+        if row.get("parallel") != "fsdp":
+            continue
+        for card in compare(row):
+            if card["error"] is not None:
+                assert abs(card["error"]) <= 0.05, (row["model"], row["gpus"], row["seq_len"], card)
+                checked += 1
+            if card["fits"] is not None and row.get("outcome") in ("ok", "oom") and "--no-fsdp-ram-efficient" \
+                    not in (row.get("flags") or []):
+                assert card["fits"] == (row["outcome"] == "ok"), (row["model"], row["gpus"], card)
+                verdicts += 1
+    assert checked >= 10 and verdicts >= 4
