@@ -84,6 +84,9 @@ def check_cards(settings: Settings, device: str) -> None:
     """--gpus N over the visible GPUs is refused in one line, before anything is launched."""
     n = card_count(settings)
     if device == "cpu":
+        if n > 1 and settings.run.parallel == "pipeline":
+            raise DeviceError(f"--gpus {n} --parallel pipeline spreads the layers over GPUs; with --device cpu "
+                              "leave --gpus out (or --parallel ddp: CPU ranks)")
         return
     import torch
 

@@ -95,6 +95,7 @@ def test_fsdp_qlora_packs_the_4bit_weights_in_bfloat16():
     (["--gpus", "2", "--device-map", "auto"], "--device-map auto is --parallel pipeline"),
     (["--gpus", "3", "--parallel", "fsdp"], "--gpus 3: only 0 GPU(s) visible"),
     (["--gpus", "2"], "--gpus 2: only 0 GPU(s) visible"),
+    (["--gpus", "2", "--device", "cpu"], "--gpus 2 --parallel pipeline spreads the layers over GPUs"),
 ])
 def test_refusals_are_one_line(args, message):
     r = _qtool("verify", "8b", *args, env={"CUDA_VISIBLE_DEVICES": ""}, timeout=120)
