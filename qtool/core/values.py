@@ -103,7 +103,9 @@ def gpus(v: Any, key: str) -> int | tuple[str, ...]:
     if isinstance(v, int) or (isinstance(v, str) and v.strip().isdigit()):
         return integer(1, MAX_GPUS)(v, key)
     names = items(v, key)
-    if not names:
+    if len(names) == 1 and names[0].isdigit():  # "2," is a count with a stray comma
+        return integer(1, MAX_GPUS)(names[0], key)
+    if not names or any(n.isdigit() for n in names):
         raise ConfigError(f"invalid {key} {v!r}: expected a count (2) or GPU names (rtx-4090,rtx-3090)")
     if len(names) > MAX_GPUS:
         raise ConfigError(f"invalid {key}: {len(names)} cards, at most {MAX_GPUS}")

@@ -64,13 +64,14 @@ def test_gpu_name_gives_budget_and_unknown_gpu_is_named(tmp_path):
 
 def test_gpus_is_a_count_or_one_catalogue_name_per_card(tmp_path):
     assert resolve_settings({"gpus": "2"}, env={}, cwd=tmp_path).run.gpus == 2
+    assert resolve_settings({"gpus": "2,"}, env={}, cwd=tmp_path).run.gpus == 2
     s = resolve_settings({}, env={"QTOOL_GPUS": "RTX 4090, rtx-3090"}, cwd=tmp_path)
     assert s.run.gpus == ("rtx-4090", "rtx-3090") and s.sources["gpus"] == "env QTOOL_GPUS"
     (tmp_path / "qtool.toml").write_text('gpus = ["rtx-4090", "rtx-4090"]\nparallel = "FSDP"\n')
     s = resolve_settings({}, env={}, cwd=tmp_path)
     assert s.run.gpus == ("rtx-4090", "rtx-4090") and s.run.parallel == "fsdp"
     for bad, needle in (("0", "between 1 and"), ("rtx-9999", "unknown GPU 'rtx-9999'"), (True, "a count"),
-                        (",", "a count"), ("2,2", "unknown GPU '2'")):
+                        (",", "a count"), ("2,2", "a count"), ("rtx-4090,2", "a count")):
         with pytest.raises(ConfigError, match=needle):
             resolve_settings({"gpus": bad}, env={}, cwd=tmp_path)
 
