@@ -9,6 +9,7 @@ import typer
 
 from qtool.cli.options import JsonOpt, RevisionOpt, Settings, TrustRemoteCodeOpt, escape, with_settings
 from qtool.cli.output import Output
+from qtool.core.config import flag_name
 from qtool.cli.progress import ProgressLine
 
 HELP = """Quantize a checkpoint to bitsandbytes 4-bit (NF4 by default), one tensor at a time.
@@ -65,6 +66,10 @@ def quantize(
     output = Output(as_json=as_json, units=settings.values["units"])
     for line in settings.warnings:
         output.warn(line)
+    if Path(model).expanduser().exists():  # what resolve_source reads as a local checkpoint
+        for key in ("stream", "keep_source"):
+            if settings.values[key] and settings.sources[key] != "default":
+                output.warn(f"{flag_name(key)} applies to a hub id; {model} is a local folder ({key} ignored)")
     with QuantizeJob(model, settings.quant, destination=out, revision=revision, device=device, max_shard_size=shard,
                      force=force, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                      allow_nonfinite=settings.values["allow_nonfinite"], dry_run=dry_run,

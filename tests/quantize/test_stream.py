@@ -160,3 +160,15 @@ def test_a_repo_without_index_or_model_safetensors_is_downloaded_first(qtool, se
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["fetch"] is None
     assert [p.name for p in cached_shards(env)] == ["weights.safetensors"]
+
+
+def test_stream_flags_on_a_local_folder_are_named_as_ignored(repo, tmp_path, capsys):
+    from qtool.cli.app import main
+
+    code = main(["quantize", str(repo), "--out", str(tmp_path / "out"), "--stream", "--keep-source", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(out)["fetch"] is None
+    warned = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert warned == [f"warning: --stream applies to a hub id; {repo} is a local folder (stream ignored)",
+                      f"warning: --keep-source applies to a hub id; {repo} is a local folder (keep_source ignored)"]
