@@ -66,7 +66,7 @@ def quantize(
     output = Output(as_json=as_json, units=settings.values["units"])
     for line in settings.warnings:
         output.warn(line)
-    if Path(model).expanduser().exists():  # what resolve_source reads as a local checkpoint
+    if _is_local(model):
         for key in ("stream", "keep_source"):
             if settings.values[key] and settings.sources[key] != "default":
                 output.warn(f"{flag_name(key)} applies to a hub id; {model} is a local folder ({key} ignored)")
@@ -147,3 +147,12 @@ def render_result(console, plan, result, format_bytes) -> None:
     from qtool.quantize.card import auto_class
 
     console.print(f"  load it: {auto_class(plan.architecture)}.from_pretrained({str(result.destination)!r})")
+
+
+def _is_local(model: str) -> bool:
+    """What resolve_source reads as a local checkpoint (a name the filesystem refuses is not one: that error
+    is resolve_source's to give)."""
+    try:
+        return Path(model).expanduser().exists()
+    except (OSError, ValueError):
+        return False
