@@ -39,7 +39,8 @@ def compare(row: dict) -> list[dict]:
     from qtool.estimate.cards import estimate_cards
 
     spec = resolve_model(row.get("config") or row["model"])
-    est = estimate_cards(spec, row_settings(row))
+    # the pipeline placement of the transformers that ran (it changed in 5.18)
+    est = estimate_cards(spec, row_settings(row), transformers_version=(row.get("versions") or {}).get("transformers"))
     out = []
     caps = row.get("cap_bytes")
     budgets = [c.budget_bytes for c in est.cards]

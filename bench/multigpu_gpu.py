@@ -65,6 +65,8 @@ def row_of(run: dict, code, report: dict | None, wall: float, stderr: str) -> di
         "per_rank_steps_peak_bytes": [c.get("steps_peak_allocated_bytes") for c in cards],
         "per_rank_outside_torch_bytes": [c.get("outside_torch_bytes") for c in cards],
         "per_rank_estimate_peak_bytes": [c.get("estimate_peak_bytes") for c in cards],
+        "per_rank_phase_peaks_bytes": [c.get("phase_peaks_allocated_bytes") for c in cards],
+        "device_map": (report.get("model") or {}).get("device_map"),
         "cap_bytes": [c.get("cap_bytes") for c in cards] if run["cap_gpu"] else None,
         "cap_gpu": run["cap_gpu"], "card": (report.get("device") or {}).get("name"),
         "versions": report.get("versions"), "loss": report.get("loss"), "trainer": report.get("trainer"),

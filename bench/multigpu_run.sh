@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 deadline=$1; shift
 whl=$(ls ../../.whl/*.whl .whl/*.whl 2>/dev/null | head -1)
 [ -n "$whl" ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$whl"
+# LIBS=DIR: also these wheels (e.g. .dev/libs: the transformers/peft/accelerate CI installs, not the image's)
+[ -n "${LIBS:-}" ] && python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$LIBS"/*.whl
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1

@@ -83,9 +83,11 @@ def card_budgets(run) -> list[tuple[str | None, int | None]]:
     return out
 
 
-def estimate_cards(spec, settings, *, trust_remote_code: bool = False, basis=None) -> CardsEstimate:
+def estimate_cards(spec, settings, *, trust_remote_code: bool = False, basis=None,
+                   transformers_version: str | None = None) -> CardsEstimate:
     """Per-card peaks for settings.run.gpus cards with settings.run.parallel. `basis`: an estimate_basis already
-    computed for the same spec and settings (the CLI shares it with the one-GPU report)."""
+    computed for the same spec and settings (the CLI shares it with the one-GPU report). `transformers_version`:
+    the pipeline placement of that transformers (None: the installed one)."""
     from qtool.estimate.report import estimate_basis
 
     run = settings.run
@@ -107,7 +109,8 @@ def estimate_cards(spec, settings, *, trust_remote_code: bool = False, basis=Non
         from qtool.estimate import pipeline
 
         per_card, detail = pipeline.card_terms(basis, settings, [b for _, b in budgets], spec=spec,
-                                               trust_remote_code=trust_remote_code)
+                                               trust_remote_code=trust_remote_code,
+                                               transformers_version=transformers_version)
     cards = tuple(
         CardPeak(i, gpu, budget, memory.allocated_peak_bytes(terms), dict(terms),
                  None if budget is None else memory.peak_bytes(terms) <= budget)

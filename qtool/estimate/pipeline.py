@@ -18,7 +18,7 @@ from typing import Any
 
 from qtool.core.dtypes import itemsize
 from qtool.estimate import formats, memory
-from qtool.estimate.placement import BNB_MAX_MEMORY, Node, balanced_memory, infer_device_map
+from qtool.estimate.placement import BNB_MAX_MEMORY, Node, balanced_memory, infer_device_map, leaf_rule
 
 UNBOUNDED = 2**50  # a card without a budget: placement only balances
 _PER_LAYER = ("lora_params", "lora_grads", "optimizer_states", "optimizer_states_paged", "expert_adapters",
@@ -27,13 +27,15 @@ _LOSS = ("lm_head_16bit", "logits", "loss_softmax_and_grad", "logits_softcap", "
          "lm_head_chunk", "loss_chunk")
 
 
-def device_map(root: Node, tied: dict, budgets: list[int | None], *, quantized: bool = True) -> dict[str, int | str]:
+def device_map(root: Node, tied: dict, budgets: list[int | None], *, quantized: bool = True,
+               transformers_version: str | None = None) -> dict[str, int | str]:
     """What from_pretrained(device_map="auto") decides for cards with these budgets (host RAM as the real run
     has it, unbounded here: anything placed there does not fit the cards). `quantized`: the bnb quantizer is
-    in play (its x 0.90); `root` carries the matching sizes (Layout.nodes)."""
+    in play (its x 0.90); `root` carries the matching sizes (Layout.nodes). `transformers_version`: whose
+    placement (None: the installed transformers')."""
     free = {i: UNBOUNDED if b is None else max(b - memory.CUDA_CONTEXT_BYTES, 0) for i, b in enumerate(budgets)}
     free["cpu"] = UNBOUNDED
-    balanced = balanced_memory(root, free, set(tied))
+    balanced = balanced_memory(root, free, set(tied), leaf=leaf_rule(transformers_version))
     factor = BNB_MAX_MEMORY if quantized else 1
     return infer_device_map(root, {k: v * factor for k, v in balanced.items()}, tied)
 
@@ -44,12 +46,12 @@ def _device_of(name: str, dmap: dict) -> int | str:
     return dmap[name]
 
 
-def _weights_by_card(layout, dmap: dict, basis, settings, n: int) -> tuple[list[int], list[int], list[int]]:
-    """(weights' GPU bytes, kept elements, decoder layers) per card; quantized tensors as the chosen 4-bit
-    format where the mode loads 4-bit, 16-bit otherwise."""
+def _weights_by_card(layout, dmap: dict, basis, settings, n: int) -> tuple[list[int], ...]:
+    """(weights' GPU bytes, kept elements, largest kept tensor's elements, decoder layers) per card; quantized
+    tensors as the chosen 4-bit format where the mode loads 4-bit, 16-bit otherwise."""
     q = settings.quant
     fmt = formats.FORMATS[basis.chosen if basis.inputs.mode in ("qlora", "inference") else "fp16"]
-    gpu, kept, layers = [0] * n, [0] * n, [0] * n
+    gpu, kept, largest, layers = [0] * n, [0] * n, [0] * n, [0] * n
     for name, (count, quantized) in layout.params().items():
         card = _device_of(name, dmap)
         if not isinstance(card, int):
@@ -60,11 +62,12 @@ def _weights_by_card(layout, dmap: dict, basis, settings, n: int) -> tuple[list[
         else:
             gpu[card] += formats.gpu_bytes([formats.Part("", basis.dtype, (count,))])
             kept[card] += 0 if quantized else count
+            largest[card] = max(largest[card], 0 if quantized else count)
     for node in layout.nodes(basis.dtype).walk():
         card = _device_of(node.name, dmap) if node.no_split else None
         if isinstance(card, int):
             layers[card] += 1
-    return gpu, kept, layers
+    return gpu, kept, largest, layers
 
 
 def _share(value: int, before: int, mine: int, total: int) -> int:
@@ -72,15 +75,17 @@ def _share(value: int, before: int, mine: int, total: int) -> int:
     return value * (before + mine) // total - value * before // total
 
 
-def card_terms(basis, settings, budgets, *, spec, trust_remote_code: bool = False) -> tuple[list, dict[str, Any]]:
+def card_terms(basis, settings, budgets, *, spec, trust_remote_code: bool = False,
+               transformers_version: str | None = None) -> tuple[list, dict[str, Any]]:
     from qtool.estimate.layout import layout_for
 
     layout = layout_for(spec, basis.cached, skip_modules=settings.quant.skip_modules,
                         trust_remote_code=trust_remote_code)
     n, m = len(budgets), basis.inputs
     quantized = m.mode in ("qlora", "inference")  # lora and full load the 16-bit model: no quantizer
-    dmap = device_map(layout.nodes(basis.dtype, quantized=quantized), layout.tied, budgets, quantized=quantized)
-    gpu, kept, layers = _weights_by_card(layout, dmap, basis, settings, n)
+    dmap = device_map(layout.nodes(basis.dtype, quantized=quantized), layout.tied, budgets, quantized=quantized,
+                      transformers_version=transformers_version)
+    gpu, kept, largest, layers = _weights_by_card(layout, dmap, basis, settings, n)
     head = _device_of(_head_name(layout), dmap)
     single = memory.memory_breakdown(m)
     upcast = "kept_fp32" in single
@@ -106,9 +111,20 @@ def card_terms(basis, settings, budgets, *, spec, trust_remote_code: bool = Fals
             dynamic = copy
         terms.update({k: v for k, v in dynamic.items() if v})
         terms["cuda_context"] = single["cuda_context"]
+        if upcast:
+            terms = max(terms, upcast_terms(terms, largest[i], basis.dtype), key=memory.allocated_peak_bytes)
         out.append(terms if gpu[i] else {})  # a card nothing is placed on is never touched
     offloaded = sorted(k for k, v in dmap.items() if not isinstance(v, int))
     return out, {"device_map": dmap, "layers_per_card": layers, "offloaded": offloaded}
+
+
+def upcast_terms(terms: dict[str, int], largest: int, dtype: str) -> dict[str, int]:
+    """The card while prepare_model_for_kbit_training casts its kept tensors to fp32, one at a time, before any
+    adapter, step or activation exists: the largest one is briefly there in 16 bit and fp32 both. On a card
+    with the embeddings and few layers this is the card's peak (Llama-3-8B, 4 layers on card 0: 0.42 GiB of
+    4-bit layers + 1.96 GiB fp32 embeddings + 0.98 GiB bf16 embeddings = the 3.35 GiB measured at 512 tokens)."""
+    return {"weights": terms["weights"], "kept_fp32": terms["kept_fp32"], "upcast_copy": largest * itemsize(dtype),
+            "cuda_context": terms["cuda_context"]}
 
 
 def output_copy(m: memory.MemoryInputs) -> dict[str, int]:

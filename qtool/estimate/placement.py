@@ -2,7 +2,7 @@
 
 `from_pretrained(device_map="auto", quantization_config=BitsAndBytesConfig(load_in_4bit=True))` calls
 transformers.integrations.accelerate._get_device_map: get_balanced_memory (each card but the last gets the
-model's size / N plus 1.25 x the largest no-split block or leaf), the bnb quantizer's adjust_max_memory (x 0.90),
+model's size / N plus 1.25 x the largest no-split block or leaf; before transformers 5.18 the mean leaf), the bnb quantizer's adjust_max_memory (x 0.90),
 then infer_auto_device_map over the module sizes (quantized weights count 0.5 byte per element, everything
 else its dtype's size, tied aliases nothing). The functions below follow those (transformers 5.24, accelerate
 1.15) step by step on a `Node` tree, without torch; tests/test_estimate_cards.py checks the device maps are equal
@@ -68,8 +68,30 @@ def module_sizes(root: Node, tied: set[str], *, only_modules: bool = True) -> tu
     return sizes, leaves
 
 
-def balanced_memory(root: Node, max_memory: dict, tied: set[str]) -> dict:
-    """get_balanced_memory (low_zero False, max_memory given)."""
+# transformers 5.18 changed get_balanced_memory's buffer from the mean leaf module to the biggest one (the
+# embedding, usually): on Llama-3-8B over 2 cards, 4 decoder layers on card 0 with 5.17, 14 with 5.18+.
+BIGGEST_LEAF_SINCE = (5, 18)
+
+
+def leaf_rule(transformers_version: str | None = None) -> str:
+    """"biggest" or "mean": the balance buffer's leaf term for this transformers version (None: the installed
+    one, read from its metadata without importing it; not installed: the current rule)."""
+    if transformers_version is None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            transformers_version = version("transformers")
+        except PackageNotFoundError:
+            return "biggest"
+    parts = []
+    for piece in transformers_version.split(".")[:2]:
+        digits = "".join(c for c in piece if c.isdigit()) if piece else ""
+        parts.append(int(digits) if digits else 0)
+    return "biggest" if tuple(parts) >= BIGGEST_LEAF_SINCE else "mean"
+
+
+def balanced_memory(root: Node, max_memory: dict, tied: set[str], *, leaf: str = "biggest") -> dict:
+    """get_balanced_memory (low_zero False, max_memory given); `leaf` as leaf_rule says."""
     max_memory = dict(max_memory)
     gpus = sorted(k for k, v in max_memory.items() if isinstance(k, int) and v > 0)
     if len(gpus) <= 1:
@@ -78,7 +100,11 @@ def balanced_memory(root: Node, max_memory: dict, tied: set[str]) -> dict:
     per_gpu = sizes[""] // len(gpus)
     blocks = [sizes[n.name] for n in root.walk() if n.no_split]
     biggest_block = max(blocks) if blocks else 0
-    per_gpu += int(BALANCE_BUFFER * max(biggest_block, max(leaves.values(), default=0)))
+    if leaf == "mean":
+        leaf_size = int(sum(leaves.values()) / max(len(leaves), 1))
+    else:
+        leaf_size = max(leaves.values(), default=0)
+    per_gpu += int(BALANCE_BUFFER * max(biggest_block, leaf_size))
     for idx in gpus[:-1]:
         max_memory[idx] = min(per_gpu, max_memory[idx])
     return max_memory

@@ -236,6 +236,9 @@ class _Run:
         if not self.cuda:
             portable_cpu_kernels(self.model)
         report.load_seconds = time.perf_counter() - t0
+        if self.device_map == "auto":  # where from_pretrained really put each module (it changes across versions)
+            report.model["device_map"] = {k: v if isinstance(v, (int, str)) else str(v)
+                                          for k, v in (getattr(self.model, "hf_device_map", None) or {}).items()}
         report.model["kept_dtype"] = str(self.model.get_input_embeddings().weight.dtype).removeprefix("torch.")
         if settings.quant.dtype == "auto" and not (spec.config.get("dtype") or spec.config.get("torch_dtype")):
             report.notes.append(f"config.json names no dtype: unquantized tensors loaded in "

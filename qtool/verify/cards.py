@@ -116,6 +116,9 @@ def pipeline_cards(report: VerifyReport, budgets: list, caps: list) -> None:
                              cap=caps[i] if i < len(caps) else None, load_peak=d.get("load_peak_allocated_bytes"),
                              steps_peak=d.get("steps_peak_allocated_bytes"))
                     for i, d in enumerate(devs)]
+    for card, d in zip(report.cards, devs):
+        card["phase_peaks_allocated_bytes"] = d.get("phase_peaks_allocated_bytes")
+        card["modules"] = sorted(k for k, v in (report.model.get("device_map") or {}).items() if v == card["index"])
 
 
 def compare_cards(report: VerifyReport, spec: ModelSpec, settings: Settings, tolerance: float) -> None:

@@ -34,6 +34,7 @@ class Meter:
         self.device_peak_reserved = [0] * len(devices)
         self.device_load_peak: list[int | None] = [None] * len(devices)  # the load's own peak, per device
         self.device_steps_peak = [0] * len(devices)  # after the load: what the steps add on top
+        self.phase_log: list[list[int]] = []  # each phase_peak call's per-device peaks, in order (CUDA)
 
     def sync(self) -> None:
         if self.cuda:
@@ -67,6 +68,7 @@ class Meter:
         self.sync()
         allocated = [torch.cuda.max_memory_allocated(d) for d in self.devices]
         reserved = [torch.cuda.max_memory_reserved(d) for d in self.devices]
+        self.phase_log.append(allocated)
         for i, (a, r) in enumerate(zip(allocated, reserved)):
             self.device_peak_allocated[i] = max(self.device_peak_allocated[i], a)
             self.device_peak_reserved[i] = max(self.device_peak_reserved[i], r)
@@ -100,6 +102,9 @@ class Meter:
                 "outside_torch_bytes": max(0, total - free - reserved),
                 "load_peak_allocated_bytes": self.device_load_peak[i],
                 "steps_peak_allocated_bytes": self.device_steps_peak[i],
+                # this device's peak in each measured phase, in the order they ran (load, then per step:
+                # forward, backward, optimizer step)
+                "phase_peaks_allocated_bytes": [log[i] for log in self.phase_log],
             })
         return out
 
