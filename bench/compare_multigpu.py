@@ -53,7 +53,9 @@ def compare(row: dict) -> list[dict]:
         fits = None if cap is None else card.peak_bytes <= cap
         loads = row.get("per_rank_load_peak_bytes") or []
         load = loads[card.index] if card.index < len(loads) else None
-        load_est = (est.detail.get("phases") or {}).get("load")
+        phases = est.detail.get("phases") or {}
+        # the whole model loaded on every card, or (ram-efficient) the allocator warmup's one block
+        load_est = phases.get("load", phases.get("warmup"))
         out.append({"card": card.index, "estimate": card.peak_bytes, "measured": measured, "error": err,
                     "fits": fits, "phase": est.detail.get("phase"), "budget": budgets[card.index],
                     "load": load, "load_estimate": load_est})
@@ -77,7 +79,8 @@ def main(argv: list[str]) -> int:
                   f"{flags.strip()} | {c['card']} | {c['estimate'] / GiB:.2f} GiB | {measured} | {err} | "
                   f"{verdict} |")
     print(f"\nlargest error: {100 * worst:.1f}%")
-    print("\nLoading alone (every rank loads the whole 4-bit model: --no-fsdp-ram-efficient):")
+    print("\nLoading alone (FSDP: the allocator warmup's block, or with --no-fsdp-ram-efficient the whole 4-bit "
+          "model on every rank):")
     for row in rows:
         for c in compare(row):
             if c["load"] and c["load_estimate"] and row.get("outcome") not in ("oom", "error"):

@@ -21,7 +21,7 @@ def shortfall(est, size) -> str:
     loading = est.detail.get("phase") in ("load", "wrap")
     why = " while loading: every rank loads the whole 4-bit model first" if loading else ""
     return (f"does not fit on {cards_label(est)} with {est.parallel}: card {worst.index} needs "
-            f"{size(worst.device_bytes)} of {size(worst.budget_bytes)}{why}")
+            f"{size(worst.required_bytes)} of {size(worst.budget_bytes)}{why}")
 
 
 def render_cards(console, r: dict, est, size) -> None:
@@ -46,13 +46,18 @@ def render_cards(console, r: dict, est, size) -> None:
         console.print(f"Host RAM: {size(est.host_ram_bytes)} ({what}"
                       f"{'; the shards, grads and optimizer live there' if s['fsdp_offload_params'] else ''}).")
     phases = est.detail.get("phases")
-    if phases and est.detail.get("phase") != "step":
-        when = {"load": "loading", "wrap": "FSDP's wrapping"}[est.detail["phase"]]
+    phase = est.detail.get("phase")
+    if phases and phase == "warmup":
+        console.print(f"The allocated peak is transformers' allocator warmup in from_pretrained: one block the "
+                      f"size of the 4-bit model (at most the card less 1.2 GiB), freed at once; the training step "
+                      f"alone: {size(phases['step'])} a card.")
+    elif phases and phase != "step":
+        when = {"load": "loading", "wrap": "FSDP's wrapping"}[phase]
         console.print(f"The peak is {when}: transformers 5 loads a quantized model whole on every rank's card "
                       f"before FSDP shards it; the training step alone: {size(phases['step'])} a card.")
     if est.fits:
         console.print(f"[green]Fits[/green] on {cards_label(est)} with {est.parallel}: "
-                      f"{size(est.worst.budget_bytes - est.worst.device_bytes)} headroom on the fullest card.")
+                      f"{size(est.worst.budget_bytes - est.worst.required_bytes)} headroom on the fullest card.")
     elif est.fits is False:
         console.print(f"[red]Does not fit[/red]: {shortfall(est, size).split(': ', 1)[1]}.")
     console.print("peak: all the card holds (CUDA context too); allocated: max_memory_allocated()")

@@ -34,17 +34,26 @@ class CardPeak:
     budget_bytes: int | None  # what the card may use, None: no budget
     peak_bytes: int  # allocated peak: what torch.cuda.max_memory_allocated() should show on this card
     terms: Mapping[str, int]  # component -> bytes at the peak, CUDA context included (outside the allocator)
-    fits: bool | None  # device_bytes <= budget_bytes; None without a budget
+    fits: bool | None  # required_bytes <= budget_bytes; None without a budget
+    # what the card must have room for when that is less than device_bytes: an allocation that sizes itself by
+    # the card (transformers' allocator warmup) is the allocated peak but never what decides the fit
+    need_bytes: int | None = None
 
     @property
     def device_bytes(self) -> int:
         """All the card must hold at the peak: the allocator's peak plus what lives outside it."""
         return memory.peak_bytes(self.terms)
 
+    @property
+    def required_bytes(self) -> int:
+        """What decides whether the card fits."""
+        return self.device_bytes if self.need_bytes is None else self.need_bytes
+
     def to_dict(self) -> dict[str, Any]:
         return {"index": self.index, "gpu": self.gpu, "budget_bytes": self.budget_bytes,
                 "peak_bytes": self.peak_bytes, "device_bytes": self.device_bytes, "fits": self.fits,
-                "headroom_bytes": None if self.budget_bytes is None else self.budget_bytes - self.device_bytes,
+                "required_bytes": self.required_bytes,
+                "headroom_bytes": None if self.budget_bytes is None else self.budget_bytes - self.required_bytes,
                 "terms": dict(self.terms)}
 
 
@@ -62,8 +71,8 @@ class CardsEstimate:
     def worst(self) -> CardPeak:
         """The card closest to (or furthest over) its budget; without budgets, the fullest one."""
         if all(c.budget_bytes is not None for c in self.cards):
-            return max(self.cards, key=lambda c: c.device_bytes - c.budget_bytes)
-        return max(self.cards, key=lambda c: c.device_bytes)
+            return max(self.cards, key=lambda c: c.required_bytes - c.budget_bytes)
+        return max(self.cards, key=lambda c: c.required_bytes)
 
     def to_dict(self) -> dict[str, Any]:
         return {"parallel": self.parallel, "gpus": len(self.cards), "fits": self.fits,
@@ -104,16 +113,18 @@ def estimate_cards(spec, settings, *, trust_remote_code: bool = False, basis=Non
     elif run.parallel == "fsdp":
         from qtool.estimate import fsdp
 
-        per_card, host, detail = fsdp.rank_terms(basis, settings, n, spec=spec, trust_remote_code=trust_remote_code)
+        per_card, host, detail = fsdp.rank_terms(basis, settings, n, spec=spec, trust_remote_code=trust_remote_code,
+                                                 transformers_version=transformers_version)
     else:
         from qtool.estimate import pipeline
 
         per_card, detail = pipeline.card_terms(basis, settings, [b for _, b in budgets], spec=spec,
                                                trust_remote_code=trust_remote_code,
                                                transformers_version=transformers_version)
+    need = detail.pop("need_bytes", None)
     cards = tuple(
         CardPeak(i, gpu, budget, memory.allocated_peak_bytes(terms), dict(terms),
-                 None if budget is None else memory.peak_bytes(terms) <= budget)
+                 None if budget is None else (memory.peak_bytes(terms) if need is None else need) <= budget, need)
         for i, ((gpu, budget), terms) in enumerate(zip(budgets, per_card))
     )
     fits = None if any(c.fits is None for c in cards) else all(c.fits for c in cards)
@@ -128,7 +139,7 @@ def cards_report(report: dict, est: CardsEstimate) -> dict:
     worst = est.worst
     return {**report, "parallel": est.parallel, "gpus": len(est.cards), "cards": [c.to_dict() for c in est.cards],
             "host_ram_bytes": est.host_ram_bytes, "placement": dict(est.detail), "fits": est.fits,
-            "headroom_bytes": None if worst.budget_bytes is None else worst.budget_bytes - worst.device_bytes}
+            "headroom_bytes": None if worst.budget_bytes is None else worst.budget_bytes - worst.required_bytes}
 
 
 # DDP's Reducer copies each gradient into a bucket (gradient_as_bucket_view=False, the default): the buckets of

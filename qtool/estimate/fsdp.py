@@ -141,6 +141,29 @@ def _loading(basis, u: Units, ram_efficient: bool) -> dict[str, dict[str, int]]:
             "wrap": {"weights_full": full, "lora_full": lora_full, "layer_flat": _block(u.layer_bytes)}}
 
 
+# transformers' caching_allocator_warmup (from_pretrained) allocates, once, what the model's parameters will take
+# on the card, then frees it: max_memory_allocated sees the whole model even when ram-efficient loading parks
+# each weight in host memory. Up to 5.19, with torch.distributed up, parameters of the model's tensor-parallel
+# plan (the decoder layers' projections, lm_head) counted 1 / world size; from 5.20 they count whole.
+WARMUP_WHOLE_SINCE = (5, 20)
+WARMUP_SPARE = int(1.2 * 2**30)  # the warmup never asks more than the card's total less 1.2 GiB
+
+
+def allocator_warmup(basis, n: int, transformers_version: str | None, budget: int | None) -> int:
+    """The warmup's bytes on one rank: quantized elements at 0.5 byte (the quantizer's element size), kept ones
+    at their dtype's, tied aliases once; capped by the card (its budget) less 1.2 GiB."""
+    from qtool.estimate.placement import transformers_at_least
+
+    whole = transformers_at_least(WARMUP_WHOLE_SINCE, transformers_version)
+    total = 0
+    for g in basis.cached.plan.groups:
+        numel = g.numel * g.count if hasattr(g, "count") else g.numel
+        size = numel // 2 if g.action == QUANTIZE else numel * itemsize(basis.dtype)
+        in_tp_plan = g.action == QUANTIZE or g.example.split(".")[0] == "lm_head"
+        total += size if whole or not in_tp_plan else size // n
+    return total if budget is None else min(total, budget - WARMUP_SPARE)
+
+
 def _step(inputs: memory.MemoryInputs, resident: dict[str, int], strategy: str) -> dict[str, int]:
     """The training step: the resident terms, checkpoints and workspace, then the larger of the loss phase
     and a layer's backward. FULL_SHARD reshards each decoder layer after its forward and gathers it again in
@@ -157,7 +180,8 @@ def _step(inputs: memory.MemoryInputs, resident: dict[str, int], strategy: str) 
     return terms
 
 
-def rank_terms(basis, settings, n: int, **_) -> tuple[list[dict[str, int]], int, dict[str, Any]]:
+def rank_terms(basis, settings, n: int, *, transformers_version: str | None = None,
+               **_) -> tuple[list[dict[str, int]], int, dict[str, Any]]:
     """(terms per rank at its peak, host RAM bytes, detail) for N ranks of FSDP-QLoRA: the larger of loading
     (qtool verify measures the whole run) and the training step."""
     run = settings.run
@@ -172,13 +196,20 @@ def rank_terms(basis, settings, n: int, **_) -> tuple[list[dict[str, int]], int,
         host += n * moved
         trainable = {}
     phases = {"step": _step(inputs, {**resident, **trainable}, strategy),
-              **_loading(basis, u, run.fsdp_ram_efficient)}
+              **_loading(basis, u, run.fsdp_ram_efficient),
+              "warmup": {"allocator_warmup": allocator_warmup(basis, n, transformers_version, run.budget_bytes)}}
     phase = max(phases, key=lambda k: sum(phases[k].values()))
-    peak = {**phases[phase], "cuda_context": memory.CUDA_CONTEXT_BYTES, "nccl_buffers": memory.NCCL_BYTES}
+    outside = {"cuda_context": memory.CUDA_CONTEXT_BYTES, "nccl_buffers": memory.NCCL_BYTES}
+    peak = {**phases[phase], **outside}
+    need = None
+    if phase == "warmup":  # NCCL creates its communicators at the first collective, after from_pretrained
+        del peak["nccl_buffers"]
+        # the warmup takes what the card has (less 1.2 GiB): the other phases decide the fit
+        need = max(memory.peak_bytes({**terms, **outside}) for k, terms in phases.items() if k != "warmup")
     full_16bit = basis.weights["fp16"].data
     host += (n if not run.fsdp_ram_efficient else 1) * full_16bit
     detail = {"sharding": run.fsdp_sharding, "offload_params": run.fsdp_offload_params,
               "ram_efficient_loading": run.fsdp_ram_efficient, "layer_bytes": u.layer_bytes,
               "root_bytes": u.root_bytes, "quant_storage": settings.quant.quant_storage, "phase": phase,
-              "phases": {k: sum(v.values()) for k, v in phases.items()}}
+              "phases": {k: sum(v.values()) for k, v in phases.items()}, "need_bytes": need}
     return [dict(peak) for _ in range(n)], host, detail

@@ -73,21 +73,26 @@ def module_sizes(root: Node, tied: set[str], *, only_modules: bool = True) -> tu
 BIGGEST_LEAF_SINCE = (5, 18)
 
 
-def leaf_rule(transformers_version: str | None = None) -> str:
-    """"biggest" or "mean": the balance buffer's leaf term for this transformers version (None: the installed
-    one, read from its metadata without importing it; not installed: the current rule)."""
+def transformers_at_least(release: tuple[int, int], transformers_version: str | None = None) -> bool:
+    """Whether this transformers version (None: the installed one, read from its metadata without importing it;
+    not installed: assume the newest) is `release` or later."""
     if transformers_version is None:
         from importlib.metadata import PackageNotFoundError, version
 
         try:
             transformers_version = version("transformers")
         except PackageNotFoundError:
-            return "biggest"
+            return True
     parts = []
     for piece in transformers_version.split(".")[:2]:
         digits = "".join(c for c in piece if c.isdigit()) if piece else ""
         parts.append(int(digits) if digits else 0)
-    return "biggest" if tuple(parts) >= BIGGEST_LEAF_SINCE else "mean"
+    return tuple(parts) >= release
+
+
+def leaf_rule(transformers_version: str | None = None) -> str:
+    """"biggest" or "mean": the balance buffer's leaf term for this transformers version."""
+    return "biggest" if transformers_at_least(BIGGEST_LEAF_SINCE, transformers_version) else "mean"
 
 
 def balanced_memory(root: Node, max_memory: dict, tied: set[str], *, leaf: str = "biggest") -> dict:

@@ -88,7 +88,35 @@ def apply_cap(index: int, budget: int) -> int:
         raise DeviceError(f"--cap-memory: a budget of {format_bytes(budget)} cannot be simulated on cuda:{index} "
                           f"({format_bytes(total)}, of which the CUDA context holds {format_bytes(outside)})")
     torch.cuda.set_per_process_memory_fraction(cap / total, index)
+    _simulate_card(index, budget)
     return cap
+
+
+_SIMULATED: dict[int, int] = {}  # card index -> the budget it stands for under --cap-memory
+
+
+def _simulate_card(index: int, budget: int) -> None:
+    """From here on torch.cuda.mem_get_info(index) answers as the smaller card would: total = the budget, free =
+    the budget less what is in use. What sizes itself by the card sees the card being simulated: transformers'
+    caching_allocator_warmup asks for the whole model up to the card's total less 1.2 GiB, which on the real
+    card fits and on a big card under the cap would fail where the real card does not."""
+    import torch
+
+    _SIMULATED[index] = budget
+    if getattr(torch.cuda.mem_get_info, "_qtool_simulated", False):
+        return
+    real = torch.cuda.mem_get_info
+
+    def mem_get_info(device=None):
+        free, total = real(device)
+        idx = torch.cuda._utils._get_device_index(device, optional=True)
+        budget = _SIMULATED.get(idx)
+        if budget is None:
+            return free, total
+        return max(0, budget - (total - free)), budget
+
+    mem_get_info._qtool_simulated = True
+    torch.cuda.mem_get_info = mem_get_info
 
 
 def pipeline_memory(devices: list, caps: list) -> dict:
