@@ -66,6 +66,7 @@ def gather(launched, budgets: list) -> VerifyReport:
                               load_peak=mem.get("load_peak_allocated_bytes"),
                               steps_peak=mem.get("peak_allocated_bytes"), oom=r in oom, rank=r))
         cards[-1]["wall_seconds"] = res.get("wall_seconds")
+        cards[-1]["phase_peaks_allocated_bytes"] = devs[0].get("phase_peaks_allocated_bytes")
     report.cards = cards
     _merge_memory(report, results)
     if oom:
