@@ -58,6 +58,7 @@ class QuantizePlan:
     total_parameters: int = 0  # what save_pretrained puts in the index metadata
     header_bytes: int = 0  # safetensors header estimate (one shard)
     timings: dict = field(default_factory=dict)  # seconds: process start -> planning, imports, planning
+    known_architecture: bool = False  # planned by qtool.quantize.archplan, without transformers
 
     @property
     def input_bytes(self) -> int:
@@ -183,6 +184,7 @@ def plan_quantization(
                          known.architecture, known.dtype, lambda key, meta_t, quantize: known.dtype,
                          natural_order=known.natural_order)
         plan.timings = {**timings, "plan": time.perf_counter() - t0}
+        plan.known_architecture = True
         return plan
     t1 = time.perf_counter()
     import transformers.core_model_loading  # noqa: F401
