@@ -193,7 +193,7 @@ def _dquantize(x: torch.Tensor) -> torch.Tensor:
     """dQuantize<0> against the dynamic map, in closed form: the seven halvings compare x with the odd
     entries 127, 63|191, ... and stop on an even pivot p with code[p-1] < x <= code[p+1]; then x goes
     to the nearer neighbour by fp32 midpoints. (tests/quantize/test_kernel.py holds the literal transcription.)"""
-    code = dynamic_map()
+    code = _on("dynamic_map", dynamic_map(), x.device)
     pivot = 2 * torch.bucketize(x, code[1:254:2].contiguous(), out_int32=True).long()
     pivot[torch.isnan(x)] = 0  # a zero block (0 * inf): every comparison false
     val = code[pivot]
@@ -216,16 +216,17 @@ def _dquantize_table() -> torch.Tensor:
 
 
 def quantize_blockwise_8bit(a: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """kQuantizeBlockwise<float, 256, 2, 0, General8bit>: (uint8 codes, fp32 absmax) of 1-D fp32 `a`."""
+    """kQuantizeBlockwise<float, 256, 2, 0, General8bit>: (uint8 codes, fp32 absmax) of 1-D fp32 `a`, on
+    its device."""
     n = a.numel()
     nb = -(-n // blocksize)
-    v = torch.zeros(nb * blocksize, dtype=torch.float32)
+    v = torch.zeros(nb * blocksize, dtype=torch.float32, device=a.device)
     v[:n] = _ftz(a.reshape(-1).float())
     v = v.view(nb, blocksize)
     absmax = v.abs().amax(dim=1)
     x = _ftz(v * rcp_approx(absmax)[:, None]).reshape(-1)[:n]
     key = (x.view(torch.int32) >> 12) & 0xFFFFF
-    codes = torch.index_select(_dquantize_table(), 0, key)
+    codes = torch.index_select(_on("dquantize_table", _dquantize_table(), a.device), 0, key)
     undecided = (codes < 0).nonzero().squeeze(1)
     if undecided.numel():
         codes[undecided] = _dquantize(x[undecided])
@@ -411,9 +412,9 @@ def quantize_4bit(t: torch.Tensor, *, blocksize: int = 64, quant_type: str = "nf
     device = flat.device
     if double_quant:  # on CUDA torch's own mean is the reference's (bitsandbytes calls absmax.mean() there)
         offset = cuda_mean(absmax) if device.type == "cpu" else absmax.mean()
-        qabsmax, absmax2 = quantize_blockwise_8bit((absmax - offset).cpu())
-        parts.update({".absmax": qabsmax.to(device), ".quant_map": quant_map(quant_type).to(device),
-                      ".nested_absmax": absmax2.to(device), ".nested_quant_map": dynamic_map().clone().to(device)})
+        qabsmax, absmax2 = quantize_blockwise_8bit(absmax - offset)
+        parts.update({".absmax": qabsmax, ".quant_map": quant_map(quant_type).to(device), ".nested_absmax": absmax2,
+                      ".nested_quant_map": dynamic_map().clone().to(device)})
         state.update({"nested_blocksize": NESTED_BLOCKSIZE, "nested_dtype": "float32",
                       "nested_offset": offset.item()})
     else:
