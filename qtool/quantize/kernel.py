@@ -65,6 +65,8 @@ _INT_OF = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float3
 _SMALL_ABSMAX = 2.0**-26
 # torch's CUDA reduction sizes its grid from the device; the reference cards (H100, H200) have these.
 H100_SMS, H100_THREADS_PER_SM = 132, 2048
+# Values a GPU chunk takes at once (_pack_device): ~0.5 GB of fp32/fp64 temporaries on the device at most.
+DEVICE_CHUNK_ELEMENTS = 1 << 24
 
 
 def quant_map(quant_type: str) -> torch.Tensor:
@@ -401,7 +403,7 @@ def quantize_4bit(t: torch.Tensor, *, blocksize: int = 64, quant_type: str = "nf
     if flat.device.type == "cpu":
         packed, absmax = _pack_cpu(flat, nb, blocksize, quant_type, chunk_elements)
     else:
-        packed, absmax = _pack_device(flat, nb, blocksize, quant_type, max(chunk_elements, 1 << 24))
+        packed, absmax = _pack_device(flat, nb, blocksize, quant_type, DEVICE_CHUNK_ELEMENTS)
     n = flat.numel()
     itemsize = torch.empty((), dtype=quant_storage).element_size()
     rows = (n + 1) // (itemsize * 2)
