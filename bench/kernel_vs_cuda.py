@@ -4,6 +4,8 @@ Runs on the GPU machine (bitsandbytes with its CUDA library, CuPy for the raw rc
 
   python bench/kernel_vs_cuda.py --out $OUT [--seconds 200] [--minilm slice.safetensors]
   python bench/kernel_vs_cuda.py --out $OUT --diagnose     # where random data disagrees, step by step
+  python bench/kernel_vs_cuda.py --out $OUT --device cuda --seconds 60   # step 3 only, qtool's kernel run
+      on CUDA tensors (what `qtool quantize --device cuda` does) against bitsandbytes' CUDA kernel; no CuPy
 
 On the lent GPU machine (no bitsandbytes there): copy the checkout into an ignored folder of the repo the
 device tool sends (e.g. .dev/kernel), carry it with the bitsandbytes wheel (.whl), and run
@@ -269,6 +271,9 @@ def check_8bit() -> dict:
     return {"values": 4 * a.numel(), "mismatch": 0}
 
 
+KERNEL_DEVICE = "cpu"  # --device cuda: qtool's kernel runs on the GPU (kernel._pack_device)
+
+
 def check_quantize(seconds: float, minilm: Path | None) -> dict:
     settings = [(qt, dq, bs, dt) for dt in (torch.float16, torch.bfloat16, torch.float32)
                 for qt in ("nf4", "fp4") for dq in (False, True) for bs in (64, 128, 256)]
@@ -290,8 +295,10 @@ def check_quantize(seconds: float, minilm: Path | None) -> dict:
     def run(qt, dq, bs, dt, name, t):
         key = f"{qt}-{'dq' if dq else 'nodq'}-bs{bs}-{str(dt)[6:]}"
         ref = bnb_parts(t, qt, dq, bs)
-        ours = kernel.quantize_4bit(t, blocksize=bs, quant_type=qt, double_quant=dq)
-        err = same(ours, ref)
+        ours = kernel.quantize_4bit(t.to(KERNEL_DEVICE), blocksize=bs, quant_type=qt, double_quant=dq)
+        if any(v.device.type != KERNEL_DEVICE for v in ours.values()):
+            raise RuntimeError(f"kernel parts not on {KERNEL_DEVICE}")
+        err = same({k: v.cpu() for k, v in ours.items()}, ref)
         stats[key]["values"] += t.numel()
         stats[key]["tensors"] += 1
         if err and len(stats[key]["failures"]) < 3:
@@ -404,6 +411,8 @@ def main() -> None:
     ap.add_argument("--minilm", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=16)
     ap.add_argument("--diagnose", action="store_true", help="only record where random data disagrees")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="where qtool's kernel runs; cuda: only step 3 (and the 8-bit step), no CuPy needed")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
@@ -421,6 +430,9 @@ def main() -> None:
     say(f"== {about}")
     summary: dict = {"about": about}
     t0 = time.monotonic()
+    if args.device == "cuda":
+        device_only(args, summary, t0)
+        return
     summary["rcp_table"] = build_rcp_table(ROOT / "qtool" / "quantize" / "data" / "mufu_rcp.bin")
     shutil.copy(ROOT / "qtool" / "quantize" / "data" / "mufu_rcp.bin", args.out / "mufu_rcp.bin")
     summary["rcp_check"] = check_rcp()
@@ -466,6 +478,23 @@ def main() -> None:
         f"mismatches: {len(mismatch)} {list(mismatch.items())[:4]} ({time.monotonic() - t0:.0f} s)")
     (args.out / "kernel_vs_cuda.json").write_text(json.dumps(summary, indent=1, default=str))
     (args.out / "log.txt").write_text("\n".join(LOG) + "\n")
+
+
+def device_only(args, summary: dict, t0: float) -> None:
+    """Step 3 with qtool's kernel on CUDA tensors: every setting, the hand-made cases, random data."""
+    global KERNEL_DEVICE
+    KERNEL_DEVICE = "cuda"
+    summary["kernel_device"] = "cuda"
+    stats = check_quantize(args.seconds, args.minilm)
+    summary["quantize_4bit"] = stats
+    total = sum(s["values"] for s in stats.values())
+    failed = {k: s["failures"] for k, s in stats.items() if s["failures"]}
+    say(f"3b (kernel on cuda). quantize_4bit: {total / 1e9:.2f} G values, "
+        f"{sum(s['tensors'] for s in stats.values())} tensors, {len(stats)} settings, "
+        f"{len(failed)} settings with failures ({time.monotonic() - t0:.0f} s)")
+    for k, f in failed.items():
+        say(f"   FAIL {k}: {f}")
+    (args.out / "kernel_cuda_vs_bnb.json").write_text(json.dumps(summary, indent=1, default=str))
 
 
 if __name__ == "__main__":

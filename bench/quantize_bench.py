@@ -80,17 +80,18 @@ m.save_pretrained(out)
 
 
 CORES: int | None = None  # --cores: children pinned to the first N cores, N intra-op threads
+OTHER_QTOOL: Path | None = None  # --other-qtool: another checkout's qtool, timed the same way after this one
 
 
-def measure(cmd: list[str]) -> dict:
-    """Run one child; wall time and its own peak RSS (ru_maxrss of exactly this child)."""
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+def measure(cmd: list[str], root: Path = ROOT) -> dict:
+    """Run one child; wall time and its own peak RSS (ru_maxrss of exactly this child). `root`: whose qtool."""
+    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, PYTHONPATH=path, TQDM_DISABLE="1")
     if CORES:
         env.update(OMP_NUM_THREADS=str(CORES), MKL_NUM_THREADS=str(CORES))
         cmd = ["taskset", "-c", f"0-{CORES - 1}", *cmd]
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=root)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.monotonic() - start
     out, err = proc.stdout.read(), proc.stderr.read()
@@ -192,6 +193,15 @@ def run(layers: int, device: str, workdir: Path, with_io_floor: bool, skip_trans
         shutil.rmtree(d, ignore_errors=True)
     q = measure([sys.executable, "-m", "qtool", "quantize", str(src), "-o", str(q_out), "--device", device, "--json"])
     report = json.loads(q.pop("stdout"))
+    other = None
+    if OTHER_QTOOL is not None:  # e.g. the commit before a change, on the same card and page cache
+        o_out = workdir / f"o-{layers}"
+        shutil.rmtree(o_out, ignore_errors=True)
+        other = measure([sys.executable, "-m", "qtool", "quantize", str(src), "-o", str(o_out), "--device", device,
+                         "--json"], root=OTHER_QTOOL)
+        other["stage_seconds"] = json.loads(other.pop("stdout")).get("stage_seconds", {})
+        other["same_bytes"] = _same_files(q_out, o_out)
+        shutil.rmtree(o_out, ignore_errors=True)
     t = None
     if not skip_transformers:
         t = measure([sys.executable, "-c", TRANSFORMERS_CHILD, str(src), str(t_out), device])
@@ -203,7 +213,7 @@ def run(layers: int, device: str, workdir: Path, with_io_floor: bool, skip_trans
     q["overhead_s"] = round(sum(stages.get(k, 0.0) for k in _OVERHEAD), 2)
     q["wall_excl_overhead_s"] = round(q["wall_s"] - q["overhead_s"], 2)
     q["single_pass"] = report.get("single_pass")
-    row = {"layers": layers, "device": device, "input_bytes": in_bytes, "output_bytes": out_bytes,
+    row = {"layers": layers, "device": device, "input_bytes": in_bytes, "output_bytes": out_bytes, "other_qtool": other,
            "transformers_output_bytes": t_bytes, "qtool": q, "transformers": t,
            "qtool_reported_peak_rss": report.get("peak_rss_bytes"), "qtool_peak_gpu": report.get("peak_gpu_bytes")}
     if with_io_floor:
@@ -212,6 +222,15 @@ def run(layers: int, device: str, workdir: Path, with_io_floor: bool, skip_trans
     for d in (q_out, t_out):
         shutil.rmtree(d, ignore_errors=True)
     return row
+
+
+def _same_files(a: Path, b: Path) -> list[str] | bool:
+    """True when both folders hold the same files with the same bytes (README.md aside: it names the
+    source and sizes only, but say so if it differs too); else the names that differ."""
+    names = sorted({p.name for p in a.iterdir()} | {p.name for p in b.iterdir()})
+    differ = [n for n in names if not ((a / n).is_file() and (b / n).is_file()
+                                       and (a / n).read_bytes() == (b / n).read_bytes())]
+    return differ or True
 
 
 def main() -> None:
@@ -232,11 +251,14 @@ def main() -> None:
     ap.add_argument("--skip-transformers", action="store_true", help="time qtool (and the floor) only")
     ap.add_argument("--cores", type=int, nargs="*", default=[None],
                     help="pin each run to the first N cores (taskset) with N threads; several values: one row each")
+    ap.add_argument("--other-qtool", type=Path, default=None,
+                    help="a checkout of another qtool version: time it too, right after this one, same bytes?")
     ap.add_argument("--transformers-cores", type=int, nargs="*", default=None,
                     help="run transformers only at these --cores values (default: at each)")
     args = ap.parse_args()
-    global CORES
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="qtool-bench-"))
+    global CORES, OTHER_QTOOL
+    OTHER_QTOOL = args.other_qtool.resolve() if args.other_qtool else None
+    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="qtool-bench-"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     rows = []
     try:
@@ -283,6 +305,12 @@ def print_row(row: dict) -> None:
         print(f"   floor with `import torch` ({f['import_torch_s']} s, whole process) {full:.2f} s; "
               f"qtool/floor = {q['wall_s'] / full:.2f}")
     print("   qtool stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in q["stage_seconds"].items()), flush=True)
+    o = row.get("other_qtool")
+    if o:
+        print(f"   other qtool ({OTHER_QTOOL}): {o['wall_s']} s, {o['peak_rss_bytes'] / gb:.2f} GB RSS, same output "
+              f"bytes: {o['same_bytes']}; stages: " + ", ".join(f"{k} {v:.2f}" for k, v in o["stage_seconds"].items()))
+        if "io_floor" in row:
+            print(f"   other qtool / floor = {o['wall_s'] / (row['io_floor']['total_s'] + row['io_floor']['import_torch_s']):.2f}")
 
 
 if __name__ == "__main__":

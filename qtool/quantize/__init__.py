@@ -15,6 +15,7 @@ tests/quantize/test_quantize.py against `from_pretrained(quantization_config=...
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,40 +43,59 @@ class QuantizeJob:
 
         if max_shard_size <= 0:
             raise BadInput(f"invalid --max-shard-size {max_shard_size}: must be positive")
-        self.device = pick_device(device)
-        source, name, rev, self.remote = resolve_source(ref, revision=revision, progress=download_progress,
-                                                        stream=stream, keep_source=keep_source)
-        self.destination = Path(destination) if destination is not None else default_destination(name)
-        if not dry_run:
-            check_destination(self.destination, force=force, source=source)
-        self._options = dict(max_shard_size=max_shard_size, force=force, trust_remote_code=trust_remote_code,
-                             allow_nonfinite=allow_nonfinite)
-        if self.remote is not None:  # a hub stream: the plan comes from the shards' headers, read remotely
-            from qtool.quantize.fetch import open_checkpoint
+        self._ckpt = self._helper = None
+        if not dry_run and _cuda_likely(device):  # transformers' import on another core, beside ours
+            from qtool.quantize.sidecar import Sidecar
 
-            self._ckpt = open_checkpoint(self.remote)
-        else:
-            self._ckpt = Checkpoint.open(source, allow_pickle=allow_pickle)
+            self._helper = Sidecar()
         try:
+            self.device = pick_device(device)
+            source, name, rev, self.remote = resolve_source(ref, revision=revision, progress=download_progress,
+                                                            stream=stream, keep_source=keep_source)
+            self.destination = Path(destination) if destination is not None else default_destination(name)
+            if not dry_run:
+                check_destination(self.destination, force=force, source=source)
+            self._options = dict(max_shard_size=max_shard_size, force=force, trust_remote_code=trust_remote_code,
+                                 allow_nonfinite=allow_nonfinite)
+            if self.remote is not None:  # a hub stream: the plan comes from the shards' headers, read remotely
+                from qtool.quantize.fetch import open_checkpoint
+
+                self._ckpt = open_checkpoint(self.remote)
+            else:
+                self._ckpt = Checkpoint.open(source, allow_pickle=allow_pickle)
             self.plan = plan_quantization(source, settings, source_name=name, revision=rev,
                                           allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                                           ckpt=self._ckpt)
         except BaseException:
             self.close()
             raise
+        if self._helper is not None and self.plan.known_architecture and self.device == "cuda":
+            self._helper.send(self.plan, trust_remote_code=trust_remote_code)
+        elif self._helper is not None:  # transformers is imported here already, or no CUDA after all
+            self._helper.close()
+            self._helper = None
 
     def run(self, on_progress: Callable[[int, int, str], None] | None = None) -> QuantizeResult:
         return run_quantization(self.plan, self.destination, device=self.device, on_progress=on_progress,
-                                ckpt=self._ckpt, remote=self.remote, **self._options)
+                                ckpt=self._ckpt, remote=self.remote, helper=self._helper, **self._options)
 
     def close(self) -> None:
-        self._ckpt.close()
+        if self._helper is not None:
+            self._helper.close()
+        if self._ckpt is not None:
+            self._ckpt.close()
 
     def __enter__(self) -> "QuantizeJob":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _cuda_likely(device: str) -> bool:
+    """Whether the run will be on CUDA, guessed before torch is imported (it only decides whether to start
+    the sidecar early; a wrong guess costs an idle process or the few seconds it would have saved)."""
+    return device == "cuda" or (device == "auto" and os.path.exists("/dev/nvidiactl"))
 
 
 def quantize(ref: str, settings: QuantSettings, *, on_progress: Callable[[int, int, str], None] | None = None,

@@ -39,6 +39,21 @@ def write_config(plan: QuantizePlan, out_dir: Path, trust_remote_code: bool = Fa
     cfg.save_pretrained(str(out_dir))
 
 
+def write_generation_config(plan: QuantizePlan, out_dir: Path) -> bool:
+    """generation_config.json as save_pretrained writes it for a generative model; False if none."""
+    try:
+        from transformers import GenerationConfig
+
+        from qtool.core.meta import hf_config
+
+        if plan.architecture.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")):
+            GenerationConfig.from_model_config(hf_config(plan.config)).save_pretrained(str(out_dir))
+            return True
+    except Exception:
+        pass
+    return False
+
+
 def _safe_file(path: Path, allowed: list[Path]) -> str | None:
     """Why `path` must not be copied, or None: only regular files whose real location is inside the
     checkpoint (a symlink to /proc/self/environ or /etc/shadow would copy secrets into the output)."""
@@ -84,9 +99,11 @@ def _module_folders(source: Path) -> list[str]:
     return folders
 
 
-def copy_small_files(source: Path, out_dir: Path, plan: QuantizePlan) -> tuple[list[str], list[tuple[str, str]]]:
+def copy_small_files(source: Path, out_dir: Path, plan: QuantizePlan,
+                     helper=None) -> tuple[list[str], list[tuple[str, str]]]:
     """Tokenizer, generation config, other small files and sentence-transformers module folders; never
-    weights, never our own files, never anything outside the checkpoint. -> (copied, [(skipped, why)])."""
+    weights, never our own files, never anything outside the checkpoint. -> (copied, [(skipped, why)]).
+    `helper`: a qtool.quantize.sidecar.Sidecar that made the generation config out of process."""
     from qtool.core.checkpoint import _allowed_roots
 
     allowed = _allowed_roots(source)
@@ -109,29 +126,24 @@ def copy_small_files(source: Path, out_dir: Path, plan: QuantizePlan) -> tuple[l
         if (source / folder).is_dir() and not (source / folder).is_symlink():
             _copy_tree(source / folder, out_dir / folder, allowed, skipped, folder)
             copied.append(folder + "/")
-    if "generation_config.json" not in copied:
-        try:  # save_pretrained writes one for generative models
-            from transformers import GenerationConfig
-
-            from qtool.core.meta import hf_config
-
-            if plan.architecture.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")):
-                gc = GenerationConfig.from_model_config(hf_config(plan.config))
-                gc.save_pretrained(str(out_dir))
-                copied.append("generation_config.json")
-        except Exception:
-            pass
+    if "generation_config.json" not in copied:  # save_pretrained writes one for generative models
+        made = helper.write(out_dir, "generation_config.json") if helper is not None else None
+        if made if made is not None else write_generation_config(plan, out_dir):
+            copied.append("generation_config.json")
     return copied, skipped
 
 
-def finalize(plan: QuantizePlan, out_dir: Path, result: dict, *, trust_remote_code: bool = False) -> list[tuple[str, str]]:
+def finalize(plan: QuantizePlan, out_dir: Path, result: dict, *, trust_remote_code: bool = False,
+             helper=None) -> list[tuple[str, str]]:
     """Everything beside the shards: the index (several shards), config.json, the source's other files.
-    -> the files of the source that were not copied, with why."""
+    -> the files of the source that were not copied, with why. `helper` (qtool.quantize.sidecar) has made
+    the two files that need transformers in another process; where it could not, they are made here."""
     from qtool.quantize.sink import write_index
 
     if len(result["files"]) > 1:
         write_index(out_dir, result["weight_map"],
                     {"total_parameters": plan.total_parameters, "total_size": result["total_size"]})
-    write_config(plan, out_dir, trust_remote_code=trust_remote_code)
-    _, skipped = copy_small_files(plan.source, out_dir, plan)
+    if helper is None or not helper.write(out_dir, "config.json"):
+        write_config(plan, out_dir, trust_remote_code=trust_remote_code)
+    _, skipped = copy_small_files(plan.source, out_dir, plan, helper)
     return skipped

@@ -1,4 +1,4 @@
-"""bitsandbytes' CUDA 4-bit quantizer, reproduced bit for bit in vectorized torch on the CPU.
+"""bitsandbytes' CUDA 4-bit quantizer, reproduced bit for bit in vectorized torch (CPU or CUDA tensors).
 
 The reference is what `bitsandbytes.functional.quantize_4bit` writes on an NVIDIA GPU (bitsandbytes
 0.50, torch 2.11, H100/H200); published `*-bnb-4bit` checkpoints hold exactly that. Read from
@@ -18,8 +18,10 @@ SASS of the shipped libbitsandbytes_cuda130.so (sm_90), which is built with --us
   inputs, then times fl(1/n)), then (absmax - offset) quantized 8-bit in blocks of 256 against the
   dynamic map by kQuantizeBlockwise's binary search with its midpoint rounding.
 
-bitsandbytes' own CPU kernel differs from this in the double-quant and FP4 roundings; on CUDA qtool
-keeps calling bitsandbytes (it is the reference and faster). Non-finite input is refused.
+bitsandbytes' own CPU kernel differs from this in the double-quant and FP4 roundings. On a CUDA tensor
+the same definition runs on the device (`_pack_device`), so a CUDA run needs no bitsandbytes import
+(2-3 s); bench/kernel_vs_cuda.py --device cuda checks it against bitsandbytes' kernel. Non-finite input
+is refused.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ _INT_OF = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float3
 _SMALL_ABSMAX = 2.0**-26
 # torch's CUDA reduction sizes its grid from the device; the reference cards (H100, H200) have these.
 H100_SMS, H100_THREADS_PER_SM = 132, 2048
+# Values a GPU chunk takes at once (_pack_device): ~0.5 GB of fp32/fp64 temporaries on the device at most.
+DEVICE_CHUNK_ELEMENTS = 1 << 24
 
 
 def quant_map(quant_type: str) -> torch.Tensor:
@@ -94,6 +98,19 @@ def _rcp_delta() -> torch.Tensor:
     return torch.frombuffer(bytearray(raw), dtype=torch.int8).to(torch.int32)
 
 
+_ON_DEVICE: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def _on(name: str, table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`table` where the data is (the constants live on the CPU; a CUDA run copies each once)."""
+    if device.type == "cpu":
+        return table
+    key = (name, str(device))
+    if key not in _ON_DEVICE:
+        _ON_DEVICE[key] = table.to(device)
+    return _ON_DEVICE[key]
+
+
 def _ftz(x: torch.Tensor) -> torch.Tensor:
     """Subnormals to sign-preserving zero, as every .ftz instruction of the kernel does."""
     return torch.where(x.abs() < FLT_MIN, x * 0, x)
@@ -105,7 +122,7 @@ def rcp_approx(a: torch.Tensor) -> torch.Tensor:
     normal = (a >= FLT_MIN) & (a <= 2.0**126)
     if bool(normal.any()):
         m = (a.view(torch.int32) & 0x7FFFFF).long()
-        bits = inv.view(torch.int32) + torch.where(normal, _rcp_delta()[m], 0)
+        bits = inv.view(torch.int32) + torch.where(normal, _on("rcp", _rcp_delta(), a.device)[m], 0)
         inv = bits.view(torch.float32)
     return torch.where(a > 2.0**126, torch.zeros_like(inv), inv)
 
@@ -178,7 +195,7 @@ def _dquantize(x: torch.Tensor) -> torch.Tensor:
     """dQuantize<0> against the dynamic map, in closed form: the seven halvings compare x with the odd
     entries 127, 63|191, ... and stop on an even pivot p with code[p-1] < x <= code[p+1]; then x goes
     to the nearer neighbour by fp32 midpoints. (tests/quantize/test_kernel.py holds the literal transcription.)"""
-    code = dynamic_map()
+    code = _on("dynamic_map", dynamic_map(), x.device)
     pivot = 2 * torch.bucketize(x, code[1:254:2].contiguous(), out_int32=True).long()
     pivot[torch.isnan(x)] = 0  # a zero block (0 * inf): every comparison false
     val = code[pivot]
@@ -201,16 +218,17 @@ def _dquantize_table() -> torch.Tensor:
 
 
 def quantize_blockwise_8bit(a: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """kQuantizeBlockwise<float, 256, 2, 0, General8bit>: (uint8 codes, fp32 absmax) of 1-D fp32 `a`."""
+    """kQuantizeBlockwise<float, 256, 2, 0, General8bit>: (uint8 codes, fp32 absmax) of 1-D fp32 `a`, on
+    its device."""
     n = a.numel()
     nb = -(-n // blocksize)
-    v = torch.zeros(nb * blocksize, dtype=torch.float32)
+    v = torch.zeros(nb * blocksize, dtype=torch.float32, device=a.device)
     v[:n] = _ftz(a.reshape(-1).float())
     v = v.view(nb, blocksize)
     absmax = v.abs().amax(dim=1)
     x = _ftz(v * rcp_approx(absmax)[:, None]).reshape(-1)[:n]
     key = (x.view(torch.int32) >> 12) & 0xFFFFF
-    codes = torch.index_select(_dquantize_table(), 0, key)
+    codes = torch.index_select(_on("dquantize_table", _dquantize_table(), a.device), 0, key)
     undecided = (codes < 0).nonzero().squeeze(1)
     if undecided.numel():
         codes[undecided] = _dquantize(x[undecided])
@@ -223,9 +241,9 @@ def _codes(y: torch.Tensor, x: torch.Tensor, quant_type: str, inv: torch.Tensor 
     |x * inv| < 2^-126 - 2^-151, some of which IEEE rounds up to -2^-126 (H200: 24 of 24 such cases
     recorded by bench/kernel_vs_cuda.py --diagnose; tests/data/ftz_edges.json). NF4 codes do not change."""
     if quant_type == "nf4":
-        return torch.bucketize(y, _NF4, out_int32=True).to(torch.uint8)
-    mag = torch.bucketize(y.abs(), _FP4, out_int32=True)
-    codes = _FP4_LOOKUP[mag]
+        return torch.bucketize(y, _on("nf4", _NF4, y.device), out_int32=True).to(torch.uint8)
+    mag = torch.bucketize(y.abs(), _on("fp4", _FP4, y.device), out_int32=True)
+    codes = _on("fp4_code", _FP4_LOOKUP, y.device)[mag]
     negative = (y <= -FLT_MIN) & (x <= -FLT_MIN)
     edge = y == -FLT_MIN
     if inv is not None and bool(edge.any()):  # the exact product (fp64 holds it) decides
@@ -313,20 +331,10 @@ def _parallel(fn, jobs: list, workers: int) -> None:
         torch.set_num_threads(threads)
 
 
-def quantize_4bit(t: torch.Tensor, *, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = False,
-                  quant_storage: torch.dtype = torch.uint8, chunk_elements: int = 1 << 20) -> dict[str, torch.Tensor]:
-    """What `quantize_4bit` + `QuantState.as_dict(packed=True)` give on CUDA, for a CPU tensor:
-    {"": packed weight, ".absmax", ".quant_map", [".nested_absmax", ".nested_quant_map"],
-    ".quant_state.bitsandbytes__<type>"} — the parts Linear4bit saves."""
-    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"4-bit quantization takes float16, bfloat16 or float32, not {t.dtype}")
-    if quant_type not in ("nf4", "fp4"):
-        raise ValueError(f"quant_type must be nf4 or fp4, not {quant_type!r}")
-    if blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
-        raise ValueError(f"blocksize {blocksize} is not one bitsandbytes' CUDA kernel has")
-    flat = t.detach().reshape(-1)
+def _pack_cpu(flat: torch.Tensor, nb: int, blocksize: int, quant_type: str,
+              chunk_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed codes, fp32 absmax) of a CPU tensor: table lookups, chunks in parallel threads."""
     n = flat.numel()
-    nb = -(-n // blocksize)
     absmax = torch.empty(nb, dtype=torch.float32)
     packed = torch.empty(nb * blocksize // 2, dtype=torch.uint8)
     chunk_blocks = max(1, chunk_elements // blocksize)
@@ -352,21 +360,67 @@ def quantize_4bit(t: torch.Tensor, *, blocksize: int = 64, quant_type: str = "nf
     else:
         for b0 in starts:
             run(b0)
+    return packed, absmax
+
+
+def _pack_device(flat: torch.Tensor, nb: int, blocksize: int, quant_type: str,
+                 chunk_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same on a CUDA tensor, on the device: the elementwise definition (_quantize_blocks_exact), whose
+    every step is an IEEE fp32 operation torch gives the same bits for on any device, chunk by chunk to
+    bound the temporaries. bench/kernel_vs_cuda.py --device cuda checks it against bitsandbytes there."""
+    n = flat.numel()
+    absmax = torch.empty(nb, dtype=torch.float32, device=flat.device)
+    packed = torch.empty(nb * blocksize // 2, dtype=torch.uint8, device=flat.device)
+    chunk_blocks = max(1, chunk_elements // blocksize)
+    for b0 in range(0, nb, chunk_blocks):
+        b1 = min(nb, b0 + chunk_blocks)
+        part = flat[b0 * blocksize:min(n, b1 * blocksize)]
+        if part.numel() < (b1 - b0) * blocksize:  # last block: padded with zeros the kernel also quantizes
+            part = torch.cat([part, part.new_zeros((b1 - b0) * blocksize - part.numel())])
+        codes, amax = _quantize_blocks_exact(part.view(-1, blocksize), quant_type)
+        if not bool(torch.isfinite(amax).all()):
+            raise NonFiniteError("cannot quantize a tensor holding inf or NaN")
+        absmax[b0:b1] = amax
+        pairs = codes.view(torch.int16)  # little-endian: first code in the low byte
+        packed[b0 * blocksize // 2:b1 * blocksize // 2] = ((pairs & 0x0F) << 4) | (pairs >> 8)
+    return packed, absmax
+
+
+def quantize_4bit(t: torch.Tensor, *, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = False,
+                  quant_storage: torch.dtype = torch.uint8, chunk_elements: int = 1 << 20) -> dict[str, torch.Tensor]:
+    """What `quantize_4bit` + `QuantState.as_dict(packed=True)` give on CUDA, for a CPU or CUDA tensor (the
+    parts on its device):
+    {"": packed weight, ".absmax", ".quant_map", [".nested_absmax", ".nested_quant_map"],
+    ".quant_state.bitsandbytes__<type>"} — the parts Linear4bit saves."""
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"4-bit quantization takes float16, bfloat16 or float32, not {t.dtype}")
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"quant_type must be nf4 or fp4, not {quant_type!r}")
+    if blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
+        raise ValueError(f"blocksize {blocksize} is not one bitsandbytes' CUDA kernel has")
+    flat = t.detach().reshape(-1)
+    nb = -(-flat.numel() // blocksize)
+    if flat.device.type == "cpu":
+        packed, absmax = _pack_cpu(flat, nb, blocksize, quant_type, chunk_elements)
+    else:
+        packed, absmax = _pack_device(flat, nb, blocksize, quant_type, DEVICE_CHUNK_ELEMENTS)
+    n = flat.numel()
     itemsize = torch.empty((), dtype=quant_storage).element_size()
     rows = (n + 1) // (itemsize * 2)
     weight = packed[: rows * itemsize].view(quant_storage).view(rows, 1)
     state = {"quant_type": quant_type, "blocksize": blocksize,
              "dtype": str(t.dtype).strip("torch."), "shape": list(t.shape)}
     parts = {"": weight}
-    if double_quant:
-        offset = cuda_mean(absmax)
+    device = flat.device
+    if double_quant:  # on CUDA torch's own mean is the reference's (bitsandbytes calls absmax.mean() there)
+        offset = cuda_mean(absmax) if device.type == "cpu" else absmax.mean()
         qabsmax, absmax2 = quantize_blockwise_8bit(absmax - offset)
-        parts.update({".absmax": qabsmax, ".quant_map": quant_map(quant_type), ".nested_absmax": absmax2,
-                      ".nested_quant_map": dynamic_map().clone()})
+        parts.update({".absmax": qabsmax, ".quant_map": quant_map(quant_type).to(device), ".nested_absmax": absmax2,
+                      ".nested_quant_map": dynamic_map().clone().to(device)})
         state.update({"nested_blocksize": NESTED_BLOCKSIZE, "nested_dtype": "float32",
                       "nested_offset": offset.item()})
     else:
-        parts.update({".absmax": absmax, ".quant_map": quant_map(quant_type)})
+        parts.update({".absmax": absmax, ".quant_map": quant_map(quant_type).to(device)})
     blob = json.dumps(state).encode("utf-8")
-    parts[f".quant_state.bitsandbytes__{quant_type}"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    parts[f".quant_state.bitsandbytes__{quant_type}"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(device)
     return parts

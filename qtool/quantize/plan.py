@@ -58,6 +58,7 @@ class QuantizePlan:
     total_parameters: int = 0  # what save_pretrained puts in the index metadata
     header_bytes: int = 0  # safetensors header estimate (one shard)
     timings: dict = field(default_factory=dict)  # seconds: process start -> planning, imports, planning
+    known_architecture: bool = False  # planned by qtool.quantize.archplan, without transformers
 
     @property
     def input_bytes(self) -> int:
@@ -156,43 +157,70 @@ def plan_quantization(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     ckpt=None,
+    known_architectures: bool = True,
 ) -> QuantizePlan:
-    """Everything the run will do, decided before any byte is written. Raises on any mismatch."""
+    """Everything the run will do, decided before any byte is written. Raises on any mismatch.
+    `known_architectures=False` always goes through transformers (the tests compare both ways)."""
     from qtool.quantize.streamio import process_age
 
-    timings = {"startup": process_age()}  # interpreter start, CLI, up to planning
-    t0 = time.perf_counter()
-    from transformers.core_model_loading import dot_natural_key
-
     from qtool.core.checkpoint import Checkpoint
-    from qtool.core.dtypes import name_of
-    from qtool.core.meta import build_plan, hf_config
 
-    timings["imports"] = time.perf_counter() - t0  # torch + transformers, when not yet imported
+    timings = {"startup": process_age()}  # interpreter start, CLI, up to planning
     t0 = time.perf_counter()
     source = Path(source)
     ckpt = ckpt or Checkpoint.open(source, allow_pickle=allow_pickle)
     config = ckpt.config or {}
-    cfg_path = source / "config.json"
     method = ckpt.prequantized_method()
     if method:
         raise WeightsError(f"checkpoint is already quantized ({method}); quantize the original FP16/BF16/FP32 model",
                            path=source)
+    from qtool.quantize.archplan import arch_plan
+
+    known = known_architectures and arch_plan(config, ckpt, dtype_setting=settings.dtype,
+                                              skip_modules=settings.skip_modules, trust_remote_code=trust_remote_code)
+    if known:  # a known architecture: no transformers (qtool.quantize.archplan)
+        mapping = _Mapping(known.meta_sd, known.target_sources, set(), known.dropped, conversions=[])
+        plan = _assemble(source, source_name, revision, config, settings, ckpt, known.model_plan, mapping,
+                         known.architecture, known.dtype, lambda key, meta_t, quantize: known.dtype,
+                         natural_order=known.natural_order)
+        plan.timings = {**timings, "plan": time.perf_counter() - t0}
+        plan.known_architecture = True
+        return plan
+    t1 = time.perf_counter()
+    import transformers.core_model_loading  # noqa: F401
+
+    from qtool.core.meta import build_plan, hf_config
+
+    timings["imports"] = time.perf_counter() - t1  # transformers, when not yet imported
+    cfg_path = source / "config.json"
     hf_cfg = hf_config(config, source=cfg_path, trust_remote_code=trust_remote_code)
     dtype = _load_dtype(config, ckpt, hf_cfg, settings.dtype)
     model = _meta_model(hf_cfg, dtype, cfg_path)
     model_plan = build_plan(config, skip_modules=settings.skip_modules, source=cfg_path, model=model)
     mapping = _map_checkpoint(ckpt, model, model_plan, source)
-    out = _output_tensors(ckpt, model, model_plan, mapping, settings, _dtype_rule(model, dtype), source)
+    plan = _assemble(source, source_name, revision, config, settings, ckpt, model_plan, mapping,
+                     type(model).__name__, dtype, _dtype_rule(model, dtype), natural_order=bool(mapping.conversions))
+    plan.timings = {**timings, "plan": time.perf_counter() - t0 - timings["imports"]}
+    return plan
+
+
+def _assemble(source: Path, source_name, revision, config: dict, settings: QuantSettings, ckpt, model_plan,
+              mapping: "_Mapping", architecture: str, dtype, cast_dtype, *, natural_order: bool) -> QuantizePlan:
+    """The output tensors and their write order from the model plan and the checkpoint mapping.
+    `natural_order`: the model has weight conversions, which save_pretrained reverts over a state dict
+    sorted by dot_natural_key."""
+    from qtool.core.dtypes import name_of
+    from qtool.quantize.archplan import dot_natural_key
+
+    out = _output_tensors(ckpt, model_plan, mapping, settings, cast_dtype, source)
     header_bytes = _header_bytes(out.tensors, out.slots, settings)
-    if mapping.conversions:  # save_pretrained reverts conversions over a state dict sorted by dot_natural_key
+    if natural_order:
         out.slots.sort(key=lambda s: dot_natural_key(s[0]))
     return QuantizePlan(
         source=source, source_name=source_name or source.resolve().name, revision=revision, config=config,
-        settings=settings, architecture=type(model).__name__, model_dtype=name_of(dtype),
+        settings=settings, architecture=architecture, model_dtype=name_of(dtype),
         tensors=out.tensors, slots=out.slots, dropped=mapping.dropped, warnings=_plan_warnings(model_plan, out),
         total_parameters=out.total_parameters, header_bytes=header_bytes,
-        timings={**timings, "plan": time.perf_counter() - t0},
     )
 
 
@@ -300,7 +328,7 @@ def _check_sources(key: str, meta_t, srcs: list[str], ckpt, mapping: _Mapping, q
         raise WeightsError(f"tensor {srcs[0]} is {first.dtype}, not a float: cannot quantize", path=first.file)
 
 
-def _output_tensors(ckpt, model, model_plan, mapping: _Mapping, settings: QuantSettings, cast_dtype,
+def _output_tensors(ckpt, model_plan, mapping: _Mapping, settings: QuantSettings, cast_dtype,
                     source: Path) -> _Outputs:
     """Output tensors and their slots in save_pretrained's state-dict order. A quantized weight's parts
     (absmax, quant map, ...) follow its module's bias when there is one."""
@@ -352,7 +380,7 @@ def _output_tensors(ckpt, model, model_plan, mapping: _Mapping, settings: QuantS
 
 
 def _natural_key(name: str):
-    from transformers.core_model_loading import dot_natural_key
+    from qtool.quantize.archplan import dot_natural_key
 
     return dot_natural_key(name)
 

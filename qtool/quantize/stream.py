@@ -1,7 +1,7 @@
 """Step 3: the stream. Tensors go in the order the sink takes them; each is pread in parallel chunks into
 a reused read-ahead arena (quantize.streamio), cast to the load dtype, Conv1D weights transposed,
-checked for NaN/inf, quantized exactly as `Params4bit._quantize` does on CUDA (bitsandbytes there, its
-bit-exact twin quantize.kernel on CPU), and its packed weight +
+checked for NaN/inf, quantized exactly as `Params4bit._quantize` does on CUDA (by its bit-exact twin
+quantize.kernel, on the CPU or on the GPU), and its packed weight +
 `QuantState.as_dict(packed=True)` handed to a background writer (quantize.sink). Kept tensors whose bytes
 do not change are copied file to file. All of it inside a staging directory (quantize.staging) that is
 renamed into place on success. Seconds per stage are returned as `stage_seconds`.
@@ -62,21 +62,20 @@ def pick_device(device: str) -> str:
 
 def quantize_tensor(t, *, settings: QuantSettings, known_finite: bool = False):
     """Params4bit._quantize on one tensor -> {suffix: tensor} as Linear4bit saves it, with the bytes
-    bitsandbytes' CUDA kernel gives: bitsandbytes itself on CUDA, qtool.quantize.kernel (its exact CPU twin)
-    on CPU."""
+    bitsandbytes' CUDA kernel gives: qtool.quantize.kernel (its exact twin) on the tensor's device, CPU or
+    CUDA, so bitsandbytes is never imported for finite weights."""
     import torch
 
     storage = getattr(torch, settings.quant_storage)
     # NaN/inf reach here only with --allow-nonfinite (the stream refuses them otherwise): qtool's kernel
-    # refuses them, so bitsandbytes' own CPU kernel quantizes such a tensor, garbage in, garbage out.
-    if t.device.type == "cpu" and (known_finite or bool(torch.isfinite(t).all())):
-        from qtool.quantize.kernel import quantize_4bit as cpu_quantize_4bit
-
+    # refuses them, so bitsandbytes' own kernel quantizes such a tensor, garbage in, garbage out.
+    if known_finite or bool(torch.isfinite(t).all()):
         from qtool.quantize.kernel import NonFiniteError
+        from qtool.quantize.kernel import quantize_4bit as exact_quantize_4bit
 
         try:
-            return cpu_quantize_4bit(t, blocksize=settings.blocksize, quant_type=settings.quant_type,
-                                     double_quant=settings.double_quant, quant_storage=storage)
+            return exact_quantize_4bit(t, blocksize=settings.blocksize, quant_type=settings.quant_type,
+                                       double_quant=settings.double_quant, quant_storage=storage)
         except NonFiniteError:
             raise  # the caller names the tensor and counts (check_finite)
         except ValueError as exc:
@@ -108,10 +107,12 @@ def run_quantization(
     ckpt=None,
     allow_nonfinite: bool = False,
     remote=None,
+    helper=None,
 ) -> QuantizeResult:
     """Stream the planned tensors into `destination`. Nothing is left behind on failure or Ctrl-C.
     A NaN/inf in a tensor that passes through memory is refused unless `allow_nonfinite`. `remote`: a
-    qtool.quantize.fetch.HubSource whose shards are fetched as the stream goes (`ckpt` from its headers)."""
+    qtool.quantize.fetch.HubSource whose shards are fetched as the stream goes (`ckpt` from its headers).
+    `helper`: a qtool.quantize.sidecar.Sidecar making config.json and generation_config.json meanwhile."""
     import torch
 
     from qtool.core.checkpoint import Checkpoint
@@ -125,7 +126,7 @@ def run_quantization(
     ckpt = ckpt or Checkpoint.open(plan.source)
     try:
         return _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_code, on_progress,
-                       allow_nonfinite=allow_nonfinite, remote=remote)
+                       allow_nonfinite=allow_nonfinite, remote=remote, helper=helper)
     except OSError as exc:
         err = output_error(exc, destination)
         if err is None:
@@ -190,8 +191,8 @@ class _Feed:
         self.reader = None
 
     def _quantize(self, t, w) -> dict:
-        """On the CPU qtool's kernel sees NaN/inf in its block maxima, so a finite tensor pays no extra pass;
-        only a refused tensor is scanned again, to name what it holds."""
+        """qtool's kernel sees NaN/inf in its block maxima, so a finite tensor pays no extra pass; only a
+        refused tensor is scanned again, to name what it holds."""
         from qtool.quantize.kernel import NonFiniteError
 
         try:
@@ -224,9 +225,6 @@ class _Feed:
             lease.release()
         if t.transpose:
             w = w.T
-        if not self.allow_nonfinite and self.dev == "cuda":  # bitsandbytes' kernel does not look
-            with clock("check_finite"):
-                check_finite(t, w, self.ckpt)
         with clock("quantize"):
             parts = self._quantize(t, w)
             self.sync()
@@ -294,7 +292,7 @@ def _source(remote, ckpt, plan: QuantizePlan, schedule, staging: Path, destinati
 
 
 def _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_code, on_progress, *,
-            allow_nonfinite: bool = False, remote=None) -> QuantizeResult:
+            allow_nonfinite: bool = False, remote=None, helper=None) -> QuantizeResult:
     import torch
 
     from qtool.quantize.card import model_card
@@ -308,9 +306,7 @@ def _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_co
     for k, v in plan.timings.items():
         clock.add(k, v)
     start = time.monotonic()
-    if dev == "cuda":  # on CPU qtool's own kernel quantizes: bitsandbytes is not imported at all
-        with clock("import_bitsandbytes"):
-            import bitsandbytes.functional  # noqa: F401
+    if dev == "cuda":  # qtool's own kernel quantizes on the device too: bitsandbytes is not imported
         with clock("cuda_init"):
             torch.zeros(1, device="cuda")
             torch.cuda.synchronize()
@@ -327,7 +323,7 @@ def _stream(plan, destination, ckpt, dev, max_shard_size, force, trust_remote_co
         feed = _Feed(plan, ckpt, dev, clock, allow_nonfinite=allow_nonfinite, gate=fetcher)
         result = feed.into(sink, schedule, on_progress)
         with clock("config_and_small_files"):
-            skipped = finalize(plan, tmp, result, trust_remote_code=trust_remote_code)
+            skipped = finalize(plan, tmp, result, trust_remote_code=trust_remote_code, helper=helper)
         seconds = time.monotonic() - start
         clock.add("run", seconds)
         res = QuantizeResult(

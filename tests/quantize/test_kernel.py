@@ -195,3 +195,49 @@ def test_fp4_sign_follows_the_gpus_flush_of_tiny_products():
     assert bool(((x.double() * inv.double()).abs() < kernel.FLT_MIN)[y == -kernel.FLT_MIN].all())
     codes = kernel._codes(y, x, "fp4", inv)
     assert torch.equal((codes >> 3).bool(), gpu < 0)
+
+
+def _hard_values(dtype, seed: int) -> torch.Tensor:
+    """Random weights, then blocks of values at every NF4/FP4 threshold (times the block's own inverse) and
+    their neighbours, zero blocks, dtype subnormals, fp32-subnormal scales, an odd tail."""
+    g = torch.Generator().manual_seed(seed)
+    thresholds = torch.tensor(kernel.NF4_THRESHOLDS + kernel.FP4_THRESHOLDS
+                              + tuple(-t for t in kernel.FP4_THRESHOLDS), dtype=torch.float32)
+    parts = [torch.randn(64 * 40, generator=g) * 0.02]
+    for a in (1.0, 3.0, 0.37, 2.0**-20):
+        inv = kernel.rcp_approx(torch.tensor([a]))[0]
+        base = (thresholds / inv).to(dtype).float()
+        near = [base, torch.nextafter(base, torch.full_like(base, 9.0)), torch.nextafter(base, torch.full_like(base, -9.0))]
+        for v in near:
+            blk = torch.zeros(64)
+            blk[0] = a
+            blk[1:1 + v.numel()] = v.clamp(-a, a)
+            parts.append(blk)
+    parts.append(torch.zeros(256 * 3))  # every part so far is a multiple of 256 long: whole blocks at any size
+    parts.append(torch.randn(64 * 4, generator=g) * torch.finfo(dtype).tiny)
+    parts.append(torch.randn(64 * 4, generator=g) * 2.0**-127)  # fp32 subnormals (zero in fp16/bf16)
+    parts.append(torch.randn(37, generator=g))
+    return torch.cat(parts).to(dtype)
+
+
+@pytest.mark.parametrize("qt", ["nf4", "fp4"])
+@pytest.mark.parametrize("bs", [64, 128, 256])
+@pytest.mark.parametrize("dtype", list(DT))
+def test_device_path_equals_the_table_path(qt, bs, dtype):
+    """What a CUDA tensor takes (_pack_device: the elementwise definition, chunked) gives the same bytes as the
+    CPU's table path on the same values; here both run on the CPU, and bench/kernel_vs_cuda.py --device cuda
+    compares the device path on the GPU with bitsandbytes' own CUDA kernel."""
+    flat = _hard_values(DT[dtype], seed=bs)
+    nb = -(-flat.numel() // bs)
+    packed_cpu, absmax_cpu = kernel._pack_cpu(flat, nb, bs, qt, 1 << 12)
+    packed_dev, absmax_dev = kernel._pack_device(flat, nb, bs, qt, 1 << 10)
+    assert torch.equal(absmax_cpu, absmax_dev)
+    assert torch.equal(packed_cpu, packed_dev)
+    assert int((absmax_cpu == 0).sum()) >= 3  # the zero blocks are there
+
+
+def test_device_path_refuses_non_finite():
+    t = torch.randn(4096)
+    t[1000] = float("nan")
+    with pytest.raises(kernel.NonFiniteError):
+        kernel._pack_device(t, 64, 64, "nf4", 1 << 10)
