@@ -16,11 +16,12 @@ def run() -> None:
     signals.install(emit)
     try:
         from qtool.cli.app import main
+
+        main()  # exits itself; a signal in its first lines (its imports, before its own try) comes here
     except signals.Stopped as exc:
         signals.emit_once(f"qtool: error: {exc.message}")
         signals.finish()
         sys.exit(exc.exit_code)
-    main()
 
 
 if __name__ == "__main__":
