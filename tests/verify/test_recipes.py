@@ -103,12 +103,74 @@ def test_sft_recipe_needs_trl(tiny, capsys):
         assert code == 0, err
 
 
-def test_verify_refuses_unsloth_in_one_line(tiny, capsys):
-    """Installed or not, verify does not run Unsloth (it loads from files with its own classes): exit 2."""
-    code = main(["verify", str(tiny), *SEQ, "--recipe", "unsloth", "--steps", "1"])
+@pytest.mark.parametrize("mode", ["qlora", "inference"])
+def test_unsloth_recipe_is_refused_in_one_line_where_it_cannot_run(tiny, capsys, mode):
+    """Without unsloth installed: one line naming the extra. Installed: the CPU is refused (Unsloth's kernels
+    are Triton, CUDA only). Either way exit 2, before anything is loaded."""
+    code = main(["verify", str(tiny), *SEQ, "--mode", mode, "--recipe", "unsloth", "--steps", "1"])
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if x.startswith("qtool: error:")]
     assert code == 2 and len(lines) == 1 and "--recipe unsloth" in lines[0] and "Traceback" not in err
+    if importlib.util.find_spec("unsloth") is None:
+        assert "not installed" in lines[0]
+    else:
+        assert "CUDA" in lines[0]
+
+
+def _random_spec(tmp_path):
+    from qtool.core.models import resolve_model
+
+    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": VOCAB,
+           "dtype": "bfloat16"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return resolve_model(str(tmp_path / "config.json"))
+
+
+def test_unsloth_checkpoint_writes_random_weights_and_removes_them(tmp_path):
+    """Unsloth loads from files: random weights become a 16-bit checkpoint in a temp folder, which
+    transformers loads back with every weight of the config, and which is gone afterwards."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from qtool.verify.inputs import VerifyOptions, resolve_source
+    from qtool.verify.recipes import unsloth_checkpoint
+
+    spec = _random_spec(tmp_path)
+    options = VerifyOptions(device="cpu")
+    with unsloth_checkpoint(spec, resolve_source(spec, options), options) as folder:
+        kept = folder
+        with safe_open(folder / "model.safetensors", "pt") as f:
+            dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        assert dtypes == {torch.bfloat16}
+        assert model.config.num_hidden_layers == 2 and model.get_input_embeddings().weight.shape == (VOCAB, 64)
+        assert (folder / "tokenizer.json").is_file()
+    assert not kept.exists()
+
+
+def test_unsloth_checkpoint_is_removed_on_errors(tmp_path):
+    from qtool.verify.inputs import VerifyOptions, resolve_source
+    from qtool.verify.recipes import unsloth_checkpoint
+
+    spec = _random_spec(tmp_path)
+    options = VerifyOptions(device="cpu")
+    with pytest.raises(RuntimeError, match="load failed"):
+        with unsloth_checkpoint(spec, resolve_source(spec, options), options) as folder:
+            kept = folder
+            raise RuntimeError("load failed")
+    assert not kept.exists()
+
+
+def test_unsloth_checkpoint_uses_a_checkpoint_folder_as_it_is(tiny):
+    from qtool.core.models import resolve_model
+    from qtool.verify.inputs import VerifyOptions, resolve_source
+    from qtool.verify.recipes import unsloth_checkpoint
+
+    spec, options = resolve_model(str(tiny)), VerifyOptions(device="cpu")
+    with unsloth_checkpoint(spec, resolve_source(spec, options), options) as folder:
+        assert folder == tiny
+    assert tiny.is_dir()
 
 
 # --- estimate: recipes are arithmetic ---------------------------------------------------------------
