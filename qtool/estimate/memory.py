@@ -15,8 +15,10 @@ counts (how many tensors of a given shape are alive), fitted once on measured pe
 
 Recipe (MemoryInputs.recipe: what runs the steps, qtool.verify.recipes): `loop` is the model above; `trainer`
 (transformers.Trainer, autocast) adds a 16-bit copy of the fp32 lm_head and runs attention 16-bit; `sft` (trl)
-has 16-bit adapters and a chunked loss; `unsloth` no fp32 upcast and CPU-offloaded checkpoints. Fitted on
-per-recipe GPU peaks (docs/recipe_measurements.json).
+has 16-bit adapters and a chunked loss; `unsloth` (_unsloth_breakdown) no fp32 upcast, fp32 adapters, MoE
+experts 4-bit, checkpoints offloaded to host through two GPU buffers, its own chunked loss and, for the
+architectures it serves with its own classes, fused LoRA kernels. Fitted on per-recipe GPU peaks
+(docs/recipe_measurements.json).
 
 Dynamic peak of a training step (second step: grads and optimizer states already exist)
   = checkpointed layer inputs + the larger of
@@ -75,12 +77,34 @@ OPTIMIZER_BYTES_PER_PARAM = {
 }
 
 # --- recipes (what runs the steps; docs/benchmarks.md "recipes") ---------------------------------------
-# trl's SFTTrainer (and Unsloth, which runs it) computes the loss through a fused LM head that walks the
-# sequence in chunks of tokens and the vocabulary in chunks of columns: never B x S x V logits.
+# trl's SFTTrainer computes the loss through a fused LM head that walks the sequence in chunks of tokens and
+# the vocabulary in chunks of columns: never B x S x V logits. (Unsloth patches it with its own, below.)
 SFT_TOKEN_CHUNK = 4096  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE
 SFT_VOCAB_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
-RECIPES_16BIT_ADAPTERS = ("sft", "unsloth")  # trl casts a quantized model's trainable adapters to bf16
+RECIPES_16BIT_ADAPTERS = ("sft",)  # trl casts a quantized model's trainable adapters to bf16
 SFT_CHUNK_TENSORS = 1  # a chunk's fp32 logits
+
+# Unsloth (recipe unsloth; unsloth 2026.10, unsloth_zoo; fitted on docs/recipe_measurements.json, call 4).
+# Its own model classes -- with fused LoRA kernels for the MLP and attention projections -- serve these
+# model_types (unsloth/models/loader.py's dispatch); every other architecture goes through FastModel, the
+# model's own (compiled) transformers code with peft's LoRA layers.
+UNSLOTH_FAST_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+# use_gradient_checkpointing="unsloth": each layer's input goes to host memory through a GPU buffer of
+# B x S x hidden, and a second one once double buffering is on (from the second step); both stay allocated
+UNSLOTH_OFFLOAD_BUFFERS = 2
+# the fused loss (unsloth_zoo.fused_losses.chunked_logprob): rows of fp32 logits per chunk, at most
+# 2 GiB / (vocab x 8 bytes), at least 512 or an eighth of the tokens
+UNSLOTH_CE_CHUNK_BYTES = 2 * GiB
+UNSLOTH_CE_BYTES_PER_LOGIT = 8
+UNSLOTH_CE_MIN_ROWS = 512
+UNSLOTH_LOSS_HIDDEN_TENSORS = 5  # B x S x hidden alive beside a loss chunk (final norm, its grad, ...)
+# the recomputed layer's backward, B x S x (dim) in the compute dtype: hidden (grads of the layer's output
+# and input, the input copied back from host, q/attention output and their grads, norm outputs) ...
+UNSLOTH_LAYER_HIDDEN_TENSORS = 11
+# ... and intermediate: Unsloth's fused LoRA MLP keeps gate, up and the gated product; under FastModel
+# peft's LoRA layers keep their own inputs and outputs as well (fitted on Phi-3)
+UNSLOTH_FAST_MLP_TENSORS = 3
+UNSLOTH_GENERIC_MLP_TENSORS = 6
 
 
 @dataclass(frozen=True)
@@ -201,11 +225,18 @@ class MemoryInputs:
     lora_rank: int = 16
     expert_lora: bool = False  # LoRA targets all-linear: peft also wraps fused 3-D expert weights (MoE)
     upcast_kept: bool = True  # qlora: prepare_model_for_kbit_training upcasts the kept params (FSDP-QLoRA: not)
+    model_type: str = ""  # config.json's model_type (Unsloth serves some with its own classes)
+    largest_fused: int = 0  # numel of the largest fused 3-D expert tensor (MoE); Unsloth quantizes those too
 
     @property
     def fp32_head(self) -> bool:
         """QLoRA's upcast made lm_head fp32 (the trainer casts a 16-bit copy; the chunked loss an fp32 slice)."""
         return self.mode == "qlora" and self.upcast_kept
+
+    @property
+    def unsloth_fast(self) -> bool:
+        """Unsloth runs this architecture with its own classes and fused LoRA kernels (not FastModel)."""
+        return self.recipe == "unsloth" and self.model_type in UNSLOTH_FAST_MODEL_TYPES
 
     @property
     def autocast(self) -> bool:
@@ -246,7 +277,7 @@ def _trainable_state(m: MemoryInputs) -> dict[str, int]:
         per = 2 * m.weight_bytes if m.optimizer == "adamw" else OPTIMIZER_BYTES_PER_PARAM[m.optimizer]
         out["optimizer_states"] = int(trainable * per)
     else:
-        # peft creates adapters in fp32; trl's SFTTrainer (sft, unsloth) casts a quantized model's to bf16
+        # peft creates adapters in fp32 (Unsloth too); trl's SFTTrainer (sft) casts a quantized model's to bf16
         adapter = 2 if m.recipe in RECIPES_16BIT_ADAPTERS and m.mode == "qlora" else 4
         out["lora_params"] = m.lora_params * adapter
         out["lora_grads"] = m.lora_params * adapter
@@ -255,7 +286,9 @@ def _trainable_state(m: MemoryInputs) -> dict[str, int]:
         out[key] = _adapter_optimizer_bytes(m, adapter)
         experts = expert_adapter_params(m)
         if experts:
-            per = 2 * adapter + OPTIMIZER_BYTES_PER_PARAM.get(m.optimizer, 0.0)
+            # Unsloth's LoRA on fused expert parameters stays 16-bit (the fp32 cast skips them: measured)
+            expert_bytes = m.compute_bytes if m.recipe == "unsloth" else adapter
+            per = 2 * expert_bytes + OPTIMIZER_BYTES_PER_PARAM.get(m.optimizer, 0.0)
             out["expert_adapters"] = int(experts * per)  # params, grads and optimizer states
     return out
 
@@ -271,14 +304,18 @@ def memory_breakdown(m: MemoryInputs) -> dict[str, int]:
         out["activations"] = b * s * (INFER_MLP_TENSORS * d.intermediate * d.experts_per_token
                                       + INFER_HIDDEN_TENSORS * d.hidden) * c
         out["logits"] = logits_bytes(d, b, 1, 4)  # generate keeps the last position only, upcast to fp32
-        out["dequant_buffer"] = m.largest_linear * c  # bnb dequantizes one weight to compute dtype
+        out["dequant_buffer"] = _largest_dequantized(m) * c  # bnb dequantizes one weight to compute dtype
+        if m.recipe == "unsloth" and d.attn_softcapping:
+            # Unsloth's prefill of soft-capped attention (Gemma-2) without flash-attn: eager, fp32 scores
+            out["attention_scores"] = b * d.heads * s * s * 4
         out["cublas_workspace"] = CUBLAS_WORKSPACE_BYTES
         out["cuda_context"] = CUDA_CONTEXT_BYTES
         return out
+    if m.recipe == "unsloth" and m.mode == "qlora":
+        return _unsloth_breakdown(m)
 
-    if m.mode == "qlora" and (m.recipe == "unsloth" or not m.upcast_kept):
-        # Unsloth loads with its own patched classes and does not upcast: embeddings, norms and lm_head stay
-        # 16-bit, and so does the residual stream
+    if m.mode == "qlora" and not m.upcast_kept:
+        # no upcast (FSDP-QLoRA): embeddings, norms and lm_head stay 16-bit, and so does the residual stream
         out["weights"] = m.quant_weights_gpu
         act, logit_bytes = c, c
     elif m.mode == "qlora":
@@ -296,9 +333,7 @@ def memory_breakdown(m: MemoryInputs) -> dict[str, int]:
     out.update(_trainable_state(m))
     out["cublas_workspace"] = CUBLAS_WORKSPACE_BYTES
 
-    if m.gradient_checkpointing and m.recipe == "unsloth":
-        pass  # use_gradient_checkpointing="unsloth" offloads each layer's input to CPU memory
-    elif m.gradient_checkpointing:
+    if m.gradient_checkpointing:
         out["activation_checkpoints"] = checkpoint_bytes(d, b, s, act)
     else:
         per_layer = layer_activation_bytes(d, b, s, act)
@@ -336,9 +371,49 @@ def phases(m: MemoryInputs, act: int, logit_bytes: int) -> tuple[dict[str, int],
     return loss_phase, layer_phase
 
 
+def _largest_dequantized(m: MemoryInputs) -> int:
+    """numel of the largest weight dequantized at once: Unsloth quantizes fused expert tensors too and
+    dequantizes one whole (E x 2I x H gate_up) for a layer's experts."""
+    return max(m.largest_linear, m.largest_fused if m.recipe == "unsloth" else 0)
+
+
+def _unsloth_breakdown(m: MemoryInputs) -> dict[str, int]:
+    """Unsloth's QLoRA (FastLanguageModel + get_peft_model(use_gradient_checkpointing="unsloth") under trl's
+    SFTTrainer). Weights stay as loaded -- no prepare_model_for_kbit_training upcast: embeddings, norms and
+    lm_head 16-bit, fused MoE experts 4-bit --, the adapters are fp32 (unsloth_zoo's prepare_model_for_training
+    casts trainable parameters to float32), checkpoints live in host memory, the loss is chunked."""
+    d, b, s, c = m.dims, m.batch, m.seq, m.compute_bytes
+    hidden = b * s * d.hidden * c
+    out: dict[str, int] = {"weights": m.quant_weights_gpu}
+    out.update(_trainable_state(m))
+    out["cublas_workspace"] = CUBLAS_WORKSPACE_BYTES
+    if m.unsloth_fast:  # fast_dequantize keeps its output buffer (the largest weight) between calls
+        out["unsloth_dequant_buffer"] = m.largest_linear * c
+    if m.gradient_checkpointing:
+        out["offload_buffers"] = UNSLOTH_OFFLOAD_BUFFERS * hidden
+    else:
+        out["activations"] = d.layers * layer_activation_bytes(d, b, s, c)
+    rows = min(b * s, max(UNSLOTH_CE_MIN_ROWS, -(-b * s // 8)),
+               UNSLOTH_CE_CHUNK_BYTES // max(d.vocab * UNSLOTH_CE_BYTES_PER_LOGIT, 1))
+    loss_phase = {"loss_chunk": rows * d.vocab * 4, "loss_hidden": UNSLOTH_LOSS_HIDDEN_TENSORS * hidden}
+    mlp = UNSLOTH_FAST_MLP_TENSORS if m.unsloth_fast else UNSLOTH_GENERIC_MLP_TENSORS
+    layer_phase = {
+        "layer_hidden": UNSLOTH_LAYER_HIDDEN_TENSORS * hidden,
+        # MoE: the experts are 4-bit here, so no W + B @ A merge; a whole fused expert tensor is dequantized
+        "mlp_backward": int(mlp * b * s * d.intermediate * d.experts_per_token * c),
+        "dequant_buffer": _largest_dequantized(m) * c,
+        # a sliding window shorter than the sequence: the attention mask is built, S x S in 16 bit
+        "window_mask": b * s * s * c if d.sliding_window is not None and s > d.sliding_window else 0,
+    }
+    phase = loss_phase if sum(loss_phase.values()) >= sum(layer_phase.values()) else layer_phase
+    out.update({k: v for k, v in phase.items() if v})
+    out["cuda_context"] = CUDA_CONTEXT_BYTES
+    return out
+
+
 def stream_bytes(m: MemoryInputs) -> tuple[int, int]:
     """(residual stream itemsize, logits itemsize) of a training mode: fp32 where QLoRA upcast the norms."""
-    if m.mode == "qlora" and m.recipe != "unsloth" and m.upcast_kept:
+    if m.mode == "qlora" and m.recipe != "unsloth" and m.upcast_kept:  # Unsloth does not upcast
         return 4, 4
     return m.compute_bytes, m.compute_bytes
 
