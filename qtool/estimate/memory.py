@@ -15,7 +15,7 @@ counts (how many tensors of a given shape are alive), fitted once on measured pe
 
 Recipe (MemoryInputs.recipe: what runs the steps, qtool.verify.recipes): `loop` is the model above; `trainer`
 (transformers.Trainer, autocast) adds a 16-bit copy of the fp32 lm_head and runs attention 16-bit; `sft` (trl)
-has 16-bit adapters and a chunked loss; `unsloth` (_unsloth_breakdown) no fp32 upcast, fp32 adapters, MoE
+has 16-bit adapters and a chunked loss; `unsloth` (unsloth_terms.py) no fp32 upcast, fp32 adapters, MoE
 experts 4-bit, checkpoints offloaded to host through two GPU buffers, its own chunked loss and, for the
 architectures it serves with its own classes, fused LoRA kernels. Fitted on per-recipe GPU peaks
 (docs/recipe_measurements.json).
@@ -84,27 +84,11 @@ SFT_VOCAB_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
 RECIPES_16BIT_ADAPTERS = ("sft",)  # trl casts a quantized model's trainable adapters to bf16
 SFT_CHUNK_TENSORS = 1  # a chunk's fp32 logits
 
-# Unsloth (recipe unsloth; unsloth 2026.10, unsloth_zoo; fitted on docs/recipe_measurements.json, call 4).
-# Its own model classes -- with fused LoRA kernels for the MLP and attention projections -- serve these
-# model_types (unsloth/models/loader.py's dispatch); every other architecture goes through FastModel, the
-# model's own (compiled) transformers code with peft's LoRA layers.
+# Unsloth (recipe unsloth; its terms: qtool/estimate/unsloth_terms.py). Its own model classes -- with fused
+# LoRA kernels for the MLP and attention projections -- serve these model_types (unsloth/models/loader.py's
+# dispatch); every other architecture goes through FastModel, the model's own (compiled) transformers code
+# with peft's LoRA layers.
 UNSLOTH_FAST_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
-# use_gradient_checkpointing="unsloth": each layer's input goes to host memory through a GPU buffer of
-# B x S x hidden, and a second one once double buffering is on (from the second step); both stay allocated
-UNSLOTH_OFFLOAD_BUFFERS = 2
-# the fused loss (unsloth_zoo.fused_losses.chunked_logprob): rows of fp32 logits per chunk, at most
-# 2 GiB / (vocab x 8 bytes), at least 512 or an eighth of the tokens
-UNSLOTH_CE_CHUNK_BYTES = 2 * GiB
-UNSLOTH_CE_BYTES_PER_LOGIT = 8
-UNSLOTH_CE_MIN_ROWS = 512
-UNSLOTH_LOSS_HIDDEN_TENSORS = 5  # B x S x hidden alive beside a loss chunk (final norm, its grad, ...)
-# the recomputed layer's backward, B x S x (dim) in the compute dtype: hidden (grads of the layer's output
-# and input, the input copied back from host, q/attention output and their grads, norm outputs) ...
-UNSLOTH_LAYER_HIDDEN_TENSORS = 11
-# ... and intermediate: Unsloth's fused LoRA MLP keeps gate, up and the gated product; under FastModel
-# peft's LoRA layers keep their own inputs and outputs as well (fitted on Phi-3)
-UNSLOTH_FAST_MLP_TENSORS = 3
-UNSLOTH_GENERIC_MLP_TENSORS = 6
 
 
 @dataclass(frozen=True)
@@ -266,7 +250,7 @@ def attention_scores_bytes(d: Dims, batch: int, seq: int, act_bytes: int) -> int
     return int(ATTN_SCORE_COPIES * batch * d.heads * seq * seq * act_bytes)
 
 
-def _trainable_state(m: MemoryInputs) -> dict[str, int]:
+def trainable_state(m: MemoryInputs) -> dict[str, int]:
     """What training keeps between steps: gradients and optimizer states of the trainable parameters
     (every parameter in full fine-tuning, the LoRA adapters otherwise)."""
     out: dict[str, int] = {}
@@ -294,7 +278,7 @@ def _trainable_state(m: MemoryInputs) -> dict[str, int]:
 
 
 def memory_breakdown(m: MemoryInputs) -> dict[str, int]:
-    """component -> bytes at the peak. The sum is the peak (see peak_bytes)."""
+    """component -> bytes at the peak. The sum is the peak (see peak_bytes). Unsloth's QLoRA: unsloth_terms."""
     d, b, s, c = m.dims, m.batch, m.seq, m.compute_bytes
     out: dict[str, int] = {}
     if m.mode == "inference":
@@ -304,7 +288,7 @@ def memory_breakdown(m: MemoryInputs) -> dict[str, int]:
         out["activations"] = b * s * (INFER_MLP_TENSORS * d.intermediate * d.experts_per_token
                                       + INFER_HIDDEN_TENSORS * d.hidden) * c
         out["logits"] = logits_bytes(d, b, 1, 4)  # generate keeps the last position only, upcast to fp32
-        out["dequant_buffer"] = _largest_dequantized(m) * c  # bnb dequantizes one weight to compute dtype
+        out["dequant_buffer"] = largest_dequantized(m) * c  # bnb dequantizes one weight to compute dtype
         if m.recipe == "unsloth" and d.attn_softcapping:
             # Unsloth's prefill of soft-capped attention (Gemma-2) without flash-attn: eager, fp32 scores
             out["attention_scores"] = b * d.heads * s * s * 4
@@ -312,7 +296,9 @@ def memory_breakdown(m: MemoryInputs) -> dict[str, int]:
         out["cuda_context"] = CUDA_CONTEXT_BYTES
         return out
     if m.recipe == "unsloth" and m.mode == "qlora":
-        return _unsloth_breakdown(m)
+        from qtool.estimate.unsloth_terms import unsloth_breakdown  # it builds on this module's terms
+
+        return unsloth_breakdown(m)
 
     if m.mode == "qlora" and not m.upcast_kept:
         # no upcast (FSDP-QLoRA): embeddings, norms and lm_head stay 16-bit, and so does the residual stream
@@ -330,7 +316,7 @@ def memory_breakdown(m: MemoryInputs) -> dict[str, int]:
         out["weights"] = m.plain_weights_gpu
         act, logit_bytes = c, c
 
-    out.update(_trainable_state(m))
+    out.update(trainable_state(m))
     out["cublas_workspace"] = CUBLAS_WORKSPACE_BYTES
 
     if m.gradient_checkpointing:
@@ -371,44 +357,10 @@ def phases(m: MemoryInputs, act: int, logit_bytes: int) -> tuple[dict[str, int],
     return loss_phase, layer_phase
 
 
-def _largest_dequantized(m: MemoryInputs) -> int:
+def largest_dequantized(m: MemoryInputs) -> int:
     """numel of the largest weight dequantized at once: Unsloth quantizes fused expert tensors too and
     dequantizes one whole (E x 2I x H gate_up) for a layer's experts."""
     return max(m.largest_linear, m.largest_fused if m.recipe == "unsloth" else 0)
-
-
-def _unsloth_breakdown(m: MemoryInputs) -> dict[str, int]:
-    """Unsloth's QLoRA (FastLanguageModel + get_peft_model(use_gradient_checkpointing="unsloth") under trl's
-    SFTTrainer). Weights stay as loaded -- no prepare_model_for_kbit_training upcast: embeddings, norms and
-    lm_head 16-bit, fused MoE experts 4-bit --, the adapters are fp32 (unsloth_zoo's prepare_model_for_training
-    casts trainable parameters to float32), checkpoints live in host memory, the loss is chunked."""
-    d, b, s, c = m.dims, m.batch, m.seq, m.compute_bytes
-    hidden = b * s * d.hidden * c
-    out: dict[str, int] = {"weights": m.quant_weights_gpu}
-    out.update(_trainable_state(m))
-    out["cublas_workspace"] = CUBLAS_WORKSPACE_BYTES
-    if m.unsloth_fast:  # fast_dequantize keeps its output buffer (the largest weight) between calls
-        out["unsloth_dequant_buffer"] = m.largest_linear * c
-    if m.gradient_checkpointing:
-        out["offload_buffers"] = UNSLOTH_OFFLOAD_BUFFERS * hidden
-    else:
-        out["activations"] = d.layers * layer_activation_bytes(d, b, s, c)
-    rows = min(b * s, max(UNSLOTH_CE_MIN_ROWS, -(-b * s // 8)),
-               UNSLOTH_CE_CHUNK_BYTES // max(d.vocab * UNSLOTH_CE_BYTES_PER_LOGIT, 1))
-    loss_phase = {"loss_chunk": rows * d.vocab * 4, "loss_hidden": UNSLOTH_LOSS_HIDDEN_TENSORS * hidden}
-    mlp = UNSLOTH_FAST_MLP_TENSORS if m.unsloth_fast else UNSLOTH_GENERIC_MLP_TENSORS
-    layer_phase = {
-        "layer_hidden": UNSLOTH_LAYER_HIDDEN_TENSORS * hidden,
-        # MoE: the experts are 4-bit here, so no W + B @ A merge; a whole fused expert tensor is dequantized
-        "mlp_backward": int(mlp * b * s * d.intermediate * d.experts_per_token * c),
-        "dequant_buffer": _largest_dequantized(m) * c,
-        # a sliding window shorter than the sequence: the attention mask is built, S x S in 16 bit
-        "window_mask": b * s * s * c if d.sliding_window is not None and s > d.sliding_window else 0,
-    }
-    phase = loss_phase if sum(loss_phase.values()) >= sum(layer_phase.values()) else layer_phase
-    out.update({k: v for k, v in phase.items() if v})
-    out["cuda_context"] = CUDA_CONTEXT_BYTES
-    return out
 
 
 def stream_bytes(m: MemoryInputs) -> tuple[int, int]:
