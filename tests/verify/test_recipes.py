@@ -176,14 +176,18 @@ def test_unsloth_checkpoint_uses_a_checkpoint_folder_as_it_is(tiny):
 # --- estimate: recipes are arithmetic ---------------------------------------------------------------
 
 
-def _estimate(*args) -> dict:
+def _estimate(*args, model: str = "llama-3-8b") -> dict:
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parents[2]
-    out = subprocess.run([sys.executable, "-m", "qtool", "estimate", "llama-3-8b", "--json", *args], cwd=root,
+    out = subprocess.run([sys.executable, "-m", "qtool", "estimate", model, "--json", *args], cwd=root,
                          capture_output=True, text=True, check=True).stdout
     return json.loads(out)
+
+
+def _preset(name: str) -> dict:
+    return json.loads((Path(__file__).resolve().parents[2] / "configs" / "models" / f"{name}.json").read_text())
 
 
 def test_estimate_trainer_holds_a_16bit_copy_of_lm_head():
@@ -208,3 +212,34 @@ def test_estimate_unsloth_keeps_embeddings_16bit_and_offloads_checkpoints():
     unsloth = _estimate("--recipe", "unsloth")
     assert "kept_fp32" not in unsloth["breakdown"] and "activation_checkpoints" not in unsloth["breakdown"]
     assert unsloth["breakdown"]["weights"] == unsloth["weights"]["nf4_dq"]["gpu"]
+
+
+def test_estimate_unsloth_offloads_to_two_buffers_and_keeps_fp32_adapters():
+    """Unsloth's checkpoints go to host memory through two B x S x hidden buffers; its adapters are fp32 (the
+    same bytes as the Trainer's, twice trl's bf16 ones)."""
+    cfg = _preset("llama-3-8b")
+    unsloth = _estimate("--recipe", "unsloth", "--seq-len", "2048")["breakdown"]
+    sft = _estimate("--recipe", "sft", "--seq-len", "2048")["breakdown"]
+    assert unsloth["offload_buffers"] == 2 * 2048 * cfg["hidden_size"] * 2
+    assert unsloth["lora_params"] == 2 * sft["lora_params"]
+
+
+def test_estimate_unsloth_masks_a_sliding_window_only_past_it():
+    cfg = _preset("mistral-7b")
+    window = cfg["sliding_window"]
+    inside = _estimate("--recipe", "unsloth", "--seq-len", str(window), model="mistral-7b")["breakdown"]
+    past = _estimate("--recipe", "unsloth", "--seq-len", str(2 * window), model="mistral-7b")["breakdown"]
+    assert "window_mask" not in inside
+    assert past["window_mask"] == (2 * window) ** 2 * 2  # S x S in bf16
+
+
+def test_estimate_unsloth_quantizes_moe_experts():
+    """bitsandbytes' path keeps Mixtral's fused 3-D experts 16-bit; Unsloth's loader quantizes them: at least
+    3/4 of their 16-bit bytes are gone (4-bit codes are a quarter, plus block statistics)."""
+    cfg = _preset("mixtral-8x7b")
+    expert_bytes = (cfg["num_hidden_layers"] * cfg["num_local_experts"] * 3 * cfg["hidden_size"]
+                    * cfg["intermediate_size"] * 2)
+    trainer = _estimate("--mode", "inference", "--recipe", "trainer", model="mixtral-8x7b")["breakdown"]
+    unsloth = _estimate("--mode", "inference", "--recipe", "unsloth", model="mixtral-8x7b")["breakdown"]
+    saved = trainer["weights"] - unsloth["weights"]
+    assert 0.74 * expert_bytes < saved < 0.75 * expert_bytes
