@@ -151,32 +151,47 @@ def worker(a) -> None:
 
 
 def unsloth_worker(a) -> None:
-    """Unsloth's recipe on a depth-truncated random checkpoint written to a temp dir (Unsloth loads from files)."""
-    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
-    import unsloth  # noqa: F401  (first: it patches transformers and trl on import)
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+    """Unsloth's recipe as `qtool verify --recipe unsloth` runs it: the depth-truncated config's random weights
+    written as a 16-bit checkpoint (recipes.unsloth_checkpoint), FastLanguageModel.from_pretrained(load_in_4bit)
+    from it; generate cases (for_inference) first, then get_peft_model(use_gradient_checkpointing="unsloth")
+    and SFTTrainer cases on the same model."""
     from qtool.verify import recipes
+
+    unsloth = recipes.import_unsloth()  # first: it patches transformers, peft and trl on import
+    import torch
+
     from qtool.core.config import resolve_settings
+    from qtool.core.models import resolve_model
     from qtool.verify import Meter, VerifyOptions, VerifyReport, make_batch
+    from qtool.verify.inputs import resolve_source
 
     arch, layers = parse_case(a.unsloth_one)
     out = Path(a.out)
     tmp = Path(tempfile.mkdtemp(prefix="unsloth-"))
-    cfg = AutoConfig.for_model(**{k: v for k, v in case_config(arch, layers).items() if k != "model_type"},
-                               model_type=case_config(arch, layers)["model_type"])
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(tmp)
-    recipes._tiny_tokenizer().save_pretrained(tmp)
+    (tmp / "config.json").write_text(json.dumps(case_config(arch, layers)))
+    spec = resolve_model(str(tmp / "config.json"))
     dev = torch.device("cuda:0")
-    options = VerifyOptions(device="cuda", steps=a.steps)
-    s0 = resolve_settings({"mode": "qlora", "recipe": "unsloth", "optimizer": a.optimizer}, env={}, cwd=tmp)
-    model, tok = recipes.load_unsloth(tmp, s0, options, max(a.seqs))
+    torch.cuda.set_device(dev)
+    options = VerifyOptions(device="cuda", steps=a.steps, decode_tokens=a.decode_tokens)
+
+    def settings(mode, seq):
+        return resolve_settings({"mode": mode, "seq_len": seq, "recipe": "unsloth", "optimizer": a.optimizer},
+                                env={}, cwd=tmp)
+
+    t0 = time.perf_counter()
+    with recipes.unsloth_checkpoint(spec, resolve_source(spec, options), options) as folder:
+        written = time.perf_counter() - t0
+        model, tok = recipes.load_unsloth(folder, settings("qlora", 512), max(a.seqs + a.infer))
+    gc.collect()
+    after_load = torch.cuda.memory_allocated(dev)
+    print(f"unsloth {arch}:{layers or 'full'} written in {written:.0f}s, loaded in {time.perf_counter() - t0:.0f}s, "
+          f"{after_load / 2**30:.3f} GiB", flush=True)
     vocab = model.get_input_embeddings().weight.shape[0]
-    for seq in a.seqs:
-        settings = resolve_settings({"mode": "qlora", "seq_len": seq, "recipe": "unsloth", "optimizer": a.optimizer},
-                                    env={}, cwd=tmp)
+    base = {"arch": arch, "layers": layers, "full_depth": layers is None, "num_hidden_layers": layers,
+            "after_load": after_load, "card": torch.cuda.get_device_name(dev),
+            "versions": {**_versions(), "unsloth": unsloth.__version__}}
+
+    def case(mode, seq, fn):
         ids = make_batch(vocab, 1, seq, seed=0, data=None, tokenizer_dir=None).to(dev)
         meter, phases, report = Meter([dev]), {}, VerifyReport(model={}, settings={}, device={}, versions={})
         gc.collect()
@@ -184,21 +199,35 @@ def unsloth_worker(a) -> None:
         start = torch.cuda.memory_allocated(dev)
         meter.reset_peak()
         meter.phase_peak()
-        err = None
+        t, err = time.perf_counter(), None
         try:
-            recipes.train_with_trainer(model, ids, settings, options, meter, phases, report, tokenizer=tok)
+            fn(ids, meter, phases, report, settings(mode, seq))
+        except torch.cuda.OutOfMemoryError as exc:
+            err = "out of memory: " + str(exc).splitlines()[0]
         except Exception as exc:  # record and go on
             err = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         meter.phase_peak()
-        row = {"arch": arch, "layers": layers, "full_depth": layers is None, "mode": "qlora", "seq": seq,
-               "recipe": "unsloth", "args": args_for("qlora", seq, "unsloth", a.optimizer), "start_allocated": start,
+        runner = "unsloth.FastLanguageModel + " + ("model.generate" if mode == "inference" else "trl.SFTTrainer")
+        row = {**base, "mode": mode, "seq": seq, "recipe": "unsloth", "runner": runner,
+               "args": args_for(mode, seq, "unsloth", a.optimizer), "start_allocated": start,
                "measured_peak_allocated": meter.peak_allocated, "peak_reserved": meter.peak_reserved,
-               "phases": phases, "loss": report.loss, "error": err, "card": torch.cuda.get_device_name(dev),
-               "versions": {**_versions(), "unsloth": unsloth.__version__}}
+               "phases": phases, "loss": report.loss, "loss_finite": report.loss_finite,
+               "trainable_params": report.trainable_params, "seconds": round(time.perf_counter() - t, 1),
+               "error": err, "notes": report.notes}
         with open(out / "rows.jsonl", "a") as f:
             f.write(json.dumps(row, default=str) + "\n")
-        print(f"  unsloth {arch}:{layers} {seq}: peak {meter.peak_allocated / 2**30:.3f} GiB {err or ''}", flush=True)
+        print(f"  unsloth {arch}:{layers or 'full'} {mode} {seq}: peak {meter.peak_allocated / 2**30:.3f} GiB"
+              f" ({row['seconds']}s) {err or ''}", flush=True)
         del ids
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    for seq in ([] if arch in a.skip_infer.split(",") else a.infer):
+        case("inference", seq, lambda ids, m, ph, r, s: recipes.generate_unsloth(model, ids, options, m, ph, r))
+    model = recipes.unsloth_peft(model, settings("qlora", 512), options)
+    for seq in a.seqs:
+        case("qlora", seq, lambda ids, m, ph, r, s: recipes.train_with_trainer(model, ids, s, options, m, ph, r,
+                                                                                  tokenizer=tok))
         for p in model.parameters():
             p.grad = None
 
@@ -228,9 +257,12 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--decode-tokens", type=int, default=8)
     ap.add_argument("--budget", type=float, default=540, help="seconds for all cases; later ones are skipped")
+    ap.add_argument("--jobs", type=int, default=1, help="workers at a time (each its own process; peaks are per process)")
+    ap.add_argument("--job-timeout", type=float, default=600, help="seconds one worker may run")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--unsloth", default="", help="cases to run under Unsloth's recipe (needs unsloth importable)")
     ap.add_argument("--unsloth-one", help=argparse.SUPPRESS)
+    ap.add_argument("--skip-infer", default="", help="architectures whose Unsloth inference rows are recorded already")
     ap.add_argument("--out", default=os.environ.get("OUT") or "out")
     a = ap.parse_args(argv)
     a.seqs = [int(s) for s in a.seqs.split(",") if s]
@@ -245,20 +277,42 @@ def main(argv=None) -> int:
         return 0
     t0 = time.perf_counter()
     jobs = [("--one", c) for c in a.cases.split(",") if c] + [("--unsloth-one", c) for c in a.unsloth.split(",") if c]
+    running: list = []
+
+    def reap(block: bool) -> None:
+        for job in list(running):
+            proc, c, started, log = job
+            limit = min(a.job_timeout, a.budget) - (time.perf_counter() - started)
+            if proc.poll() is None and (limit <= 0 or time.perf_counter() - t0 > a.budget):
+                proc.kill()
+                proc.wait()
+                print(f"{c}: killed at its time limit, {time.perf_counter() - t0:.0f}s", flush=True)
+            elif proc.poll() is None:
+                continue
+            else:
+                print(f"{c}: exit {proc.returncode} after {time.perf_counter() - started:.0f}s "
+                      f"(at {time.perf_counter() - t0:.0f}s)", flush=True)
+            log.close()
+            running.remove(job)
+        if block:
+            time.sleep(1)
+
     for flag, c in jobs:
+        while len(running) >= a.jobs:
+            reap(block=True)
         left = a.budget - (time.perf_counter() - t0)
         if left < 30:
             print(f"{c}: skipped, {left:.0f}s left", flush=True)
             continue
-        cmd = [sys.executable, __file__, flag, c, "--seqs", ",".join(map(str, a.seqs)),
+        cmd = [sys.executable, str(Path(__file__).resolve()), flag, c, "--seqs", ",".join(map(str, a.seqs)),
                "--infer", ",".join(map(str, a.infer)), "--recipes", ",".join(a.recipes), "--optimizer", a.optimizer,
-               "--steps", str(a.steps), "--decode-tokens", str(a.decode_tokens), "--out", a.out]
-        with open(Path(a.out) / "workers.log", "a") as log:
-            try:
-                code = subprocess.run(cmd, timeout=left, stderr=log).returncode
-            except subprocess.TimeoutExpired:
-                code = "timeout"
-        print(f"{c}: exit {code} at {time.perf_counter() - t0:.0f}s", flush=True)
+               "--steps", str(a.steps), "--decode-tokens", str(a.decode_tokens), "--out", str(Path(a.out).resolve()),
+               "--skip-infer", a.skip_infer]
+        log = open(Path(a.out) / "workers.log", "a")
+        cwd = tempfile.mkdtemp(prefix="recipe-job-")
+        running.append((subprocess.Popen(cmd, stdout=None, stderr=log, cwd=cwd), c, time.perf_counter(), log))
+    while running:
+        reap(block=True)
     rows = [json.loads(x) for x in (Path(a.out) / "rows.jsonl").read_text().splitlines()] \
         if (Path(a.out) / "rows.jsonl").exists() else []
     print("| arch | layers | mode | seq | recipe | peak alloc GiB | reserved GiB | fwd | bwd | opt |")

@@ -15,8 +15,10 @@ counts (how many tensors of a given shape are alive), fitted once on measured pe
 
 Recipe (MemoryInputs.recipe: what runs the steps, qtool.verify.recipes): `loop` is the model above; `trainer`
 (transformers.Trainer, autocast) adds a 16-bit copy of the fp32 lm_head and runs attention 16-bit; `sft` (trl)
-has 16-bit adapters and a chunked loss; `unsloth` no fp32 upcast and CPU-offloaded checkpoints. Fitted on
-per-recipe GPU peaks (docs/recipe_measurements.json).
+has 16-bit adapters and a chunked loss; `unsloth` (unsloth_terms.py) no fp32 upcast, fp32 adapters, MoE
+experts 4-bit, checkpoints offloaded to host through two GPU buffers, its own chunked loss and, for the
+architectures it serves with its own classes, fused LoRA kernels. Fitted on per-recipe GPU peaks
+(docs/recipe_measurements.json).
 
 Dynamic peak of a training step (second step: grads and optimizer states already exist)
   = checkpointed layer inputs + the larger of
@@ -75,12 +77,18 @@ OPTIMIZER_BYTES_PER_PARAM = {
 }
 
 # --- recipes (what runs the steps; docs/benchmarks.md "recipes") ---------------------------------------
-# trl's SFTTrainer (and Unsloth, which runs it) computes the loss through a fused LM head that walks the
-# sequence in chunks of tokens and the vocabulary in chunks of columns: never B x S x V logits.
+# trl's SFTTrainer computes the loss through a fused LM head that walks the sequence in chunks of tokens and
+# the vocabulary in chunks of columns: never B x S x V logits. (Unsloth patches it with its own, below.)
 SFT_TOKEN_CHUNK = 4096  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE
 SFT_VOCAB_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
-RECIPES_16BIT_ADAPTERS = ("sft", "unsloth")  # trl casts a quantized model's trainable adapters to bf16
+RECIPES_16BIT_ADAPTERS = ("sft",)  # trl casts a quantized model's trainable adapters to bf16
 SFT_CHUNK_TENSORS = 1  # a chunk's fp32 logits
+
+# Unsloth (recipe unsloth; its terms: qtool/estimate/unsloth_terms.py). Its own model classes -- with fused
+# LoRA kernels for the MLP and attention projections -- serve these model_types (unsloth/models/loader.py's
+# dispatch); every other architecture goes through FastModel, the model's own (compiled) transformers code
+# with peft's LoRA layers.
+UNSLOTH_FAST_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
 
 
 @dataclass(frozen=True)
@@ -201,11 +209,18 @@ class MemoryInputs:
     lora_rank: int = 16
     expert_lora: bool = False  # LoRA targets all-linear: peft also wraps fused 3-D expert weights (MoE)
     upcast_kept: bool = True  # qlora: prepare_model_for_kbit_training upcasts the kept params (FSDP-QLoRA: not)
+    model_type: str = ""  # config.json's model_type (Unsloth serves some with its own classes)
+    largest_fused: int = 0  # numel of the largest fused 3-D expert tensor (MoE); Unsloth quantizes those too
 
     @property
     def fp32_head(self) -> bool:
         """QLoRA's upcast made lm_head fp32 (the trainer casts a 16-bit copy; the chunked loss an fp32 slice)."""
         return self.mode == "qlora" and self.upcast_kept
+
+    @property
+    def unsloth_fast(self) -> bool:
+        """Unsloth runs this architecture with its own classes and fused LoRA kernels (not FastModel)."""
+        return self.recipe == "unsloth" and self.model_type in UNSLOTH_FAST_MODEL_TYPES
 
     @property
     def autocast(self) -> bool:
@@ -235,7 +250,7 @@ def attention_scores_bytes(d: Dims, batch: int, seq: int, act_bytes: int) -> int
     return int(ATTN_SCORE_COPIES * batch * d.heads * seq * seq * act_bytes)
 
 
-def _trainable_state(m: MemoryInputs) -> dict[str, int]:
+def trainable_state(m: MemoryInputs) -> dict[str, int]:
     """What training keeps between steps: gradients and optimizer states of the trainable parameters
     (every parameter in full fine-tuning, the LoRA adapters otherwise)."""
     out: dict[str, int] = {}
@@ -246,7 +261,7 @@ def _trainable_state(m: MemoryInputs) -> dict[str, int]:
         per = 2 * m.weight_bytes if m.optimizer == "adamw" else OPTIMIZER_BYTES_PER_PARAM[m.optimizer]
         out["optimizer_states"] = int(trainable * per)
     else:
-        # peft creates adapters in fp32; trl's SFTTrainer (sft, unsloth) casts a quantized model's to bf16
+        # peft creates adapters in fp32 (Unsloth too); trl's SFTTrainer (sft) casts a quantized model's to bf16
         adapter = 2 if m.recipe in RECIPES_16BIT_ADAPTERS and m.mode == "qlora" else 4
         out["lora_params"] = m.lora_params * adapter
         out["lora_grads"] = m.lora_params * adapter
@@ -255,13 +270,15 @@ def _trainable_state(m: MemoryInputs) -> dict[str, int]:
         out[key] = _adapter_optimizer_bytes(m, adapter)
         experts = expert_adapter_params(m)
         if experts:
-            per = 2 * adapter + OPTIMIZER_BYTES_PER_PARAM.get(m.optimizer, 0.0)
+            # Unsloth's LoRA on fused expert parameters stays 16-bit (the fp32 cast skips them: measured)
+            expert_bytes = m.compute_bytes if m.recipe == "unsloth" else adapter
+            per = 2 * expert_bytes + OPTIMIZER_BYTES_PER_PARAM.get(m.optimizer, 0.0)
             out["expert_adapters"] = int(experts * per)  # params, grads and optimizer states
     return out
 
 
 def memory_breakdown(m: MemoryInputs) -> dict[str, int]:
-    """component -> bytes at the peak. The sum is the peak (see peak_bytes)."""
+    """component -> bytes at the peak. The sum is the peak (see peak_bytes). Unsloth's QLoRA: unsloth_terms."""
     d, b, s, c = m.dims, m.batch, m.seq, m.compute_bytes
     out: dict[str, int] = {}
     if m.mode == "inference":
@@ -271,14 +288,20 @@ def memory_breakdown(m: MemoryInputs) -> dict[str, int]:
         out["activations"] = b * s * (INFER_MLP_TENSORS * d.intermediate * d.experts_per_token
                                       + INFER_HIDDEN_TENSORS * d.hidden) * c
         out["logits"] = logits_bytes(d, b, 1, 4)  # generate keeps the last position only, upcast to fp32
-        out["dequant_buffer"] = m.largest_linear * c  # bnb dequantizes one weight to compute dtype
+        out["dequant_buffer"] = largest_dequantized(m) * c  # bnb dequantizes one weight to compute dtype
+        if m.recipe == "unsloth" and d.attn_softcapping:
+            # Unsloth's prefill of soft-capped attention (Gemma-2) without flash-attn: eager, fp32 scores
+            out["attention_scores"] = b * d.heads * s * s * 4
         out["cublas_workspace"] = CUBLAS_WORKSPACE_BYTES
         out["cuda_context"] = CUDA_CONTEXT_BYTES
         return out
+    if m.recipe == "unsloth" and m.mode == "qlora":
+        from qtool.estimate.unsloth_terms import unsloth_breakdown  # it builds on this module's terms
 
-    if m.mode == "qlora" and (m.recipe == "unsloth" or not m.upcast_kept):
-        # Unsloth loads with its own patched classes and does not upcast: embeddings, norms and lm_head stay
-        # 16-bit, and so does the residual stream
+        return unsloth_breakdown(m)
+
+    if m.mode == "qlora" and not m.upcast_kept:
+        # no upcast (FSDP-QLoRA): embeddings, norms and lm_head stay 16-bit, and so does the residual stream
         out["weights"] = m.quant_weights_gpu
         act, logit_bytes = c, c
     elif m.mode == "qlora":
@@ -293,12 +316,10 @@ def memory_breakdown(m: MemoryInputs) -> dict[str, int]:
         out["weights"] = m.plain_weights_gpu
         act, logit_bytes = c, c
 
-    out.update(_trainable_state(m))
+    out.update(trainable_state(m))
     out["cublas_workspace"] = CUBLAS_WORKSPACE_BYTES
 
-    if m.gradient_checkpointing and m.recipe == "unsloth":
-        pass  # use_gradient_checkpointing="unsloth" offloads each layer's input to CPU memory
-    elif m.gradient_checkpointing:
+    if m.gradient_checkpointing:
         out["activation_checkpoints"] = checkpoint_bytes(d, b, s, act)
     else:
         per_layer = layer_activation_bytes(d, b, s, act)
@@ -336,9 +357,15 @@ def phases(m: MemoryInputs, act: int, logit_bytes: int) -> tuple[dict[str, int],
     return loss_phase, layer_phase
 
 
+def largest_dequantized(m: MemoryInputs) -> int:
+    """numel of the largest weight dequantized at once: Unsloth quantizes fused expert tensors too and
+    dequantizes one whole (E x 2I x H gate_up) for a layer's experts."""
+    return max(m.largest_linear, m.largest_fused if m.recipe == "unsloth" else 0)
+
+
 def stream_bytes(m: MemoryInputs) -> tuple[int, int]:
     """(residual stream itemsize, logits itemsize) of a training mode: fp32 where QLoRA upcast the norms."""
-    if m.mode == "qlora" and m.recipe != "unsloth" and m.upcast_kept:
+    if m.mode == "qlora" and m.recipe != "unsloth" and m.upcast_kept:  # Unsloth does not upcast
         return 4, 4
     return m.compute_bytes, m.compute_bytes
 

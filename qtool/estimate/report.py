@@ -28,7 +28,7 @@ from qtool.core.config import Settings
 from qtool.core.dtypes import MODEL_DTYPES, itemsize
 from qtool.core.errors import ConfigError
 from qtool.core.models import ModelSpec
-from qtool.core.plan import QUANTIZE
+from qtool.core.plan import QUANTIZE, REASON_FUSED
 from qtool.core.sizes import parse_size
 
 # Architectures whose output is vocabulary logits (and, in training, a loss over them). A bare encoder
@@ -92,9 +92,9 @@ def _warnings(spec: ModelSpec, run, plan, positions: int | None) -> list[str]:
     warnings = list(plan.warnings)
     if spec.kind == "approximation" and spec.note:
         warnings.insert(0, f"approximation: {spec.note}")
-    if run.recipe == "unsloth" and run.mode != "inference":
-        warnings.append("--recipe unsloth: a rough figure, measured on one 4-layer model at two lengths only "
-                        "(-10.8% and +0.1%, docs/benchmarks.md)")
+    if run.recipe == "unsloth" and run.mode == "qlora" and any(g.reason == REASON_FUSED for g in plan.groups):
+        warnings.append("--recipe unsloth with MoE experts: measured -6.0% and +5.2% off at 512 and 2048 tokens "
+                        "on Mixtral (docs/benchmarks.md); allow some margin")
     if positions is not None and run.seq_len > positions:
         warnings.append(f"--seq-len {run.seq_len} is beyond the model's {positions} positions "
                         f"(max_position_embeddings): the model was not trained for sequences that long")
@@ -141,6 +141,14 @@ def estimate_basis(spec: ModelSpec, settings: Settings, *, trust_remote_code: bo
     linears = lora_linears(cached.linears, run.lora_targets)
     lora = memory.lora_param_count(linears, run.lora_rank) if run.mode in ("qlora", "lora") else 0
     largest = max((g.numel for g in plan.groups if g.action == QUANTIZE), default=0)
+    fused = [g for g in plan.groups if g.reason == REASON_FUSED]
+    quant_gpu = weights[chosen].gpu
+    if run.recipe == "unsloth" and fused and formats.FORMATS[chosen].quant_type in ("nf4", "fp4"):
+        # Unsloth's loader quantizes fused 3-D expert tensors as well (bitsandbytes' path keeps them 16-bit)
+        fmt = formats.FORMATS[chosen]
+        quant_gpu += sum(g.count * (formats.gpu_bytes(formats.quantized_parts(g.shape, fmt, blocksize=q.blocksize,
+                                                                              dtype=dtype))
+                                    - formats.gpu_bytes([formats.Part("", dtype, g.shape)])) for g in fused)
     config = spec.config
     if cached.source == "meta":  # complete missing fields with transformers' defaults, as the plan did
         from qtool.core.meta import hf_config
@@ -152,12 +160,13 @@ def estimate_basis(spec: ModelSpec, settings: Settings, *, trust_remote_code: bo
         dims = dataclasses.replace(dims, vocab=0)  # no output head: logits and the loss over them are 0 bytes
     inputs = memory.MemoryInputs(
         dims=dims, mode=run.mode, batch=run.batch_size, seq=run.seq_len, total_params=total,
-        kept_params=kept_params, quant_weights_gpu=weights[chosen].gpu, plain_weights_gpu=weights[plain_key].gpu,
+        kept_params=kept_params, quant_weights_gpu=quant_gpu, plain_weights_gpu=weights[plain_key].gpu,
         kept_weights_gpu=kept_gpu, lora_params=lora, largest_linear=largest,
         compute_bytes=itemsize(q.compute_dtype), optimizer=run.optimizer,
         gradient_checkpointing=run.gradient_checkpointing, weight_bytes=itemsize(dtype),
         recipe=run.recipe, precision=run.precision, lora_rank=run.lora_rank,
-        expert_lora="all-linear" in run.lora_targets,
+        expert_lora="all-linear" in run.lora_targets, model_type=plan.model_type or "",
+        largest_fused=max((g.numel for g in fused), default=0),
     )
     return Basis(cached, weights, chosen, dtype, config, inputs)
 

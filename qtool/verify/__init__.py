@@ -69,10 +69,17 @@ def preflight(spec: ModelSpec, settings: Settings, options: VerifyOptions):
     if settings.quant.blocksize != 64 and run.mode in ("qlora", "inference"):
         raise BadInput(f"--blocksize {settings.quant.blocksize}: transformers' loader quantizes with "
                        "bitsandbytes' default block size 64 only")
-    if run.recipe in ("sft", "unsloth") and run.mode != "inference":
-        from qtool.verify.recipes import require_trl, require_unsloth
+    if run.recipe == "sft" and run.mode != "inference":
+        from qtool.verify.recipes import require_trl
 
-        require_trl() if run.recipe == "sft" else require_unsloth()
+        require_trl()
+    if run.recipe == "unsloth":  # Unsloth loads, trains and generates with its own classes: every mode needs it
+        from qtool.verify.recipes import import_unsloth, require_unsloth
+
+        require_unsloth(options.device)
+        if run.mode in ("lora", "full"):
+            raise BadInput(f"--recipe unsloth runs QLoRA (load_in_4bit) and inference; not --mode {run.mode}")
+        import_unsloth()  # before transformers and trl are used: it patches them on import
     check_inputs(options)
     settings, seq_note = fit_positions(spec, settings)
     source = resolve_source(spec, options) if spec.kind != "hub" else None
@@ -168,7 +175,7 @@ class _Run:
             cards or any(self.caps)) else None
         self.meter = Meter(self.devices)
         torch.manual_seed(options.seed)
-        self.model = self.quant_out = self.quality_ids = None
+        self.model = self.quant_out = self.quality_ids = self.tokenizer = None
         self.stage = Stage.LOAD
         self.report = self._new_report()
 
@@ -231,8 +238,11 @@ class _Run:
                  f"{self.options.device if self.device_map != 'auto' else 'all GPUs'}")
         t0 = time.perf_counter()
         with _quiet_transformers():
-            self.model, _ = load_model(spec, source, settings, self.options, self.device_map, quantize=quantize,
-                                       max_memory=self.max_memory)
+            if settings.run.recipe == "unsloth":
+                self.model, self.tokenizer = self._load_unsloth()
+            else:
+                self.model, _ = load_model(spec, source, settings, self.options, self.device_map, quantize=quantize,
+                                           max_memory=self.max_memory)
         if not self.cuda:
             portable_cpu_kernels(self.model)
         report.load_seconds = time.perf_counter() - t0
@@ -249,6 +259,16 @@ class _Run:
         report.memory["load_peak_allocated_bytes"] = meter.phase_peak()
         meter.start_steps()
         report.phases["after_load"] = meter.allocated()
+
+    def _load_unsloth(self):
+        """Unsloth loads from a folder: random weights are written to a temp checkpoint first (removed after)."""
+        from qtool.verify import recipes
+
+        with recipes.unsloth_checkpoint(self.spec, self.source, self.options) as folder:
+            if self.source.kind == "random":
+                self.report.notes.append("--recipe unsloth: the random weights were written as a 16-bit checkpoint "
+                                         "to a temp folder for FastLanguageModel.from_pretrained (removed after)")
+            return recipes.load_unsloth(folder, self.settings, self.settings.run.seq_len)
 
     def _batch(self):
         """The token ids of the run (and the first sequence's head, kept for --reference)."""
@@ -277,13 +297,18 @@ class _Run:
         if run.mode == "inference":
             self.stage = Stage.INFERENCE
             self.say(f"inference: prefill {run.batch_size}x{run.seq_len} tokens + {options.decode_tokens} decode steps")
-            if run.recipe != "loop" and self.causal:
+            if run.recipe == "unsloth":
+                recipes.generate_unsloth(self.model, ids, options, meter, phases, self.report)
+            elif run.recipe != "loop" and self.causal:
                 recipes.generate(self.model, ids, options, meter, phases, self.report)
             else:
                 _infer(self.model, ids, options, meter, phases, self.report, self.causal)
             return
         self.stage = Stage.PEFT_WRAP
-        self.model = wrap_for_training(self.model, self.settings)
+        if run.recipe == "unsloth":
+            self.model = recipes.unsloth_peft(self.model, self.settings, options)
+        else:
+            self.model = wrap_for_training(self.model, self.settings)
         phases["peft_wrap_peak"] = meter.phase_peak()  # fp32 casts of kept params happen here
         phases["after_peft_wrap"] = meter.allocated()
         meter.reset_peak()
@@ -292,7 +317,8 @@ class _Run:
         if run.recipe == "loop":
             _train(self.model, ids, self.settings, options, meter, phases, self.report)
         else:
-            recipes.train_with_trainer(self.model, ids, self.settings, options, meter, phases, self.report)
+            recipes.train_with_trainer(self.model, ids, self.settings, options, meter, phases, self.report,
+                                       tokenizer=self.tokenizer)
 
     def measure(self) -> None:
         """The memory section: allocator peaks per device on CUDA, the process's peak RSS on CPU."""

@@ -120,6 +120,11 @@ def versions() -> dict:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
             out[pkg] = None
+    for pkg in ("trl", "unsloth"):  # the optional recipes' runners: named only where installed
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
     out["cuda"] = torch.version.cuda
     return out
 

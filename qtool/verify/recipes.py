@@ -11,7 +11,11 @@ what runs the steps:
   sft      trl's SFTTrainer (the `qtool[trl]` extra) with the same arguments on the same pre-tokenized ids.
            A recipe of its own because its loss is not the Trainer's: trl 1.x computes log-probabilities
            through a fused, chunked LM head (a Triton kernel), never holding the full logits.
-  unsloth  Unsloth's FastLanguageModel; needs `unsloth` importable (see require_unsloth).
+  unsloth  Unsloth's own recipe (needs `unsloth` importable and CUDA): FastLanguageModel.from_pretrained(
+           load_in_4bit=True) from a checkpoint folder -- a local one as it is, for a preset or config a random
+           16-bit checkpoint written to a temp folder first (unsloth_checkpoint) --, then
+           get_peft_model(use_gradient_checkpointing="unsloth") under trl's SFTTrainer, as its notebooks do;
+           inference: FastLanguageModel.for_inference + generate.
 
 Per-phase peaks come from a TrainerCallback (step begin, pre-optimizer step, optimizer step) plus one
 override of compute_loss that only reads the meter after the forward pass: the Trainer has no callback
@@ -20,17 +24,20 @@ between forward and backward. Nothing else of the Trainer is replaced.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import tempfile
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from qtool.core.config import Settings
 from qtool.verify.report import VerifyReport
 from qtool.core.errors import DeviceError
 
-RUNNERS = {"trainer": "transformers.Trainer", "sft": "trl.SFTTrainer", "unsloth": "unsloth.FastLanguageModel + Trainer",
+RUNNERS = {"trainer": "transformers.Trainer", "sft": "trl.SFTTrainer", "unsloth": "unsloth.FastLanguageModel + trl.SFTTrainer",
            "loop": "qtool's loop"}
 # qtool's optimizer names -> TrainingArguments.optim
 TRAINER_OPTIM = {"adamw": "adamw_torch", "adamw8bit": "adamw_bnb_8bit", "paged_adamw8bit": "paged_adamw_8bit",
@@ -45,15 +52,24 @@ def require_trl() -> None:
                           "trl's SFTTrainer computes its loss with a Triton kernel, so it needs triton too)")
 
 
-def require_unsloth() -> None:
-    """`qtool verify --recipe unsloth` is refused with one line. Unsloth loads with its own from_pretrained from
-    files and patches transformers on import, so it cannot run on the model verify has loaded; it is measured
-    by bench/recipe_gpu.py --unsloth (load_unsloth below) instead."""
+def require_unsloth(device: str = "cuda") -> None:
+    """`qtool verify --recipe unsloth` needs unsloth importable and a CUDA device (its kernels are Triton)."""
     if importlib.util.find_spec("unsloth") is None:
         raise DeviceError("--recipe unsloth: unsloth is not installed (pip install 'qtool[unsloth]'); "
-                          "qtool estimate --recipe unsloth still works (a rough figure)")
-    raise DeviceError("--recipe unsloth: qtool verify does not run Unsloth yet (it loads from files with its own "
-                      "patched classes); bench/recipe_gpu.py --unsloth measures it")
+                          "qtool estimate --recipe unsloth still works")
+    if device == "cpu":
+        raise DeviceError("--recipe unsloth: Unsloth runs on CUDA GPUs only (its kernels are Triton); "
+                          "use --device cuda, or another --recipe on the CPU")
+
+
+def import_unsloth():
+    """Unsloth patches transformers, peft and trl on import: it has to come before their first use."""
+    import os
+
+    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")  # no network calls from the GPU machine
+    import unsloth
+
+    return unsloth
 
 
 def _precision_flags(precision: str, cuda: bool, notes: list[str]) -> dict:
@@ -190,29 +206,90 @@ def train_with_trainer(model, ids, settings: Settings, options, meter, phases: d
     _summarise(report, ids, steps)
 
 
-UNSLOTH_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def load_unsloth(path, settings: Settings, options, max_seq: int):
-    """Unsloth's own recipe: FastLanguageModel.from_pretrained(load_in_4bit=True) from a checkpoint directory,
-    then get_peft_model(use_gradient_checkpointing="unsloth"). Returns (model, tokenizer). `unsloth` must have
-    been imported before transformers for its patches to apply (bench/recipe_gpu.py imports it first)."""
-    import os
+@contextlib.contextmanager
+def unsloth_checkpoint(spec, source, options) -> Iterator[Path]:
+    """The folder Unsloth loads from. A checkpoint folder is used as it is; random weights (a preset or a
+    config.json) are written first as a 16-bit checkpoint (transformers' own init and save_pretrained, so
+    fused or tied weights are laid out as a real checkpoint is) with a two-token tokenizer, in a temp folder
+    that is removed on leaving, also on errors. Memory does not depend on the values."""
+    if source.kind != "random":
+        yield Path(source.path)
+        return
+    import shutil
 
     import torch
 
-    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+    from qtool.core.meta import hf_config, model_class
+
+    tmp = Path(tempfile.mkdtemp(prefix="qtool-unsloth-"))
+    try:
+        cfg = hf_config(spec.config, source=spec.config_path or spec.ref, trust_remote_code=options.trust_remote_code)
+        dtype = getattr(torch, str(spec.config.get("dtype") or spec.config.get("torch_dtype") or "bfloat16"),
+                        torch.bfloat16)
+        dtype = dtype if dtype.is_floating_point else torch.bfloat16
+        torch.manual_seed(options.seed)
+        cls = model_class(cfg)
+        with torch.device(_init_device(cls, cfg, options, dtype.itemsize)):  # init: minutes on a CPU, seconds on a GPU
+            model = cls._from_config(cfg, dtype=dtype)
+        model.save_pretrained(tmp)
+        del model
+        if options.device != "cpu":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()  # the write's own peak is not the run's
+        _tiny_tokenizer().save_pretrained(tmp)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _init_device(cls, cfg, options, itemsize: int) -> str:
+    """Where the random 16-bit model is built before it is written: the GPU when it fits in half of its free
+    memory, else the CPU."""
+    if options.device == "cpu":
+        return "cpu"
+    import torch
+
+    device = options.device if options.device != "cuda" else "cuda:0"
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    with torch.device("meta"):
+        numel = sum(p.numel() for p in cls._from_config(cfg).parameters())
+    return device if numel * itemsize < free / 2 else "cpu"
+
+
+def load_unsloth(path, settings: Settings, max_seq: int):
+    """FastLanguageModel.from_pretrained(load_in_4bit=True) from a checkpoint folder. -> (model, tokenizer).
+    Unsloth quantizes with its own bitsandbytes config (NF4, double quant, compute in `dtype`)."""
+    import torch
+
+    import_unsloth()
+    from unsloth import FastLanguageModel
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.run.precision, torch.float32)
+    return FastLanguageModel.from_pretrained(model_name=str(path), max_seq_length=max_seq, dtype=dtype,
+                                             load_in_4bit=True, local_files_only=True)
+
+
+def unsloth_peft(model, settings: Settings, options):
+    """get_peft_model(use_gradient_checkpointing="unsloth"), LoRA on qtool's targets, then training mode."""
     from unsloth import FastLanguageModel
 
     run = settings.run
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.precision, torch.float32)
-    model, tok = FastLanguageModel.from_pretrained(model_name=str(path), max_seq_length=max_seq, dtype=dtype,
-                                                   load_in_4bit=True, local_files_only=True)
-    targets = list(UNSLOTH_TARGETS) if "all-linear" in run.lora_targets else list(run.lora_targets)
+    # "all-linear" as peft reads it (the other recipes' targets): on Llama-like models the seven projections of
+    # Unsloth's notebooks, and also fused ones (Phi-3's qkv_proj, gate_up_proj) and MoE experts
+    targets = "all-linear" if "all-linear" in run.lora_targets else list(run.lora_targets)
     model = FastLanguageModel.get_peft_model(
         model, r=run.lora_rank, lora_alpha=run.lora_alpha, lora_dropout=0, target_modules=targets, bias="none",
         use_gradient_checkpointing="unsloth" if run.gradient_checkpointing else False, random_state=options.seed)
-    return model, tok
+    FastLanguageModel.for_training(model)
+    return model
+
+
+def generate_unsloth(model, ids, options, meter, phases: dict, report: VerifyReport) -> None:
+    """Unsloth's inference: FastLanguageModel.for_inference, then model.generate (its patched one)."""
+    from unsloth import FastLanguageModel
+
+    FastLanguageModel.for_inference(model)
+    generate(model, ids, options, meter, phases, report)
 
 
 def release(trainer, model) -> None:
@@ -289,6 +366,7 @@ def describe(settings: Settings) -> dict[str, Any]:
     run = settings.run
     out: dict[str, Any] = {"recipe": run.recipe, "precision": run.precision}
     if run.recipe != "loop":
-        out["runner"] = "model.generate" if run.mode == "inference" else RUNNERS[run.recipe]
+        out["runner"] = RUNNERS[run.recipe] if run.mode != "inference" else (
+            "unsloth.FastLanguageModel.for_inference + generate" if run.recipe == "unsloth" else "model.generate")
         out["optim"] = TRAINER_OPTIM[run.optimizer]
     return out

@@ -19,18 +19,27 @@ _spec.loader.exec_module(compare_estimate)
 ROWS = compare_estimate.compare()
 BAR = 0.03
 # Recipes the model does not yet predict within 3% on every recorded row (docs/benchmarks.md, "recipes"):
-# trl's SFTTrainer (fused chunked loss, bf16 adapters): -3.0% to +6.1% over 21 rows; Unsloth: 2 rows.
-RECIPE_BOUND = {"sft": 0.065, "unsloth": 0.11}
-# Single rows outside 3%: (architecture, layers, seq, recipe) -> bound
+# trl's SFTTrainer (fused chunked loss, bf16 adapters): -3.0% to +6.1% over 24 rows.
+RECIPE_BOUND = {"sft": 0.065}
+# Single rows outside 3%: (architecture, layers, mode, seq, recipe) -> bound
 KNOWN_MISSES = {
-    ("mistral-7b", 4, 8192, "loop"): 0.06,  # sliding window at 4 layers: the MLP backward count is high
-    ("mixtral-8x7b", 4, 8192, "trainer"): 0.04,  # MoE MLP backward under autocast
+    ("mistral-7b", 4, "qlora", 8192, "loop"): 0.06,  # sliding window at 4 layers: the MLP backward count is high
+    ("mixtral-8x7b", 4, "qlora", 8192, "trainer"): 0.04,  # MoE MLP backward under autocast
+    # Unsloth: Mixtral's layer with 4-bit experts peaks at the same 2.3 GiB at 512 and 2048 tokens (a dequantized
+    # expert tensor and more, not modelled); a 4-layer Mistral holds ~55 MiB the terms do not name
+    ("mixtral-8x7b", 4, "qlora", 512, "unsloth"): 0.07,
+    ("mixtral-8x7b", 4, "qlora", 2048, "unsloth"): 0.06,
+    ("mistral-7b", 4, "qlora", 512, "unsloth"): 0.05,
+    ("mistral-7b", 4, "inference", 2048, "unsloth"): 0.045,
 }
 
 
+def _key(row) -> tuple:
+    return row.get("arch"), row.get("layers"), row.get("mode"), row.get("seq"), row["recipe"]
+
+
 def _bound(row) -> float:
-    key = (row.get("arch"), row.get("layers"), row.get("seq"), row["recipe"])
-    return KNOWN_MISSES.get(key) or RECIPE_BOUND.get(row["recipe"], BAR)
+    return KNOWN_MISSES.get(_key(row)) or RECIPE_BOUND.get(row["recipe"], BAR)
 
 
 def _id(r) -> str:
@@ -48,14 +57,14 @@ def test_estimate_within_bound_of_measured_peak(row):
 def test_known_misses_are_still_misses():
     """A named exception whose row came back within 3% should leave the list (the bound is not a licence)."""
     for row in ROWS:
-        key = (row.get("arch"), row.get("layers"), row.get("seq"), row["recipe"])
+        key = _key(row)
         if key in KNOWN_MISSES:
             assert abs(row["error"]) >= BAR, f"{key} is now within 3%: drop it from KNOWN_MISSES"
 
 
-def test_trainer_and_loop_rows_within_3_percent_but_the_named_ones():
-    strict = [r for r in ROWS if r["recipe"] in ("loop", "trainer") and _bound(r) == BAR]
-    assert len(strict) >= 60
+def test_trainer_loop_and_unsloth_rows_within_3_percent_but_the_named_ones():
+    strict = [r for r in ROWS if r["recipe"] in ("loop", "trainer", "unsloth") and _bound(r) == BAR]
+    assert len(strict) >= 90
     assert all(abs(r["error"]) < BAR for r in strict)
 
 
@@ -70,16 +79,21 @@ def test_measurements_cover_the_issue_matrix():
 
 
 def test_recipe_measurements_cover_architectures_and_lengths():
-    """Loop, Trainer and SFTTrainer at 512/2048/8192 and generate at 2048 on seven architectures (Llama-3 at
-    full depth; Mistral (sliding window), Qwen2.5, Qwen3, Gemma-2, Phi-3 (fused qkv), Mixtral (MoE) at 4 layers)."""
+    """Loop, Trainer, SFTTrainer and Unsloth at 512/2048/8192 and generate at 2048 on eight architectures (Llama-3
+    at full depth; Mistral (sliding window), Qwen2.5, Qwen3, Gemma-2, Phi-3 (fused qkv), Mixtral (MoE) at 4
+    layers, Gemma-3 (5:1 local/global attention, 262K vocabulary) at 6). Unsloth could not train Gemma-2 on the
+    GPU machine (torch.compile failed in its compiled decoder block; docs/benchmarks.md): generate only."""
     recipe_rows = [r for r in ROWS if "arch" in r]
     archs = {r["arch"] for r in recipe_rows}
-    assert len(archs) >= 7
+    assert len(archs) >= 8 and "gemma-3-12b" in archs
     for arch in archs:
-        for recipe in ("loop", "trainer", "sft"):
+        for recipe in ("loop", "trainer", "sft", "unsloth"):
+            if arch == "gemma-2-9b" and recipe == "unsloth":
+                continue
             seqs = {r["seq"] for r in recipe_rows if r["arch"] == arch and r["recipe"] == recipe and r["mode"] == "qlora"}
             if arch == "llama-3-8b" and recipe == "loop":
                 seqs.add(8192)  # measured by qtool verify's loop in docs/gpu_measurements.json
             assert {512, 2048, 8192} <= seqs, (arch, recipe, seqs)
-        assert any(r["arch"] == arch and r["mode"] == "inference" and r["recipe"] == "trainer" for r in recipe_rows)
-    assert any(r["arch"] == "llama-3-8b" and r["full_depth"] for r in recipe_rows)
+        for recipe in ("trainer", "unsloth"):
+            assert any(r["arch"] == arch and r["mode"] == "inference" and r["recipe"] == recipe for r in recipe_rows)
+    assert any(r["arch"] == "llama-3-8b" and r["full_depth"] and r["recipe"] == "unsloth" for r in recipe_rows)

@@ -103,25 +103,91 @@ def test_sft_recipe_needs_trl(tiny, capsys):
         assert code == 0, err
 
 
-def test_verify_refuses_unsloth_in_one_line(tiny, capsys):
-    """Installed or not, verify does not run Unsloth (it loads from files with its own classes): exit 2."""
-    code = main(["verify", str(tiny), *SEQ, "--recipe", "unsloth", "--steps", "1"])
+@pytest.mark.parametrize("mode", ["qlora", "inference"])
+def test_unsloth_recipe_is_refused_in_one_line_where_it_cannot_run(tiny, capsys, mode):
+    """Without unsloth installed: one line naming the extra. Installed: the CPU is refused (Unsloth's kernels
+    are Triton, CUDA only). Either way exit 2, before anything is loaded."""
+    code = main(["verify", str(tiny), *SEQ, "--mode", mode, "--recipe", "unsloth", "--steps", "1"])
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if x.startswith("qtool: error:")]
     assert code == 2 and len(lines) == 1 and "--recipe unsloth" in lines[0] and "Traceback" not in err
+    if importlib.util.find_spec("unsloth") is None:
+        assert "not installed" in lines[0]
+    else:
+        assert "CUDA" in lines[0]
+
+
+def _random_spec(tmp_path):
+    from qtool.core.models import resolve_model
+
+    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": VOCAB,
+           "dtype": "bfloat16"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return resolve_model(str(tmp_path / "config.json"))
+
+
+def test_unsloth_checkpoint_writes_random_weights_and_removes_them(tmp_path):
+    """Unsloth loads from files: random weights become a 16-bit checkpoint in a temp folder, which
+    transformers loads back with every weight of the config, and which is gone afterwards."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from qtool.verify.inputs import VerifyOptions, resolve_source
+    from qtool.verify.recipes import unsloth_checkpoint
+
+    spec = _random_spec(tmp_path)
+    options = VerifyOptions(device="cpu")
+    with unsloth_checkpoint(spec, resolve_source(spec, options), options) as folder:
+        kept = folder
+        with safe_open(folder / "model.safetensors", "pt") as f:
+            dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        assert dtypes == {torch.bfloat16}
+        assert model.config.num_hidden_layers == 2 and model.get_input_embeddings().weight.shape == (VOCAB, 64)
+        assert (folder / "tokenizer.json").is_file()
+    assert not kept.exists()
+
+
+def test_unsloth_checkpoint_is_removed_on_errors(tmp_path):
+    from qtool.verify.inputs import VerifyOptions, resolve_source
+    from qtool.verify.recipes import unsloth_checkpoint
+
+    spec = _random_spec(tmp_path)
+    options = VerifyOptions(device="cpu")
+    with pytest.raises(RuntimeError, match="load failed"):
+        with unsloth_checkpoint(spec, resolve_source(spec, options), options) as folder:
+            kept = folder
+            raise RuntimeError("load failed")
+    assert not kept.exists()
+
+
+def test_unsloth_checkpoint_uses_a_checkpoint_folder_as_it_is(tiny):
+    from qtool.core.models import resolve_model
+    from qtool.verify.inputs import VerifyOptions, resolve_source
+    from qtool.verify.recipes import unsloth_checkpoint
+
+    spec, options = resolve_model(str(tiny)), VerifyOptions(device="cpu")
+    with unsloth_checkpoint(spec, resolve_source(spec, options), options) as folder:
+        assert folder == tiny
+    assert tiny.is_dir()
 
 
 # --- estimate: recipes are arithmetic ---------------------------------------------------------------
 
 
-def _estimate(*args) -> dict:
+def _estimate(*args, model: str = "llama-3-8b") -> dict:
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parents[2]
-    out = subprocess.run([sys.executable, "-m", "qtool", "estimate", "llama-3-8b", "--json", *args], cwd=root,
+    out = subprocess.run([sys.executable, "-m", "qtool", "estimate", model, "--json", *args], cwd=root,
                          capture_output=True, text=True, check=True).stdout
     return json.loads(out)
+
+
+def _preset(name: str) -> dict:
+    return json.loads((Path(__file__).resolve().parents[2] / "configs" / "models" / f"{name}.json").read_text())
 
 
 def test_estimate_trainer_holds_a_16bit_copy_of_lm_head():
@@ -146,3 +212,34 @@ def test_estimate_unsloth_keeps_embeddings_16bit_and_offloads_checkpoints():
     unsloth = _estimate("--recipe", "unsloth")
     assert "kept_fp32" not in unsloth["breakdown"] and "activation_checkpoints" not in unsloth["breakdown"]
     assert unsloth["breakdown"]["weights"] == unsloth["weights"]["nf4_dq"]["gpu"]
+
+
+def test_estimate_unsloth_offloads_to_two_buffers_and_keeps_fp32_adapters():
+    """Unsloth's checkpoints go to host memory through two B x S x hidden buffers; its adapters are fp32 (the
+    same bytes as the Trainer's, twice trl's bf16 ones)."""
+    cfg = _preset("llama-3-8b")
+    unsloth = _estimate("--recipe", "unsloth", "--seq-len", "2048")["breakdown"]
+    sft = _estimate("--recipe", "sft", "--seq-len", "2048")["breakdown"]
+    assert unsloth["offload_buffers"] == 2 * 2048 * cfg["hidden_size"] * 2
+    assert unsloth["lora_params"] == 2 * sft["lora_params"]
+
+
+def test_estimate_unsloth_masks_a_sliding_window_only_past_it():
+    cfg = _preset("mistral-7b")
+    window = cfg["sliding_window"]
+    inside = _estimate("--recipe", "unsloth", "--seq-len", str(window), model="mistral-7b")["breakdown"]
+    past = _estimate("--recipe", "unsloth", "--seq-len", str(2 * window), model="mistral-7b")["breakdown"]
+    assert "window_mask" not in inside
+    assert past["window_mask"] == (2 * window) ** 2 * 2  # S x S in bf16
+
+
+def test_estimate_unsloth_quantizes_moe_experts():
+    """bitsandbytes' path keeps Mixtral's fused 3-D experts 16-bit; Unsloth's loader quantizes them: at least
+    3/4 of their 16-bit bytes are gone (4-bit codes are a quarter, plus block statistics)."""
+    cfg = _preset("mixtral-8x7b")
+    expert_bytes = (cfg["num_hidden_layers"] * cfg["num_local_experts"] * 3 * cfg["hidden_size"]
+                    * cfg["intermediate_size"] * 2)
+    trainer = _estimate("--mode", "inference", "--recipe", "trainer", model="mixtral-8x7b")["breakdown"]
+    unsloth = _estimate("--mode", "inference", "--recipe", "unsloth", model="mixtral-8x7b")["breakdown"]
+    saved = trainer["weights"] - unsloth["weights"]
+    assert 0.74 * expert_bytes < saved < 0.75 * expert_bytes
