@@ -9,11 +9,17 @@ and runs `python -m qtool ARGS` from the start. qtool itself is imported in the 
 
 Moments that fall *during* the imports still need a fresh interpreter: those tests use subprocess.Popen.
 
+Libraries that read environment variables at import (huggingface_hub's constants: HF_ENDPOINT, HF_HOME,
+HF_HUB_OFFLINE...; transformers' TRANSFORMERS_*) were imported with the server's environment, so a child may
+differ from it only in variables read later: `qtool()` refuses a run whose HF_*/HUGGINGFACE_*/TRANSFORMERS_*
+variables differ from the server's, since a fresh process would have seen values the fork does not.
+
 Run as a script, this file is the server: it reads one JSON request a line on stdin and answers on stdout.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -24,6 +30,11 @@ import time
 from pathlib import Path
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+READ_AT_IMPORT = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_")
+
+
+def _read_at_import(env: dict) -> dict:
+    return {k: v for k, v in env.items() if k.startswith(READ_AT_IMPORT)}
 
 
 class Child:
@@ -75,7 +86,7 @@ class Child:
 
 class ForkServer:
     def __init__(self, preload: list[str], *, env: dict, folder: Path, preexec_fn=None):
-        self._folder = Path(folder)
+        self._folder, self._env = Path(folder), dict(env)
         self._proc = subprocess.Popen([sys.executable, __file__, *preload], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, text=True, env=env, cwd=folder, preexec_fn=preexec_fn)
         self._children: list[Child] = []
@@ -88,16 +99,22 @@ class ForkServer:
         self._proc.stdin.flush()
         return json.loads(self._proc.stdout.readline())
 
-    def qtool(self, *args: str, cwd: Path, env: dict, ignore: tuple[int, ...] = (), setattrs: dict | None = None) -> Child:
+    def qtool(self, *args: str, cwd: Path, env: dict, ignore: tuple[int, ...] = (), setattrs: dict | None = None,
+              rlimits: dict[str, int] | None = None) -> Child:
         """`python -m qtool ARGS` in `cwd` with exactly `env`; signals in `ignore` start ignored (as after nohup);
         `setattrs` {"module.NAME": value} is set in the child before qtool runs (a module constant a test
-        does not need at its real value, such as a grace period)."""
+        does not need at its real value, such as a grace period); `rlimits` {"RLIMIT_FSIZE": n} are set as a
+        preexec_fn would (soft and hard)."""
+        if _read_at_import(env) != _read_at_import(self._env):
+            raise ValueError("the preloaded libraries read HF_*/TRANSFORMERS_* at import: start a ForkServer with "
+                             f"this environment (server {_read_at_import(self._env)}, run {_read_at_import(env)})")
         fd, out = tempfile.mkstemp(dir=self._folder, suffix=".out")
         os.close(fd)
         fd, err = tempfile.mkstemp(dir=self._folder, suffix=".err")
         os.close(fd)
         pid = self._ask(op="spawn", argv=["qtool", *map(str, args)], cwd=str(cwd), env=env, stdout=out,
-                        stderr=err, ignore=list(ignore), setattrs=setattrs or {})["pid"]
+                        stderr=err, ignore=list(ignore), setattrs=setattrs or {},
+                        rlimits=rlimits or {})["pid"]
         self._children.append(Child(self, pid, Path(out), Path(err)))
         return self._children[-1]
 
@@ -115,6 +132,10 @@ class ForkServer:
 
 def _become(request: dict) -> None:
     """In the forked child: what a fresh `python -m qtool` would have had from its parent and its start-up."""
+    import resource
+
+    for name, limit in request["rlimits"].items():
+        resource.setrlimit(getattr(resource, name), (limit, limit))
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
@@ -139,12 +160,30 @@ def _become(request: dict) -> None:
         setattr(importlib.import_module(module), name, value)
 
 
+class _CurrentStderr(io.TextIOBase):
+    """sys.stderr while the server preloads. A logging.StreamHandler() made at import (huggingface_hub's,
+    transformers') keeps the sys.stderr of that moment: in a fresh `python -m qtool` that moment is inside the
+    command, where sys.stderr is qtool's LibraryStream (qtool/core/logs.py). Holding this instead, such a handler
+    writes to whatever sys.stderr is when it writes, which in the child is that same LibraryStream."""
+
+    def write(self, text: str) -> int:
+        return (sys.stderr if sys.stderr is not self else sys.__stderr__).write(text)
+
+    def flush(self) -> None:
+        (sys.stderr if sys.stderr is not self else sys.__stderr__).flush()
+
+    def writable(self) -> bool:
+        return True
+
+
 def _serve(preload: list[str]) -> None:
     """Answer requests until stdin closes; return only in a forked child, which then runs qtool."""
     import importlib
 
+    sys.stderr = _CurrentStderr()
     for name in preload:
         importlib.import_module(name)
+    sys.stderr = sys.__stderr__
     assert not [m for m in sys.modules if m == "qtool" or m.startswith("qtool.")], "qtool must be imported after fork"
     requests, answers = os.fdopen(os.dup(0), "r"), os.fdopen(os.dup(1), "w")
     answers.write("ready\n")
