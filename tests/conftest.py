@@ -38,15 +38,23 @@ def pytest_collection_finish(session):
 _USER_PREFIXES = ("QTOOL_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_")
 
 
+@pytest.fixture(scope="session")
+def hermetic_env(tmp_path_factory) -> dict[str, str]:
+    """The environment every test runs in (_hermetic below), for a fixture wider than one test that starts
+    processes before any test has set it (such as a tests/forkserver.py server)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_USER_PREFIXES)}
+    return {**env, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path_factory.getbasetemp() / "hf_home")}
+
+
 @pytest.fixture(autouse=True)
-def _hermetic(monkeypatch, tmp_path_factory):
+def _hermetic(monkeypatch, tmp_path_factory, hermetic_env):
     """No QTOOL_*/HF_* variable, qtool.toml or pyproject.toml of the caller's reaches a test; the hub is
     offline unless a test points HF_ENDPOINT at the local server (and sets HF_HUB_OFFLINE itself)."""
     for key in list(os.environ):
         if key.startswith(_USER_PREFIXES):
             monkeypatch.delenv(key)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf_home"))
+    for key in ("HF_HUB_OFFLINE", "HF_HOME"):
+        monkeypatch.setenv(key, hermetic_env[key])
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
     yield
 

@@ -19,6 +19,7 @@ Run as a script, this file is the server: it reads one JSON request a line on st
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import os
@@ -151,6 +152,7 @@ def _become(request: dict) -> None:
         f = os.open(path, os.O_WRONLY | os.O_TRUNC)
         os.dup2(f, fd)
         os.close(f)
+    tempfile.tempdir = None  # found again from TMPDIR, as a fresh process would (the server may have asked)
     sys.argv = request["argv"]
     sys.path.insert(0, os.getcwd())  # `python -m` puts the working directory first
     import importlib
@@ -184,6 +186,10 @@ def _serve(preload: list[str]) -> None:
     for name in preload:
         importlib.import_module(name)
     sys.stderr = sys.__stderr__
+    # What was imported lives as long as the children: out of the collector's reach, a child's collections do
+    # not walk (and so copy, page by page) the server's heap (as the gc module's documentation advises).
+    gc.collect()
+    gc.freeze()
     assert not [m for m in sys.modules if m == "qtool" or m.startswith("qtool.")], "qtool must be imported after fork"
     requests, answers = os.fdopen(os.dup(0), "r"), os.fdopen(os.dup(1), "w")
     answers.write("ready\n")
