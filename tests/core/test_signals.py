@@ -33,8 +33,9 @@ MESSAGES = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminat
 
 @pytest.fixture(scope="module")
 def source(tiny_model) -> Path:
-    """~20 MB of float32 Llama weights: a few seconds of quantizing on one CPU thread."""
-    return tiny_model(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
+    """~11 MB of float32 Llama weights (a 3 MB output): a second or two of quantizing on one CPU thread, long
+    enough to signal it while staging, half-way through the shard and after the card is written."""
+    return tiny_model(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=3,
                       num_key_value_heads=4, max_position_embeddings=128)
 
 
