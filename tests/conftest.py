@@ -15,11 +15,27 @@ import safetensors_bytes as _safetensors_bytes
 from hubserver import HUB_ALLOWED_TOKEN, HubServer
 from tinymodels import llama_config, save_pretrained_model, write_checkpoint
 
+# The files that take longest (they start processes), longest first. `make test` hands whole files to two
+# pytest-xdist workers in collection order (--dist loadfile --no-loadscope-reorder), each worker taking the
+# next file as it finishes one: long files first, the many short ones last, and the two finish together.
+LONGEST_FIRST = ("verify/test_verify_multigpu.py", "core/test_hub.py", "core/test_signals.py",
+                 "quantize/test_stream.py", "quantize/test_stream_errors.py", "estimate/test_estimate_cards.py",
+                 "verify/test_verify.py", "cli/test_faults.py", "quantize/test_kernel.py")
+
+
 def pytest_collection_modifyitems(items):
     """Every test, in every folder, runs hermetic (the autouse fixture below): a folder's own conftest or a
-    different rootdir would show here, not as a test that reads the caller's HF_TOKEN."""
+    different rootdir would show here, not as a test that reads the caller's HF_TOKEN. Then the longest
+    files go first (LONGEST_FIRST), the rest in their usual order."""
     outside = [item.nodeid for item in items if "_hermetic" not in getattr(item, "fixturenames", ())]
     assert not outside, f"tests without the _hermetic fixture: {outside[:5]}"
+    here = Path(__file__).parent
+
+    def rank(item) -> int:
+        name = Path(item.path).relative_to(here).as_posix()
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: a file's tests keep their order
 
 
 def pytest_collection_finish(session):
