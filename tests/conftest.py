@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import safetensors_bytes as _safetensors_bytes
+from forkserver import ForkServer
 from hubserver import HUB_ALLOWED_TOKEN, HubServer
 from tinymodels import llama_config, save_pretrained_model, write_checkpoint
 
@@ -52,6 +53,7 @@ def pytest_collection_finish(session):
 # ---------------------------------------------------------------------------------------------------
 
 _USER_PREFIXES = ("QTOOL_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -60,6 +62,19 @@ def hermetic_env(tmp_path_factory) -> dict[str, str]:
     processes before any test has set it (such as a tests/forkserver.py server)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_USER_PREFIXES)}
     return {**env, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path_factory.getbasetemp() / "hf_home")}
+
+
+@pytest.fixture(scope="session")
+def qtool_forks(hermetic_env, tmp_path_factory):
+    """Real `python -m qtool` processes in the tests' environment (with this checkout on PYTHONPATH), forked
+    from one that has imported torch, transformers and typer (tests/forkserver.py): a run pays none of those
+    imports. CUDA is never touched before the fork, so CUDA_VISIBLE_DEVICES still counts in a child."""
+    env = {**hermetic_env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), hermetic_env.get("PYTHONPATH")]))}
+    preload = ["torch", "safetensors.torch", "transformers", "transformers.modeling_utils",
+               "transformers.models.llama.modeling_llama", "typer", "pydantic"]
+    server = ForkServer(preload, env=env, folder=tmp_path_factory.mktemp("forks"))
+    yield server
+    server.close()
 
 
 @pytest.fixture(autouse=True)

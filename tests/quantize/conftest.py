@@ -98,7 +98,8 @@ def qtool(address, tmp_path_factory):
     qtool: that saves each run some 3 s of imports."""
     preload = ["torch", "safetensors.torch", "transformers", "transformers.modeling_utils",
                "transformers.core_model_loading", "transformers.conversion_mapping",
-               "transformers.models.llama.modeling_llama", "huggingface_hub.hf_api", "huggingface_hub.file_download", "typer"]
+               "transformers.models.llama.modeling_llama", "huggingface_hub.hf_api", "huggingface_hub.file_download",
+               "typer"]
     server = ForkServer(preload, env=_run_env(address), folder=tmp_path_factory.mktemp("forks"))
 
     def start(args: list[str], env: dict, **kw):

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from forkserver import ForkServer
 from tinymodels import llama_config, one_error_line, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,18 +27,9 @@ def _settings(**flags):
     return resolve_settings(flags, env={}, cwd=ROOT / "tests", command="verify")
 
 
-@pytest.fixture(scope="module")
-def forks(hermetic_env, tmp_path_factory):
-    """Real `python -m qtool` processes, forked from one that has imported torch and typer (tests/forkserver.py):
-    the refusals and launches below pay none of those imports. CUDA is never touched before the fork, so
-    CUDA_VISIBLE_DEVICES still counts in the child."""
-    server = ForkServer(["torch", "typer", "pydantic"], env=hermetic_env, folder=tmp_path_factory.mktemp("forks"))
-    yield server
-    server.close()
-
-
-def _qtool(forks, *args, env=None, timeout=300) -> subprocess.CompletedProcess:
-    child = forks.qtool(*args, cwd=ROOT, env={**os.environ, **(env or {})})
+def _qtool(qtool_forks, *args, env=None, timeout=300) -> subprocess.CompletedProcess:
+    """`python -m qtool ARGS`, forked after torch's import (conftest's qtool_forks)."""
+    child = qtool_forks.qtool(*args, cwd=ROOT, env={**os.environ, **(env or {})})
     out, err = child.communicate(timeout=timeout)
     return subprocess.CompletedProcess(["qtool", *args], child.returncode, out, err)
 
@@ -108,8 +98,8 @@ def test_fsdp_qlora_packs_the_4bit_weights_in_bfloat16():
     (["--gpus", "2"], "--gpus 2: only 0 GPU(s) visible"),
     (["--gpus", "2", "--device", "cpu"], "--gpus 2 --parallel pipeline spreads the layers over GPUs"),
 ])
-def test_refusals_are_one_line(forks, args, message):
-    r = _qtool(forks, "verify", "8b", *args, env={"CUDA_VISIBLE_DEVICES": ""}, timeout=120)
+def test_refusals_are_one_line(qtool_forks, args, message):
+    r = _qtool(qtool_forks, "verify", "8b", *args, env={"CUDA_VISIBLE_DEVICES": ""}, timeout=120)
     assert r.returncode == 2, r.stderr
     assert message in one_error_line(r.stderr)
 
@@ -122,10 +112,11 @@ def tiny(tmp_path_factory) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("tiny") / "m", llama_config())
 
 
-def test_ddp_on_two_cpu_ranks_gathers_one_report(forks, tiny, tmp_path):
+def test_ddp_on_two_cpu_ranks_gathers_one_report(qtool_forks, tiny, tmp_path):
     junit = tmp_path / "v.xml"
-    r = _qtool(forks, "verify", str(tiny), "--device", "cpu", "--gpus", "2", "--parallel", "ddp", "--mode", "lora", "--seq-len", "32",
-               "--steps", "2", "--precision", "fp32", "--json", "--junit", str(junit), env={"TMPDIR": str(tmp_path)})
+    r = _qtool(qtool_forks, "verify", str(tiny), "--device", "cpu", "--gpus", "2", "--parallel", "ddp", "--mode",
+               "lora", "--seq-len", "32", "--steps", "2", "--precision", "fp32", "--json", "--junit", str(junit),
+               env={"TMPDIR": str(tmp_path)})
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     # the Trainer on each rank really ran distributed: accelerate says so
@@ -206,10 +197,10 @@ def test_out_of_memory_on_one_rank_is_the_runs_verdict(tmp_path, monkeypatch):
     assert outcome(report).exit_code == 3
 
 
-def test_a_signal_ends_the_run_and_every_rank(forks, tiny, tmp_path):
-    proc = forks.qtool("verify", str(tiny), "--device", "cpu", "--gpus", "2", "--parallel", "ddp", "--mode", "lora",
-                       "--seq-len", "32", "--steps", "100000", "--precision", "fp32", cwd=ROOT,
-                       env={**os.environ, "TMPDIR": str(tmp_path)})
+def test_a_signal_ends_the_run_and_every_rank(qtool_forks, tiny, tmp_path):
+    proc = qtool_forks.qtool("verify", str(tiny), "--device", "cpu", "--gpus", "2", "--parallel", "ddp", "--mode",
+                             "lora", "--seq-len", "32", "--steps", "100000", "--precision", "fp32", cwd=ROOT,
+                             env={**os.environ, "TMPDIR": str(tmp_path)})
     deadline = time.monotonic() + 120
     pids: list[int] = []
     while time.monotonic() < deadline and len(pids) < 2:
