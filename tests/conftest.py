@@ -213,22 +213,51 @@ def hub_repos(tmp_path_factory) -> dict[str, Path]:
     return {"org/tiny": tiny, "org/single": single, "org/gated": gated, "org/binonly": binonly, "org/big": big}
 
 
+@pytest.fixture(scope="session")
+def hub_address(tmp_path_factory) -> dict:
+    """Where every hub test's processes look (HF_ENDPOINT's port, HF_HOME): the same for the whole session, so
+    that one fork server (hub_forks), imported with those variables, can start them all. Each test still gets
+    a fresh server at that port and an empty HF_HOME there (hub_server, hub_env)."""
+    probe = HubServer().start()
+    port = probe.port
+    probe.stop()
+    return {"port": port, "hf_home": tmp_path_factory.mktemp("hub_cache") / "hf_home"}
+
+
+def _hub_env(hermetic_env: dict, address: dict) -> dict[str, str]:
+    env = {k: v for k, v in hermetic_env.items() if not k.startswith(_USER_PREFIXES)}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{address['port']}", HF_HOME=str(address["hf_home"]),
+               PYTHONUNBUFFERED="1", NO_COLOR="1")
+    return env
+
+
 @pytest.fixture
-def hub_server(hub_repos):
+def hub_server(hub_repos, hub_address):
     """A fresh server (empty request log, no faults) serving hub_repos; stopped after the test."""
     server = HubServer()
     for repo_id, path in hub_repos.items():
         server.add_repo(repo_id, path, gated=repo_id == "org/gated", allowed_tokens={HUB_ALLOWED_TOKEN})
-    server.start()
+    server.start(hub_address["port"])
     yield server
     server.stop()
 
 
 @pytest.fixture
-def hub_env(hub_server, tmp_path) -> dict[str, str]:
-    """Environment for a subprocess that talks to hub_server, with its own empty HF_HOME and no token."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("HF_", "HUGGINGFACE_", "QTOOL_")) and k != "TRANSFORMERS_OFFLINE"}
-    env.update(HF_ENDPOINT=hub_server.url, HF_HOME=str(tmp_path / "hf_home"),
-               PYTHONUNBUFFERED="1", NO_COLOR="1")
-    return env
+def hub_env(hub_server, hub_address, hermetic_env) -> dict[str, str]:
+    """Environment for a subprocess that talks to hub_server: an empty HF_HOME and no token."""
+    shutil.rmtree(hub_address["hf_home"], ignore_errors=True)
+    return _hub_env(hermetic_env, hub_address)
+
+
+@pytest.fixture(scope="session")
+def hub_forks(hermetic_env, hub_address, tmp_path_factory):
+    """Processes that talk to the hub server, forked from one that has imported torch, transformers and
+    huggingface_hub with hub_env's HF_* variables (tests/forkserver.py; it refuses a run with other ones:
+    those need a fresh interpreter). Run with cwd=ROOT."""
+    preload = ["torch", "safetensors.torch", "transformers", "transformers.modeling_utils",
+               "transformers.core_model_loading", "transformers.conversion_mapping",
+               "transformers.models.llama.modeling_llama", "huggingface_hub.hf_api", "huggingface_hub.file_download",
+               "typer"]
+    server = ForkServer(preload, env=_hub_env(hermetic_env, hub_address), folder=tmp_path_factory.mktemp("forks"))
+    yield server
+    server.close()

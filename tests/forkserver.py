@@ -13,6 +13,7 @@ Libraries that read environment variables at import (huggingface_hub's constants
 HF_HUB_OFFLINE...; transformers' TRANSFORMERS_*) were imported with the server's environment, so a child may
 differ from it only in variables read later: `qtool()` refuses a run whose HF_*/HUGGINGFACE_*/TRANSFORMERS_*
 variables differ from the server's, since a fresh process would have seen values the fork does not.
+`python()` runs `python -c CODE` the same way.
 
 Run as a script, this file is the server: it reads one JSON request a line on stdin and answers on stdout.
 """
@@ -34,8 +35,11 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 READ_AT_IMPORT = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_")
 
 
+READ_AT_CALL = ("HF_TOKEN",)  # huggingface_hub's get_token() reads it each time
+
+
 def _read_at_import(env: dict) -> dict:
-    return {k: v for k, v in env.items() if k.startswith(READ_AT_IMPORT)}
+    return {k: v for k, v in env.items() if k.startswith(READ_AT_IMPORT) and k not in READ_AT_CALL}
 
 
 class Child:
@@ -100,22 +104,33 @@ class ForkServer:
         self._proc.stdin.flush()
         return json.loads(self._proc.stdout.readline())
 
+    def can_run(self, env: dict) -> bool:
+        """Whether a child with `env` would be what a fresh process is: the variables the preloaded libraries
+        read at import are the server's (HF_TOKEN is read at each request, so it may differ)."""
+        return _read_at_import(env) == _read_at_import(self._env)
+
     def qtool(self, *args: str, cwd: Path, env: dict, ignore: tuple[int, ...] = (), setattrs: dict | None = None,
               rlimits: dict[str, int] | None = None) -> Child:
         """`python -m qtool ARGS` in `cwd` with exactly `env`; signals in `ignore` start ignored (as after nohup);
         `setattrs` {"module.NAME": value} is set in the child before qtool runs (a module constant a test
         does not need at its real value, such as a grace period); `rlimits` {"RLIMIT_FSIZE": n} are set as a
         preexec_fn would (soft and hard)."""
-        if _read_at_import(env) != _read_at_import(self._env):
+        return self._spawn(["qtool", *map(str, args)], None, cwd, env, ignore, setattrs, rlimits)
+
+    def python(self, code: str, *args: str, cwd: Path, env: dict) -> Child:
+        """`python -c CODE ARGS` in `cwd` with exactly `env`."""
+        return self._spawn(["-c", *map(str, args)], code, cwd, env, (), None, None)
+
+    def _spawn(self, argv, code, cwd, env, ignore, setattrs, rlimits) -> Child:
+        if not self.can_run(env):
             raise ValueError("the preloaded libraries read HF_*/TRANSFORMERS_* at import: start a ForkServer with "
                              f"this environment (server {_read_at_import(self._env)}, run {_read_at_import(env)})")
         fd, out = tempfile.mkstemp(dir=self._folder, suffix=".out")
         os.close(fd)
         fd, err = tempfile.mkstemp(dir=self._folder, suffix=".err")
         os.close(fd)
-        pid = self._ask(op="spawn", argv=["qtool", *map(str, args)], cwd=str(cwd), env=env, stdout=out,
-                        stderr=err, ignore=list(ignore), setattrs=setattrs or {},
-                        rlimits=rlimits or {})["pid"]
+        pid = self._ask(op="spawn", argv=argv, code=code, cwd=str(cwd), env=env, stdout=out, stderr=err,
+                        ignore=list(ignore), setattrs=setattrs or {}, rlimits=rlimits or {})["pid"]
         self._children.append(Child(self, pid, Path(out), Path(err)))
         return self._children[-1]
 
@@ -178,8 +193,9 @@ class _CurrentStderr(io.TextIOBase):
         return True
 
 
-def _serve(preload: list[str]) -> None:
-    """Answer requests until stdin closes; return only in a forked child, which then runs qtool."""
+def _serve(preload: list[str]) -> dict:
+    """Answer requests until stdin closes; return only in a forked child (its request), which then runs qtool
+    or the request's code."""
     import importlib
 
     sys.stderr = _CurrentStderr()
@@ -204,7 +220,7 @@ def _serve(preload: list[str]) -> None:
                 requests.close()
                 answers.close()
                 _become(request)
-                return
+                return request
             answer = {"pid": pid}
         else:  # wait
             pid, status = os.waitpid(request["pid"], os.WNOHANG)
@@ -216,7 +232,10 @@ def _serve(preload: list[str]) -> None:
 
 if __name__ == "__main__":
     sys.path.pop(0)  # this folder (tests/) is no place to import qtool from
-    _serve(sys.argv[1:])
-    import runpy
+    _request = _serve(sys.argv[1:])
+    if _request["code"] is not None:  # as `python -c` runs it
+        exec(compile(_request["code"], "<string>", "exec"), {"__name__": "__main__"})
+    else:
+        import runpy
 
-    runpy.run_module("qtool", run_name="__main__", alter_sys=True)
+        runpy.run_module("qtool", run_name="__main__", alter_sys=True)
