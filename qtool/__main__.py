@@ -13,14 +13,15 @@ def run() -> None:
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
 
-    signals.install(emit)
-    try:
+    try:  # a signal from the moment the handlers are in: main() catches its own only once inside its try
+        signals.install(emit)
         from qtool.cli.app import main
+
+        main()
     except signals.Stopped as exc:
         signals.emit_once(f"qtool: error: {exc.message}")
         signals.finish()
         sys.exit(exc.exit_code)
-    main()
 
 
 if __name__ == "__main__":
