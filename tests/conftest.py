@@ -68,8 +68,11 @@ def hermetic_env(tmp_path_factory) -> dict[str, str]:
 def qtool_forks(hermetic_env, tmp_path_factory):
     """Real `python -m qtool` processes in the tests' environment (with this checkout on PYTHONPATH), forked
     from one that has imported torch, transformers and typer (tests/forkserver.py): a run pays none of those
-    imports. CUDA is never touched before the fork, so CUDA_VISIBLE_DEVICES still counts in a child."""
-    env = {**hermetic_env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), hermetic_env.get("PYTHONPATH")]))}
+    imports. CUDA is never touched before the fork, so CUDA_VISIBLE_DEVICES still counts in a child. torch
+    was imported with OMP_NUM_THREADS=1: a child quantizes on one thread, whatever its own environment says
+    (the same work on any machine, and two xdist workers do not fight over the cores)."""
+    env = {**hermetic_env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), hermetic_env.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1"}
     preload = ["torch", "safetensors.torch", "transformers", "transformers.modeling_utils",
                "transformers.models.llama.modeling_llama", "typer", "pydantic"]
     server = ForkServer(preload, env=env, folder=tmp_path_factory.mktemp("forks"))

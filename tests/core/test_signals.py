@@ -24,7 +24,6 @@ from pathlib import Path
 import pytest
 
 torch = pytest.importorskip("torch")
-from forkserver import ForkServer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 MESSAGES = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminated (SIGTERM)"),
@@ -39,22 +38,16 @@ def source(tiny_model) -> Path:
                       num_key_value_heads=4, max_position_embeddings=128)
 
 
-@pytest.fixture(scope="module")
-def forks(tmp_path_factory):
-    """Real `python -m qtool` processes, forked after torch's and transformers' imports."""
-    preload = ["torch", "transformers", "safetensors.torch", "transformers.modeling_utils",
-               "transformers.models.llama.modeling_llama"]
-    server = ForkServer(preload, env=_env(), folder=tmp_path_factory.mktemp("forks"), preexec_fn=_default_signals)
-    yield server
-    server.close()
+@pytest.fixture
+def forks(qtool_forks):
+    """Real `python -m qtool` processes, forked after torch's and transformers' imports (conftest's qtool_forks)."""
+    return qtool_forks
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("QTOOL_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    env["HF_HUB_OFFLINE"] = "1"
-    return env
+    """The test's own (hermetic) environment, with this checkout on PYTHONPATH and torch on one thread."""
+    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "OMP_NUM_THREADS": "1"}
 
 
 def _default_signals():  # a background test run inherits SIGINT ignored; a terminal's child would not
