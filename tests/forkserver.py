@@ -95,11 +95,13 @@ class ForkServer:
         self._proc = subprocess.Popen([sys.executable, __file__, *preload], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, text=True, env=env, cwd=folder, preexec_fn=preexec_fn)
         self._children: list[Child] = []
-        ready = self._proc.stdout.readline()
-        if not ready:
-            raise RuntimeError(f"fork server did not start (exit {self._proc.wait()})")
+        self._started = False  # its imports go on while the caller builds its other fixtures
 
     def _ask(self, **request) -> dict:
+        if not self._started:
+            if not self._proc.stdout.readline():
+                raise RuntimeError(f"fork server did not start (exit {self._proc.wait()})")
+            self._started = True
         self._proc.stdin.write(json.dumps(request) + "\n")
         self._proc.stdin.flush()
         return json.loads(self._proc.stdout.readline())
@@ -141,7 +143,7 @@ class ForkServer:
                 os.kill(child.pid, signal.SIGKILL)
                 child.wait(timeout=30)
         self._proc.stdin.close()
-        self._proc.wait(timeout=30)
+        self._proc.wait(timeout=120)  # it may still be importing
 
 
 # --- the server side ---------------------------------------------------------------------------------
