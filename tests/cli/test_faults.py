@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -347,33 +345,22 @@ def test_malformed_sizes_and_unknown_gpus(capsys, argv, names):
 
 # --- interruption and full disk: a real process ------------------------------------------------------
 
-def _env():
-    env = {k: v for k, v in os.environ.items() if k != "QTOOL_DEBUG"}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 # Signals at every moment of a run (imports, staging, mid-shard, commit) are in tests/core/test_signals.py.
 
 
 @pytest.fixture(scope="module")
-def full_disk(tmp_path_factory, tiny_model):
-    """One real `qtool quantize` run whose writes fail past 40 KB (EFBIG, as on a full disk); both tests below
-    read what it did: (process, destination, the folder around it)."""
+def full_disk(tmp_path_factory, tiny_model, qtool_forks, hermetic_env):
+    """One real `qtool quantize` run whose writes fail past 40 KB (EFBIG, as on a full disk: CPython ignores
+    SIGXFSZ); both tests below read what it did: (process, destination, the folder around it). The process is
+    forked after torch's import (conftest's qtool_forks)."""
     folder = tmp_path_factory.mktemp("full_disk")
     ckpt = tiny_model(intermediate_size=128, max_position_embeddings=128, into=folder / "tiny")
     assert (ckpt / "model.safetensors").stat().st_size > 40_000 * 4  # output would be well over the limit
     dest = folder / "out"
-
-    def limit_file_size():  # runs in the child: writes past 40 KB fail with EFBIG instead of SIGXFSZ
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
-
-    proc = subprocess.run([sys.executable, "-m", "qtool", "quantize", str(ckpt), "--out", str(dest),
-                           "--device", "cpu"], cwd=folder, env=_env(), capture_output=True, text=True,
-                          preexec_fn=limit_file_size, timeout=300)
-    return proc, dest, folder
+    child = qtool_forks.qtool("quantize", str(ckpt), "--out", str(dest), "--device", "cpu", cwd=folder,
+                              env={**hermetic_env, "PYTHONPATH": str(REPO)}, rlimits={"RLIMIT_FSIZE": 40_000})
+    out, err = child.communicate(timeout=300)
+    return subprocess.CompletedProcess(["qtool"], child.returncode, out, err), dest, folder
 
 
 def test_full_disk_while_writing_leaves_nothing(full_disk):

@@ -1,7 +1,8 @@
 """qtool.core.hub against a real HTTP server on 127.0.0.1 (tests/hubserver.py), reached through HF_ENDPOINT.
 
 Everything that talks to the server runs in subprocesses: huggingface_hub reads some HF_* variables at import
-time, and a subprocess with its own environment is what a user's shell does. What was downloaded or written is
+time, and a subprocess with its own environment is what a user's shell does (forked from conftest's hub_forks
+where that is the same thing: _python). What was downloaded or written is
 then loaded with stock transformers in the test's own process (local folders: no hub, no HF_* variable).
 """
 
@@ -12,6 +13,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from hubserver import HUB_ALLOWED_TOKEN, HUB_OTHER_TOKEN
 
@@ -34,16 +37,35 @@ else:
 """
 
 
-def qtool(args: list[str], env: dict, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, "-m", "qtool", *args], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+def _python(hub_forks, args: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
+    """`python ARGS` with exactly `env` in the checkout: forked from conftest's hub_forks where that is what a
+    fresh process would be (the HF_* variables read at import are its own), else a fresh interpreter."""
+    if not hub_forks.can_run(env):
+        return subprocess.run([PY, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if args[0] == "-m":
+        child = hub_forks.qtool(*args[2:], cwd=ROOT, env=env)
+    else:
+        child = hub_forks.python(args[1], *args[2:], cwd=ROOT, env=env)
+    out, err = child.communicate(timeout=timeout)
+    return subprocess.CompletedProcess([PY, *args], child.returncode, out, err)
 
 
-def download(repo: str, env: dict, revision: str | None = None, timeout: int = 120) -> tuple[dict, str]:
-    args = [PY, "-c", DOWNLOAD, repo] + ([revision] if revision else [])
-    proc = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout + proc.stderr
+@pytest.fixture
+def qtool(hub_forks):
+    """qtool(args, env) -> CompletedProcess of `python -m qtool ARGS`."""
+    def run(args: list[str], env: dict, timeout: int = 120) -> subprocess.CompletedProcess:
+        return _python(hub_forks, ["-m", "qtool", *args], env, timeout)
+    return run
+
+
+@pytest.fixture
+def download(hub_forks):
+    """download(repo, env, revision=None) -> (qtool.core.hub.download_checkpoint's result as JSON, the output)."""
+    def run(repo: str, env: dict, revision: str | None = None, timeout: int = 120) -> tuple[dict, str]:
+        proc = _python(hub_forks, ["-c", DOWNLOAD, repo] + ([revision] if revision else []), env, timeout)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout + proc.stderr
+    return run
 
 
 def sha256(path: Path) -> str:
@@ -68,7 +90,7 @@ def assert_no_token(*texts: str | bytes, folders: tuple[Path, ...] = ()) -> None
 # config only
 # ---------------------------------------------------------------------------------------------------
 
-def test_config_show_fetches_only_config_json(hub_server, hub_env, hub_repos):
+def test_config_show_fetches_only_config_json(qtool, hub_server, hub_env, hub_repos):
     proc = qtool(["config", "show", "org/tiny", "--json"], hub_env)
     assert proc.returncode == 0, proc.stderr
     model = json.loads(proc.stdout)["model"]
@@ -80,7 +102,7 @@ def test_config_show_fetches_only_config_json(hub_server, hub_env, hub_repos):
     assert not [r for r in hub_server.requests if ".safetensors" in r.path or ".bin" in r.path]
 
 
-def test_config_show_offline_uses_cache_without_network(hub_server, hub_env):
+def test_config_show_offline_uses_cache_without_network(qtool, hub_server, hub_env):
     assert qtool(["config", "show", "org/tiny", "--json"], hub_env).returncode == 0
     hub_server.stop()  # nothing answers any more
     proc = qtool(["config", "show", "org/tiny", "--json"], {**hub_env, "HF_HUB_OFFLINE": "1"})
@@ -88,7 +110,7 @@ def test_config_show_offline_uses_cache_without_network(hub_server, hub_env):
     assert json.loads(proc.stdout)["model"]["model_type"] == "llama"
 
 
-def test_unreachable_hub_uses_the_cache_without_being_told_offline(hub_server, hub_env):
+def test_unreachable_hub_uses_the_cache_without_being_told_offline(qtool, hub_server, hub_env):
     assert qtool(["config", "show", "org/tiny", "--json"], hub_env).returncode == 0
     hub_server.stop()
     proc = qtool(["config", "show", "org/tiny", "--json"], hub_env)  # no HF_HUB_OFFLINE
@@ -96,7 +118,7 @@ def test_unreachable_hub_uses_the_cache_without_being_told_offline(hub_server, h
     assert json.loads(proc.stdout)["model"]["model_type"] == "llama"
 
 
-def test_unreachable_hub_not_cached_is_one_line_naming_the_matching_preset(hub_server, hub_env):
+def test_unreachable_hub_not_cached_is_one_line_naming_the_matching_preset(qtool, hub_server, hub_env):
     url = hub_server.url
     hub_server.stop()
     proc = qtool(["estimate", "mistralai/Mistral-7B-v0.1"], hub_env)
@@ -109,7 +131,7 @@ def test_unreachable_hub_not_cached_is_one_line_naming_the_matching_preset(hub_s
     assert proc.returncode == 2 and "HF_ENDPOINT" in proc.stderr and proc.stderr.count("\n") == 1
 
 
-def test_config_show_offline_not_cached_is_one_clear_line(hub_server, hub_env):
+def test_config_show_offline_not_cached_is_one_clear_line(qtool, hub_server, hub_env):
     proc = qtool(["config", "show", "org/tiny", "--json"], {**hub_env, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -120,7 +142,7 @@ def test_config_show_offline_not_cached_is_one_clear_line(hub_server, hub_env):
     assert proc.stdout == ""
 
 
-def test_config_show_404_repo_and_revision(hub_server, hub_env):
+def test_config_show_404_repo_and_revision(qtool, hub_server, hub_env):
     proc = qtool(["config", "show", "org/nope", "--json"], hub_env)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1
@@ -130,7 +152,7 @@ def test_config_show_404_repo_and_revision(hub_server, hub_env):
     assert proc.returncode == 0, proc.stderr
 
 
-def test_config_show_gated_without_token_401_with_hint(hub_server, hub_env):
+def test_config_show_gated_without_token_401_with_hint(qtool, hub_server, hub_env):
     proc = qtool(["config", "show", "org/gated", "--json"], hub_env)
     assert proc.returncode == 2
     line = proc.stderr.strip()
@@ -139,7 +161,7 @@ def test_config_show_gated_without_token_401_with_hint(hub_server, hub_env):
     assert proc.stdout == ""
 
 
-def test_config_show_gated_wrong_token_403_no_leak(hub_server, hub_env):
+def test_config_show_gated_wrong_token_403_no_leak(qtool, hub_server, hub_env):
     env = {**hub_env, "HF_TOKEN": HUB_OTHER_TOKEN}
     proc = qtool(["config", "show", "org/gated", "--json"], env)
     assert proc.returncode == 2
@@ -155,7 +177,7 @@ def test_config_show_gated_wrong_token_403_no_leak(hub_server, hub_env):
     assert_no_token(proc.stdout, proc.stderr)
 
 
-def test_config_show_gated_right_token_works_no_leak(hub_server, hub_env):
+def test_config_show_gated_right_token_works_no_leak(qtool, hub_server, hub_env):
     env = {**hub_env, "HF_TOKEN": HUB_ALLOWED_TOKEN}
     proc = qtool(["config", "show", "org/gated", "--json"], env)
     assert proc.returncode == 0, proc.stderr
@@ -167,7 +189,7 @@ def test_config_show_gated_right_token_works_no_leak(hub_server, hub_env):
 # checkpoint snapshots
 # ---------------------------------------------------------------------------------------------------
 
-def test_download_fetches_only_what_quantizing_needs(hub_server, hub_env, hub_repos):
+def test_download_fetches_only_what_quantizing_needs(download, hub_server, hub_env, hub_repos):
     result, _ = download("org/tiny", hub_env)
     repo = hub_server.repos["org/tiny"]
     assert result["sha"] == repo.sha
@@ -195,7 +217,7 @@ def test_download_fetches_only_what_quantizing_needs(hub_server, hub_env, hub_re
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_download_single_file_repo_and_revision_by_sha(hub_server, hub_env):
+def test_download_single_file_repo_and_revision_by_sha(download, hub_server, hub_env):
     sha = hub_server.repos["org/single"].sha
     result, out = download("org/single", hub_env, revision=sha)
     assert "Fetching" not in out and "%|" not in out  # progress=False: no progress bars
@@ -208,20 +230,20 @@ def test_download_single_file_repo_and_revision_by_sha(hub_server, hub_env):
     assert len(hub_server.files_fetched()) == before
 
 
-def test_download_bin_only_repo_is_a_weights_error(hub_server, hub_env):
+def test_download_bin_only_repo_is_a_weights_error(download, hub_server, hub_env):
     result, _ = download("org/binonly", hub_env)
     assert result["type"] == "WeightsError" and result["exit"] == 2
     assert "safetensors" in result["error"]
     assert "pytorch_model.bin" not in hub_server.files_fetched()
 
 
-def test_download_unknown_revision_404(hub_server, hub_env):
+def test_download_unknown_revision_404(download, hub_server, hub_env):
     result, _ = download("org/tiny", hub_env, revision="no-such-branch")
     assert result["type"] == "HubError" and result["exit"] == 2
     assert "no-such-branch" in result["error"] and "404" in result["error"]
 
 
-def test_download_gated_hint_and_no_leak(hub_server, hub_env):
+def test_download_gated_hint_and_no_leak(download, hub_server, hub_env):
     result, out = download("org/gated", {**hub_env, "HF_TOKEN": HUB_OTHER_TOKEN})
     assert result["type"] == "HubError"
     assert "403" in result["error"] and "accept the model's license" in result["error"]
@@ -232,7 +254,7 @@ def test_download_gated_hint_and_no_leak(hub_server, hub_env):
     assert_no_token(out, folders=(Path(hub_env["HF_HOME"]),))
 
 
-def test_interrupted_download_resumes_with_range_and_is_byte_identical(hub_server, hub_env, hub_repos):
+def test_interrupted_download_resumes_with_range_and_is_byte_identical(download, hub_server, hub_env, hub_repos):
     from huggingface_hub.constants import DOWNLOAD_CHUNK_SIZE  # bytes reach the file a chunk at a time
 
     name = "model.safetensors"
@@ -250,7 +272,7 @@ def test_interrupted_download_resumes_with_range_and_is_byte_identical(hub_serve
     assert not list(Path(hub_env["HF_HOME"]).rglob("*.incomplete"))
 
 
-def test_connection_dropped_for_good_then_run_again_fetches_only_the_rest(hub_server, hub_env, hub_repos):
+def test_connection_dropped_for_good_then_run_again_fetches_only_the_rest(download, hub_server, hub_env, hub_repos):
     name = "model.safetensors"
     hub_server.drop(name, after=0, times=100)  # every attempt dies before the first byte
     result, _ = download("org/single", hub_env)
@@ -267,7 +289,7 @@ def test_connection_dropped_for_good_then_run_again_fetches_only_the_rest(hub_se
     assert sha256(Path(result["path"]) / name) == sha256(hub_repos["org/single"] / name)
 
 
-def test_connection_refused_is_one_line(hub_server, hub_env):
+def test_connection_refused_is_one_line(download, hub_server, hub_env):
     url = hub_server.url
     hub_server.stop()
     result, _ = download("org/tiny", hub_env)
@@ -277,7 +299,7 @@ def test_connection_refused_is_one_line(hub_server, hub_env):
     assert "\n" not in result["error"]
 
 
-def test_download_offline(hub_server, hub_env):
+def test_download_offline(download, hub_server, hub_env):
     result, _ = download("org/tiny", {**hub_env, "HF_HUB_OFFLINE": "1"})
     assert result["type"] == "HubError"
     assert result["error"].startswith("offline") and f"HF_HOME={hub_env['HF_HOME']}" in result["error"]
@@ -302,7 +324,7 @@ def test_redact(monkeypatch):
 # end to end: qtool quantize through the server
 # ---------------------------------------------------------------------------------------------------
 
-def test_quantize_from_hub_end_to_end_no_token_in_outputs(hub_server, hub_env, tmp_path):
+def test_quantize_from_hub_end_to_end_no_token_in_outputs(qtool, hub_server, hub_env, tmp_path):
     """`qtool quantize org/tiny --out DST` through the server (sharded repo, token sent on every request)."""
     dst = tmp_path / "out"
     env = {**hub_env, "HF_TOKEN": HUB_ALLOWED_TOKEN}
@@ -328,13 +350,13 @@ print("written")
 """
 
 
-def test_quantize_library_from_hub_loads_in_transformers_no_token(hub_server, hub_env, hub_repos, tmp_path):
+def test_quantize_library_from_hub_loads_in_transformers_no_token(hub_forks, hub_server, hub_env, hub_repos,
+                                                                 tmp_path):
     """qtool.quantize.quantize('org/gated') downloads through qtool.core.hub, then writes a checkpoint that stock
     transformers loads; the token is used for the download and found nowhere afterwards."""
     dst = tmp_path / "out"
     env = {**hub_env, "HF_TOKEN": HUB_ALLOWED_TOKEN}
-    proc = subprocess.run([PY, "-c", QUANTIZE_LIB, "org/gated", str(dst)], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+    proc = _python(hub_forks, ["-c", QUANTIZE_LIB, "org/gated", str(dst)], env, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "model.safetensors" in hub_server.files_fetched("org/gated")
     assert {r.token for r in hub_server.requests if "/resolve/" in r.path} == {HUB_ALLOWED_TOKEN}

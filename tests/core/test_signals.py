@@ -24,7 +24,6 @@ from pathlib import Path
 import pytest
 
 torch = pytest.importorskip("torch")
-from forkserver import ForkServer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 MESSAGES = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminated (SIGTERM)"),
@@ -33,27 +32,22 @@ MESSAGES = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminat
 
 @pytest.fixture(scope="module")
 def source(tiny_model) -> Path:
-    """~20 MB of float32 Llama weights: a few seconds of quantizing on one CPU thread."""
-    return tiny_model(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
+    """~11 MB of float32 Llama weights (a 3 MB output): a second or two of quantizing on one CPU thread, long
+    enough to signal it while staging, half-way through the shard and after the card is written."""
+    return tiny_model(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=3,
                       num_key_value_heads=4, max_position_embeddings=128)
 
 
-@pytest.fixture(scope="module")
-def forks(tmp_path_factory):
-    """Real `python -m qtool` processes, forked after torch's and transformers' imports."""
-    preload = ["torch", "transformers", "safetensors.torch", "transformers.modeling_utils",
-               "transformers.models.llama.modeling_llama"]
-    server = ForkServer(preload, env=_env(), folder=tmp_path_factory.mktemp("forks"), preexec_fn=_default_signals)
-    yield server
-    server.close()
+@pytest.fixture
+def forks(qtool_forks):
+    """Real `python -m qtool` processes, forked after torch's and transformers' imports (conftest's qtool_forks)."""
+    return qtool_forks
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("QTOOL_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    env["HF_HUB_OFFLINE"] = "1"
-    return env
+    """The test's own (hermetic) environment, with this checkout on PYTHONPATH and torch on one thread."""
+    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "OMP_NUM_THREADS": "1"}
 
 
 def _default_signals():  # a background test run inherits SIGINT ignored; a terminal's child would not

@@ -1,18 +1,17 @@
-"""Fixtures of the hub-streaming tests (test_stream.py, test_stream_errors.py): module-scoped, so each module
-builds its own repo and pytest-xdist can run the two modules on different workers."""
+"""Fixtures of the hub-streaming tests (test_stream.py, test_stream_errors.py): the repos are module-scoped, so
+each module builds its own and pytest-xdist can run the two modules on different workers; the server's address
+and the fork server are conftest's (hub_address, hub_forks)."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from forkserver import ForkServer
 from hubserver import HubServer
-from streamhub import PY, REPO, ROOT, SHARDS, shards_of
+from streamhub import REPO, ROOT, SHARDS, shards_of
 from tinymodels import llama_config, llama_weights, write_checkpoint
 
 
@@ -23,8 +22,8 @@ def repo(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("streamhub") / "org" / "sharded"
     root.mkdir(parents=True)
-    config = llama_config(hidden_size=256, intermediate_size=512, num_hidden_layers=6, vocab_size=1024,
-                          num_attention_heads=4, num_key_value_heads=2)
+    config = llama_config(hidden_size=128, intermediate_size=256, num_hidden_layers=6, vocab_size=512,
+                          num_attention_heads=4, num_key_value_heads=2)  # 4 MB: shards of ~0.8 MB
     weights = llama_weights(config)
     total = sum(t.numel() * t.element_size() for t in weights.values())
     save_torch_state_dict(weights, root, max_shard_size=total // (SHARDS - 1), safe_serialization=True)
@@ -43,12 +42,12 @@ def odd_repo(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def hub_server(repo, odd_repo):
-    """Overrides conftest's: this module's server holds org/sharded and org/odd (conftest's hub_env uses it)."""
+def hub_server(repo, odd_repo, hub_address):
+    """Overrides conftest's: a fresh server holding org/sharded and org/odd (conftest's hub_env uses it)."""
     hub = HubServer()
     hub.add_repo(REPO, repo)
     hub.add_repo("org/odd", odd_repo)
-    hub.start()
+    hub.start(hub_address["port"])
     yield hub
     hub.stop()
 
@@ -63,23 +62,20 @@ def env(hub_env) -> dict[str, str]:
     return hub_env
 
 
-@pytest.fixture(scope="session")
-def qtool(tmp_path_factory):
-    """qtool(args, env) -> CompletedProcess of `python -m qtool quantize ARGS` run with exactly `env`: a real
-    process, forked from one that has imported torch but never huggingface_hub or qtool (huggingface_hub reads
-    HF_* at import; the child imports it after taking `env`), which saves each run torch's import. With
-    subprocess options (a preexec_fn), a fresh interpreter."""
-    env0 = {k: v for k, v in os.environ.items() if not k.startswith(("QTOOL_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
-    env0["PYTHONPATH"] = str(ROOT) + os.pathsep + env0.get("PYTHONPATH", "")
-    server = ForkServer(["torch", "safetensors.torch"], env=env0, folder=tmp_path_factory.mktemp("forks"))
+@pytest.fixture
+def qtool(hub_forks):
+    """qtool(args, env, rlimits=None) -> CompletedProcess of `python -m qtool quantize ARGS` run with exactly
+    `env`; qtool.start(args, env) -> the running process (poll, send_signal, communicate). Each is a real
+    process, forked from conftest's hub_forks (torch, transformers and huggingface_hub imported), which saves
+    each run some 3 s of imports."""
+
+    def start(args: list[str], env: dict, **kw):
+        return hub_forks.qtool("quantize", *args, cwd=ROOT, env=env, **kw)
 
     def run(args: list[str], env: dict, **kw) -> subprocess.CompletedProcess:
-        if kw:
-            return subprocess.run([PY, "-m", "qtool", "quantize", *args], env=env, cwd=ROOT, capture_output=True,
-                                  text=True, timeout=600, **kw)
-        child = server.qtool("quantize", *args, cwd=ROOT, env=env)
+        child = start(args, env, **kw)
         out, err = child.communicate(timeout=600)
         return subprocess.CompletedProcess(["qtool", "quantize", *args], child.returncode, out, err)
 
-    yield run
-    server.close()
+    run.start = start
+    return run

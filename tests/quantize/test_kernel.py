@@ -161,16 +161,15 @@ def test_non_finite_input_is_refused(bad):
         kernel.quantize_4bit(t)
 
 
-def test_quantize_tensor_on_cpu_uses_the_kernel_and_never_imports_bitsandbytes(tmp_path):
-    """In a fresh interpreter: CPU quantization needs no bitsandbytes (its import costs seconds)."""
-    import subprocess
-    import sys
-
+def test_quantize_tensor_on_cpu_uses_the_kernel_and_never_imports_bitsandbytes(qtool_forks, hermetic_env):
+    """In a process of its own that has imported torch and transformers, never bitsandbytes (conftest's
+    qtool_forks): CPU quantization needs no bitsandbytes (its import costs seconds)."""
     code = ("import sys, torch\nfrom qtool.core.config import QuantSettings\nfrom qtool.quantize.stream import quantize_tensor\n"
             "p = quantize_tensor(torch.randn(64, 64), settings=QuantSettings())\n"
             "print(sorted(p), 'bitsandbytes' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).parents[2]).stdout
+    child = qtool_forks.python(code, cwd=Path(__file__).parents[2], env=hermetic_env)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 0, err
     assert out.strip().endswith("False")
     assert "'.nested_absmax'" in out
 

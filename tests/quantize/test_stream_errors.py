@@ -4,12 +4,10 @@ nothing left behind."""
 from __future__ import annotations
 
 import json
-import resource
-import subprocess
 import threading
 from pathlib import Path
 
-from streamhub import ROOT, PY, REPO, shards_of, shard_gets, assert_nothing_left
+from streamhub import REPO, shards_of, shard_gets, assert_nothing_left
 from tinymodels import one_error_line
 
 
@@ -27,13 +25,12 @@ def test_shard_404_mid_stream_is_one_line_and_leaves_nothing(qtool, server, env,
     assert_nothing_left(work, env)
 
 
-def test_connection_lost_mid_stream_is_one_line_and_leaves_nothing(server, env, repo, tmp_path):
+def test_connection_lost_mid_stream_is_one_line_and_leaves_nothing(qtool, server, env, repo, tmp_path):
     cut = shards_of(repo)[2].name
     work = tmp_path / "work"
     work.mkdir()
     server.rate = 4 * 2**20
-    proc = subprocess.Popen([PY, "-m", "qtool", "quantize", REPO, "--out", str(work / "out")], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = qtool.start([REPO, "--out", str(work / "out")], env)
     while not shard_gets(server, ranged=False) and proc.poll() is None:  # the plan is made, shards flow
         threading.Event().wait(0.01)
     server.drop(cut, after=1000, times=1000)  # from now on every attempt at this shard, resumed or not, dies
@@ -46,17 +43,12 @@ def test_connection_lost_mid_stream_is_one_line_and_leaves_nothing(server, env, 
     assert_nothing_left(work, env)
 
 
-def _file_size_limit(limit: int):
-    def apply() -> None:  # CPython ignores SIGXFSZ: a write past the limit fails with EFBIG instead
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return apply
-
-
 def test_disk_full_while_fetching_is_one_line_and_leaves_nothing(qtool, server, env, repo, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     limit = min(p.stat().st_size for p in shards_of(repo)) // 2  # no shard fits
-    proc = qtool([REPO, "--out", str(work / "out")], env, preexec_fn=_file_size_limit(limit))
+    # CPython ignores SIGXFSZ: a write past the limit fails with EFBIG instead
+    proc = qtool([REPO, "--out", str(work / "out")], env, rlimits={"RLIMIT_FSIZE": limit})
     assert proc.returncode == 1
     line = one_error_line(proc.stderr)
     print(f"\nfile-size limit while fetching: {line}")
@@ -64,14 +56,13 @@ def test_disk_full_while_fetching_is_one_line_and_leaves_nothing(qtool, server, 
     assert_nothing_left(work, env)
 
 
-def test_ctrl_c_mid_stream_leaves_nothing(server, env, repo, tmp_path):
+def test_ctrl_c_mid_stream_leaves_nothing(qtool, server, env, repo, tmp_path):
     import signal
 
     work = tmp_path / "work"
     work.mkdir()
-    server.rate = 2**20  # ~3 s a shard: the signal lands while shards are on disk
-    proc = subprocess.Popen([PY, "-m", "qtool", "quantize", REPO, "--out", str(work / "out")], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server.rate = 2**19  # ~1.5 s a shard: the signal lands while shards are on disk
+    proc = qtool.start([REPO, "--out", str(work / "out")], env)
     while len(shard_gets(server, ranged=False)) < 2 and proc.poll() is None:  # shard 1 is there, 2 arriving
         threading.Event().wait(0.01)
     assert any(".qtool-src-" in p.name for p in work.iterdir())

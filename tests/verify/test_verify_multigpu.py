@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -28,9 +27,11 @@ def _settings(**flags):
     return resolve_settings(flags, env={}, cwd=ROOT / "tests", command="verify")
 
 
-def _qtool(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "qtool", *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
+def _qtool(qtool_forks, *args, env=None, timeout=300) -> subprocess.CompletedProcess:
+    """`python -m qtool ARGS`, forked after torch's import (conftest's qtool_forks)."""
+    child = qtool_forks.qtool(*args, cwd=ROOT, env={**os.environ, **(env or {})})
+    out, err = child.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(["qtool", *args], child.returncode, out, err)
 
 
 def _alive(pid: int) -> bool:
@@ -97,8 +98,8 @@ def test_fsdp_qlora_packs_the_4bit_weights_in_bfloat16():
     (["--gpus", "2"], "--gpus 2: only 0 GPU(s) visible"),
     (["--gpus", "2", "--device", "cpu"], "--gpus 2 --parallel pipeline spreads the layers over GPUs"),
 ])
-def test_refusals_are_one_line(args, message):
-    r = _qtool("verify", "8b", *args, env={"CUDA_VISIBLE_DEVICES": ""}, timeout=120)
+def test_refusals_are_one_line(qtool_forks, args, message):
+    r = _qtool(qtool_forks, "verify", "8b", *args, env={"CUDA_VISIBLE_DEVICES": ""}, timeout=120)
     assert r.returncode == 2, r.stderr
     assert message in one_error_line(r.stderr)
 
@@ -111,10 +112,11 @@ def tiny(tmp_path_factory) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("tiny") / "m", llama_config())
 
 
-def test_ddp_on_two_cpu_ranks_gathers_one_report(tiny, tmp_path):
+def test_ddp_on_two_cpu_ranks_gathers_one_report(qtool_forks, tiny, tmp_path):
     junit = tmp_path / "v.xml"
-    r = _qtool("verify", str(tiny), "--device", "cpu", "--gpus", "2", "--parallel", "ddp", "--mode", "lora", "--seq-len", "32",
-               "--steps", "2", "--precision", "fp32", "--json", "--junit", str(junit), env={"TMPDIR": str(tmp_path)})
+    r = _qtool(qtool_forks, "verify", str(tiny), "--device", "cpu", "--gpus", "2", "--parallel", "ddp", "--mode",
+               "lora", "--seq-len", "32", "--steps", "2", "--precision", "fp32", "--json", "--junit", str(junit),
+               env={"TMPDIR": str(tmp_path)})
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     # the Trainer on each rank really ran distributed: accelerate says so
@@ -195,11 +197,10 @@ def test_out_of_memory_on_one_rank_is_the_runs_verdict(tmp_path, monkeypatch):
     assert outcome(report).exit_code == 3
 
 
-def test_a_signal_ends_the_run_and_every_rank(tiny, tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "qtool", "verify", str(tiny), "--device", "cpu", "--gpus", "2",
-                             "--parallel", "ddp", "--mode", "lora", "--seq-len", "32", "--steps", "100000",
-                             "--precision", "fp32"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "TMPDIR": str(tmp_path)})
+def test_a_signal_ends_the_run_and_every_rank(qtool_forks, tiny, tmp_path):
+    proc = qtool_forks.qtool("verify", str(tiny), "--device", "cpu", "--gpus", "2", "--parallel", "ddp", "--mode",
+                             "lora", "--seq-len", "32", "--steps", "100000", "--precision", "fp32", cwd=ROOT,
+                             env={**os.environ, "TMPDIR": str(tmp_path)})
     deadline = time.monotonic() + 120
     pids: list[int] = []
     while time.monotonic() < deadline and len(pids) < 2:
