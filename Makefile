@@ -33,10 +33,12 @@ demo: venv
 	$(VENV)/bin/qtool quantize "$$(cat .demo-src)" --out "$$QTOOL_DEMO_OUT/all-MiniLM-L6-v2-bnb-4bit" --force && rm -f .demo-src
 
 # two pytest-xdist workers, a test file each at a time (module fixtures are built once), the longest files
-# first (tests/conftest.py: LONGEST_FIRST); `make test PYTEST_WORKERS=0` runs in one process
+# first (tests/conftest.py: LONGEST_FIRST); `make test PYTEST_WORKERS=0` runs in one process. torch in each
+# worker on one thread (OMP_NUM_THREADS): two workers on two cores, not four threads fighting over them
 PYTEST_WORKERS ?= 2
+TEST_THREADS ?= 1
 test: venv
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # the bench scripts' own end-to-end tests (slow), outside the default run
 test-bench: venv

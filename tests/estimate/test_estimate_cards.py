@@ -342,9 +342,11 @@ def test_no_torch_for_several_gpus():
     assert "HEAVY [] [0, 0, 0]" in r.stderr, r.stderr
 
 
-def test_fsdp_units_match_a_real_fsdp_wrap(tmp_path):
-    """A real FSDP1 wrap of a 4-bit LoRA model on 2 CPU ranks (tests/fsdp_ranks.py): the decoder layers' and
-    the root's flat parameters, the LoRA units and each rank's chunk are what qtool.estimate.fsdp counts."""
+def test_fsdp_units_match_a_real_fsdp_wrap(tmp_path, qtool_forks, hermetic_env):
+    """A real FSDP1 wrap of a 4-bit LoRA model on 2 CPU ranks (tests/fsdp_ranks.py, each rank a process forked
+    from one that has imported torch and transformers, with the variables torch.distributed.run would set): the
+    decoder layers' and the root's flat parameters, the LoRA units and each rank's chunk are what
+    qtool.estimate.fsdp counts."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("bitsandbytes")
     pytest.importorskip("peft")
@@ -355,11 +357,15 @@ def test_fsdp_units_match_a_real_fsdp_wrap(tmp_path):
 
     config = llama_config(num_hidden_layers=3, torch_dtype="bfloat16")
     write_checkpoint(tmp_path / "m", config, dtype=torch.bfloat16)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(29500 + random.randrange(1000)), str(ROOT / "tests" / "fsdp_ranks.py"),
-                        str(tmp_path / "m"), "4"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    line = next((x for x in r.stdout.splitlines() if x.startswith("UNITS ")), None)
-    assert line, r.stderr[-3000:]
+    port = str(29500 + random.randrange(1000))
+    code = f"import runpy; runpy.run_path({str(ROOT / 'tests' / 'fsdp_ranks.py')!r}, run_name='__main__')"
+    env = {**qtool_forks._env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2",
+           "LOCAL_WORLD_SIZE": "2"}
+    ranks = [qtool_forks.python(code, str(tmp_path / "m"), "4", cwd=tmp_path,
+                                env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
+    outs = [rank.communicate(timeout=300) for rank in ranks]
+    line = next((x for x in outs[0][0].splitlines() if x.startswith("UNITS ")), None)
+    assert line, outs[0][1][-3000:] + outs[1][1][-3000:]
     real = json.loads(line[len("UNITS "):])
     s = _settings(gpus=2, parallel="fsdp", quant_storage="bfloat16", dtype="bfloat16", lora_rank=4)
     spec = resolve_model(str(tmp_path / "m"))
