@@ -111,9 +111,15 @@ def test_signal_at_any_moment(source, tmp_path, sig, moment, request):
         assert moment not in BEFORE_COMMIT and proc.returncode == 0, f"finished before {moment}: {proc.communicate()[1]}"
         assert (dest / "model.safetensors").is_file() and not _staging(tmp_path)
         return
+    sent_at = time.monotonic() - start
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     code, message = MESSAGES[sig]
+    if isinstance(moment, float) and sent_at > moment + 1.0 and proc.returncode == 0:
+        # a busy machine held this test back past the whole run: the signal came after the commit, where
+        # exit 0 is right (the moment itself was not tested this time)
+        assert (dest / "model.safetensors").is_file() and not _staging(tmp_path), err
+        return
     # qtool's own progress lines ("quantize 40.0 MiB / ...", every few seconds in a pipe) are not errors
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith("quantize ")]
     assert not _staging(tmp_path), "a staging folder was left behind"
@@ -121,7 +127,7 @@ def test_signal_at_any_moment(source, tmp_path, sig, moment, request):
         assert lines == [], err
         assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in dest.iterdir()}
         return
-    assert proc.returncode == code, (moment, proc.returncode, err)
+    assert proc.returncode == code, (moment, f"sent at {sent_at:.2f} s", proc.returncode, err)
     assert lines == [f"qtool: error: {message}"], err
     assert not dest.exists()
 
