@@ -56,9 +56,12 @@ def compare(row: dict) -> list[dict]:
         phases = est.detail.get("phases") or {}
         # the whole model loaded on every card, or (ram-efficient) the allocator warmup's one block
         load_est = phases.get("load", phases.get("warmup"))
+        # the training steps alone (FSDP, DDP): what decides the fit when the load's warmup is the run's peak
+        steps = row.get("per_rank_steps_peak_bytes") or []
+        step = steps[card.index] if card.index < len(steps) and row.get("outcome") not in ("oom", "error") else None
         out.append({"card": card.index, "estimate": card.peak_bytes, "measured": measured, "error": err,
                     "fits": fits, "phase": est.detail.get("phase"), "budget": budgets[card.index],
-                    "load": load, "load_estimate": load_est})
+                    "load": load, "load_estimate": load_est, "step": step, "step_estimate": phases.get("step")})
     return out
 
 
@@ -87,6 +90,15 @@ def main(argv: list[str]) -> int:
                 err = (c["load_estimate"] - c["load"]) / c["load"]
                 print(f"  {row['model']} x{row['gpus']} seq {row['seq_len']} card {c['card']}: estimate "
                       f"{c['load_estimate'] / GiB:.2f} GiB, measured {c['load'] / GiB:.2f} GiB ({100 * err:+.1f}%)")
+    print("\nTraining steps alone (FSDP; the whole run's peak is the load's when the warmup is larger):")
+    for row in rows:
+        for c in compare(row):
+            if c["step"] and c["step_estimate"] and c["card"] == 0:
+                err = (c["step_estimate"] - c["step"]) / c["step"]
+                flags = " ".join(row.get("flags") or [])
+                print(f"  {row['model']} x{row['gpus']} seq {row['seq_len']} {flags} (transformers "
+                      f"{(row.get('versions') or {}).get('transformers')}, card 0): estimate "
+                      f"{c['step_estimate'] / GiB:.2f} GiB, measured {c['step'] / GiB:.2f} GiB ({100 * err:+.1f}%)")
     return 0
 
 

@@ -164,18 +164,17 @@ def allocator_warmup(basis, n: int, transformers_version: str | None, budget: in
     return total if budget is None else min(total, budget - WARMUP_SPARE)
 
 
-def _step(inputs: memory.MemoryInputs, resident: dict[str, int], strategy: str) -> dict[str, int]:
-    """The training step: the resident terms, checkpoints and workspace, then the larger of the loss phase
-    and a layer's backward. FULL_SHARD reshards each decoder layer after its forward and gathers it again in
-    its pre-backward hook, which fires after lm_head's backward: during the loss phase no decoder layer is
-    gathered, only the root; in a layer's backward that layer and the prefetched next one are."""
+def _step(inputs: memory.MemoryInputs, resident: dict[str, int]) -> dict[str, int]:
+    """The training step: the resident terms (the root and two decoder layers gathered among them), checkpoints
+    and workspace, then the larger of the loss phase and a layer's backward. FULL_SHARD reshards each decoder
+    layer after its forward; in a layer's backward that layer and the one BACKWARD_PRE prefetches are gathered.
+    The loss phase holds two layers' gathers as well: measured on 4 cards (transformers 5.24, Llama-3-8B at
+    512/2048 and Llama-3-70B at 2048), the loss-phase step was 0.25 GiB (8B) and 1.06 GiB (70B) over the
+    estimate without them, two gathered layers being 0.21 and 0.81 GiB (docs/estimate.md)."""
     single = memory.memory_breakdown(inputs)
     terms = dict(resident)
-    gathered = terms.pop("layers_gathered", 0) if strategy == "full_shard" else 0
     terms.update({k: single[k] for k in ("cublas_workspace", "activation_checkpoints", "activations") if k in single})
     loss, layer = memory.phases(inputs, *memory.stream_bytes(inputs))
-    if gathered:
-        layer = {**layer, "layers_gathered": gathered}
     terms.update({k: v for k, v in (loss if sum(loss.values()) >= sum(layer.values()) else layer).items() if v})
     return terms
 
@@ -195,7 +194,7 @@ def rank_terms(basis, settings, n: int, *, transformers_version: str | None = No
         moved = resident.pop("weights_shard") + sum(trainable.values())
         host += n * moved
         trainable = {}
-    phases = {"step": _step(inputs, {**resident, **trainable}, strategy),
+    phases = {"step": _step(inputs, {**resident, **trainable}),
               **_loading(basis, u, run.fsdp_ram_efficient),
               "warmup": {"allocator_warmup": allocator_warmup(basis, n, transformers_version, run.budget_bytes)}}
     phase = max(phases, key=lambda k: sum(phases[k].values()))

@@ -390,9 +390,16 @@ def test_recorded_multigpu_runs_are_within_5_percent_per_card_and_capped_verdict
     from compare_multigpu import compare
 
     rows = json.loads((ROOT / "docs" / "multigpu_measurements.json").read_text())
-    checked = verdicts = loads = 0
+    checked = verdicts = loads = steps = 0
     for row in rows:
         for card in compare(row):
+            if card["step"] and card["step_estimate"]:
+                # the training steps alone decide the fit when the warmup is the run's peak; parameter offload's
+                # step is the one known miss (measured 0.47 GiB over the estimate, 8B on 2 cards; not modelled)
+                low, high = (-0.15, -0.10) if "--fsdp-offload-params" in (row.get("flags") or []) else (-0.05, 0.05)
+                error = (card["step_estimate"] - card["step"]) / card["step"]
+                assert low <= error <= high, (row["model"], row["gpus"], row["seq_len"], row.get("flags"), error)
+                steps += 1
             if card["error"] is not None:
                 assert abs(card["error"]) <= 0.05, (row["model"], row["gpus"], row["seq_len"], card)
                 checked += 1
@@ -404,4 +411,4 @@ def test_recorded_multigpu_runs_are_within_5_percent_per_card_and_capped_verdict
                     not in (row.get("flags") or []):
                 assert card["fits"] == (row["outcome"] == "ok"), (row["model"], row["gpus"], card)
                 verdicts += 1
-    assert checked >= 14 and verdicts >= 4 and loads >= 10
+    assert checked >= 80 and verdicts >= 4 and loads >= 30 and steps >= 40
