@@ -323,6 +323,10 @@ def test_cli_70b_on_two_4090s_fsdp(capsys):
     code = main(["estimate", "8b", "--gpu", "rtx-4090", "--gpus", "2", "--parallel", "fsdp", "--fsdp-offload-params"])
     out = capsys.readouterr()
     assert code == 0 and "Fits on 2 x rtx-4090 with fsdp" in out.out and "Host RAM" in out.out
+    # the offloaded step is the one measured miss: said beside the verdict, and only there
+    assert "not fully modelled" in " ".join(out.out.split())
+    main(["estimate", "8b", "--gpu", "rtx-4090", "--gpus", "2", "--parallel", "fsdp"])
+    assert "not fully modelled" not in " ".join(capsys.readouterr().out.split())
 
 
 def test_one_gpu_output_unchanged(capsys):
