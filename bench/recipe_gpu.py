@@ -55,10 +55,21 @@ def parse_case(text: str) -> tuple[str, int | None]:
     return arch, None if depth in ("", "full") else int(depth)
 
 
-def args_for(mode: str, seq: int, recipe: str, optimizer: str, batch: int = 1) -> list[str]:
+def args_for(mode: str, seq: int, recipe: str, optimizer: str, batch: int = 1, precision: str = "bf16") -> list[str]:
     """The row's settings as `qtool verify`/`qtool estimate` options (bench/compare_estimate.py reads them)."""
     out = ["--mode", mode, "--seq-len", str(seq), "--batch-size", str(batch), "--recipe", recipe]
-    return out + (["--optimizer", optimizer] if mode != "inference" else [])
+    if mode == "inference":
+        return out
+    return out + ["--optimizer", optimizer] + (["--precision", precision] if precision != "bf16" else [])
+
+
+def parse_variants(text: str, optimizer: str) -> list[tuple[str, str]]:
+    """--variants "fp16:adamw8bit,bf16:adamw_torch" -> [(precision, optimizer)]; empty: bf16 with --optimizer."""
+    out = []
+    for v in (x for x in text.split(",") if x):
+        precision, _, opt = v.partition(":")
+        out.append((precision or "bf16", opt or optimizer))
+    return out or [("bf16", optimizer)]
 
 
 def worker(a) -> None:
@@ -79,8 +90,9 @@ def worker(a) -> None:
     dev = torch.device("cuda:0")
     torch.cuda.set_device(dev)
 
-    def settings(mode, seq, recipe, batch=1):
-        flags = {"mode": mode, "seq_len": seq, "batch_size": batch, "recipe": recipe, "optimizer": a.optimizer}
+    def settings(mode, seq, recipe, batch=1, precision="bf16", optimizer=a.optimizer):
+        flags = {"mode": mode, "seq_len": seq, "batch_size": batch, "recipe": recipe, "optimizer": optimizer,
+                 "precision": precision}
         return resolve_settings(flags, env={}, cwd=tmp)
 
     options = VerifyOptions(device="cuda", steps=a.steps, decode_tokens=a.decode_tokens)
@@ -93,9 +105,9 @@ def worker(a) -> None:
     vocab = model.get_input_embeddings().weight.shape[0]
     base = {"arch": arch, "layers": layers, "full_depth": layers is None,
             "num_hidden_layers": model.config.num_hidden_layers, "after_load": after_load,
-            "card": torch.cuda.get_device_name(dev), "versions": _versions()}
+            "card": torch.cuda.get_device_name(dev), "versions": _versions(), "env": _env()}
 
-    def case(mode, seq, recipe, fn):
+    def case(mode, seq, recipe, fn, precision="bf16", optimizer=a.optimizer):
         ids = make_batch(vocab, 1, seq, seed=0, data=None, tokenizer_dir=None).to(dev)
         meter = Meter([dev])
         phases: dict = {}
@@ -108,7 +120,7 @@ def worker(a) -> None:
         t = time.perf_counter()
         err = None
         try:
-            fn(ids, meter, phases, report, settings(mode, seq, recipe))
+            fn(ids, meter, phases, report, settings(mode, seq, recipe, precision=precision, optimizer=optimizer))
         except torch.cuda.OutOfMemoryError as exc:
             err = "out of memory: " + str(exc).splitlines()[0]
         except Exception as exc:  # a recipe that cannot run here: record it and go on with the next case
@@ -116,7 +128,8 @@ def worker(a) -> None:
         meter.phase_peak()
         free, total = torch.cuda.mem_get_info(dev)
         row = {**base, "mode": mode, "seq": seq, "recipe": recipe, "runner": (report.trainer or {}).get("class"),
-               "args": args_for(mode, seq, recipe, a.optimizer), "start_allocated": start,
+               "trainer": report.trainer, "args": args_for(mode, seq, recipe, optimizer, precision=precision),
+               "start_allocated": start,
                "measured_peak_allocated": meter.peak_allocated, "peak_reserved": meter.peak_reserved,
                "outside_torch": max(0, total - free - torch.cuda.memory_reserved(dev)), "phases": phases,
                "loss": report.loss, "loss_finite": report.loss_finite,
@@ -124,7 +137,7 @@ def worker(a) -> None:
                "error": err, "notes": report.notes}
         with open(out / "rows.jsonl", "a") as f:
             f.write(json.dumps(row, default=str) + "\n")
-        print(f"  {arch}:{layers or 'full'} {mode} {seq} {recipe}: peak {row['measured_peak_allocated'] / 2**30:.3f} GiB"
+        print(f"  {arch}:{layers or 'full'} {mode} {seq} {recipe} {precision} {optimizer}: peak {row['measured_peak_allocated'] / 2**30:.3f} GiB"
               f" reserved {row['peak_reserved'] / 2**30:.2f} ({row['seconds']}s){'  ' + err if err else ''}", flush=True)
         del ids
         gc.collect()
@@ -140,12 +153,12 @@ def worker(a) -> None:
     # recipes outermost and sft last: SFTTrainer casts the LoRA weights to bf16 for good (trl's QLoRA rule),
     # which would change every later loop/trainer case on this model
     for recipe in sorted(a.recipes, key=lambda r: r == "sft"):
-        for seq in a.seqs:
+        for seq, (precision, optimizer) in ((q, v) for q in a.seqs for v in parse_variants(a.variants, a.optimizer)):
             if (arch, layers, seq, recipe) in SKIP:
                 continue
             case("qlora", seq, recipe, lambda ids, m, ph, r, s, recipe=recipe: (
                 _train(model, ids, s, options, m, ph, r) if recipe == "loop"
-                else recipes.train_with_trainer(model, ids, s, options, m, ph, r)))
+                else recipes.train_with_trainer(model, ids, s, options, m, ph, r)), precision, optimizer)
             for p in model.parameters():
                 p.grad = None
 
@@ -189,7 +202,7 @@ def unsloth_worker(a) -> None:
     vocab = model.get_input_embeddings().weight.shape[0]
     base = {"arch": arch, "layers": layers, "full_depth": layers is None, "num_hidden_layers": layers,
             "after_load": after_load, "card": torch.cuda.get_device_name(dev),
-            "versions": {**_versions(), "unsloth": unsloth.__version__}}
+            "versions": {**_versions(), "unsloth": unsloth.__version__}, "env": _env()}
 
     def case(mode, seq, fn):
         ids = make_batch(vocab, 1, seq, seed=0, data=None, tokenizer_dir=None).to(dev)
@@ -235,6 +248,11 @@ def unsloth_worker(a) -> None:
 SKIP = {("llama-3-8b", None, 8192, "loop")}  # measured before: 44.60 GiB (docs/gpu_measurements.json)
 
 
+def _env() -> dict:
+    """Environment switches that change what Unsloth runs (UNSLOTH_BLOCK_COMPILE=0: no per-layer compile)."""
+    return {k: os.environ[k] for k in ("UNSLOTH_BLOCK_COMPILE", "UNSLOTH_COMPILE_DISABLE") if k in os.environ}
+
+
 def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -254,6 +272,8 @@ def main(argv=None) -> int:
     ap.add_argument("--infer", default="2048")
     ap.add_argument("--recipes", default="loop,trainer,sft")
     ap.add_argument("--optimizer", default="adamw8bit")
+    ap.add_argument("--variants", default="", help="PRECISION:OPTIMIZER,... for every qlora case of --cases "
+                    "(TrainingArguments' precision and optim; default bf16 with --optimizer)")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--decode-tokens", type=int, default=8)
     ap.add_argument("--budget", type=float, default=540, help="seconds for all cases; later ones are skipped")
@@ -306,7 +326,7 @@ def main(argv=None) -> int:
             continue
         cmd = [sys.executable, str(Path(__file__).resolve()), flag, c, "--seqs", ",".join(map(str, a.seqs)),
                "--infer", ",".join(map(str, a.infer)), "--recipes", ",".join(a.recipes), "--optimizer", a.optimizer,
-               "--steps", str(a.steps), "--decode-tokens", str(a.decode_tokens), "--out", str(Path(a.out).resolve()),
+               "--variants", a.variants, "--steps", str(a.steps), "--decode-tokens", str(a.decode_tokens), "--out", str(Path(a.out).resolve()),
                "--skip-infer", a.skip_infer]
         log = open(Path(a.out) / "workers.log", "a")
         cwd = tempfile.mkdtemp(prefix="recipe-job-")
@@ -315,11 +335,11 @@ def main(argv=None) -> int:
         reap(block=True)
     rows = [json.loads(x) for x in (Path(a.out) / "rows.jsonl").read_text().splitlines()] \
         if (Path(a.out) / "rows.jsonl").exists() else []
-    print("| arch | layers | mode | seq | recipe | peak alloc GiB | reserved GiB | fwd | bwd | opt |")
+    print("| arch | layers | mode | seq | recipe (options) | peak alloc GiB | reserved GiB | fwd | bwd | opt |")
     for r in rows:
         ph = r["phases"]
         g = lambda k: f"{ph[k] / 2**30:.2f}" if ph.get(k) else "-"  # noqa: E731
-        print(f"| {r['arch']} | {r['layers'] or 'full'} | {r['mode']} | {r['seq']} | {r['recipe']} | "
+        print(f"| {r['arch']} | {r['layers'] or 'full'} | {r['mode']} | {r['seq']} | {' '.join(r['args'][7:])} | "
               f"{r['measured_peak_allocated'] / 2**30:.3f} | {r['peak_reserved'] / 2**30:.2f} | {g('forward_peak')} | "
               f"{g('backward_peak')} | {g('optimizer_step_peak')} |{' ' + r['error'] if r['error'] else ''}")
     return 0

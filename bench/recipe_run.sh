@@ -3,10 +3,11 @@
 # unsloth_zoo, torchao, cut_cross_entropy and their needs) go into one --target folder, then
 # bench/recipe_gpu.py runs with the given options; with VERIFY_UNSLOTH=1, `qtool verify --recipe unsloth`
 # (qlora and inference) on a 2-layer Llama-3-8B config runs beside it, its JSON reports under $OUT.
+# UNSLOTH_BLOCK_COMPILE=0 turns Unsloth's per-decoder-layer torch.compile off (recorded in each row's env).
 #   WHEELS="../../.whl ../recipe-wheels/trl ../recipe-wheels/unsloth" bash bench/recipe_run.sh [recipe_gpu.py options]
 set -uo pipefail
 cd "$(dirname "$0")/.."
-site=/tmp/recipe-site
+site=${SITE:-/tmp/recipe-site}  # SITE: its own folder when two runs install side by side
 for d in ${WHEELS:-.whl}; do
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$d"/*.whl || exit
 done
