@@ -32,7 +32,7 @@ from typing import Any
 
 from qtool.core.dtypes import itemsize
 from qtool.core.plan import QUANTIZE
-from qtool.estimate import formats, memory
+from qtool.estimate import formats, memory, step_terms
 
 _LAYER = re.compile(r"\.(\d+)\.")  # the layer index in a parameter name: model.layers.0.mlp...
 LORA_DTYPE_BYTES = 4  # peft creates adapters in fp32 (autocast_adapter_dtype casts 16-bit ones up)
@@ -177,7 +177,7 @@ def _step(inputs: memory.MemoryInputs, resident: dict[str, int]) -> dict[str, in
     single = memory.memory_breakdown(inputs)
     terms = dict(resident)
     terms.update({k: single[k] for k in ("cublas_workspace", "activation_checkpoints", "activations") if k in single})
-    loss, layer = memory.phases(inputs, *memory.stream_bytes(inputs))
+    loss, layer = step_terms.phases(inputs, *memory.stream_bytes(inputs))
     terms.update({k: v for k, v in (loss if sum(loss.values()) >= sum(layer.values()) else layer).items() if v})
     return terms
 

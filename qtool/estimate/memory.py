@@ -20,14 +20,8 @@ experts 4-bit, checkpoints offloaded to host through two GPU buffers, its own ch
 architectures it serves with its own classes, fused LoRA kernels. Fitted on per-recipe GPU peaks
 (docs/recipe_measurements.json).
 
-Dynamic peak of a training step (second step: grads and optimizer states already exist)
-  = checkpointed layer inputs + the larger of
-  loss phase:  logits + log_softmax output (fp32) + its grad (fp32, and a 16-bit copy for 16-bit
-               logits) + hidden-state grads
-  layer phase: hidden-state grads + one dequantized weight + the larger of
-               attention backward (SDPA's math kernel materialises B x H x S x S scores when it
-               cannot use flash/efficient kernels: fp32 inputs with grouped-query attention) and
-               MLP backward of the recomputed layer.
+Dynamic peak of a training step (second step: grads and optimizer states already exist) = checkpointed layer
+inputs + the larger of the loss phase and the layer phase: step_terms.py.
 """
 
 from __future__ import annotations
@@ -61,9 +55,6 @@ INFER_MLP_TENSORS = 3
 INFER_HIDDEN_TENSORS = 1
 # Training, recomputed layer in backward:
 HIDDEN_GRAD_TENSORS = 2  # grad of a layer's output and of its input, B x S x hidden
-MLP_BACKWARD_TENSORS = 9  # gate, up, act(gate), act*up saved, LoRA branch outputs, and their grads, B x S x inter
-MLP_LORA_TENSORS = 3  # of those, the LoRA branch's: 16-bit under the Trainer's autocast (half the bytes)
-ATTN_BACKWARD_TENSORS = 6  # flash/efficient SDPA: q, k, v, out + grads, B x S x hidden
 ATTN_SCORE_COPIES = 4  # math SDPA backward: probs saved + recomputed scores + two grads, B x H x S x S
 LOSS_FP32_TENSORS = 2  # cross_entropy: log_softmax output (saved) + the grad flowing back, B x S x V fp32
 
@@ -77,18 +68,20 @@ OPTIMIZER_BYTES_PER_PARAM = {
 }
 
 # --- recipes (what runs the steps; docs/benchmarks.md "recipes") ---------------------------------------
-# trl's SFTTrainer computes the loss through a fused LM head that walks the sequence in chunks of tokens and
-# the vocabulary in chunks of columns: never B x S x V logits. (Unsloth patches it with its own, below.)
-SFT_TOKEN_CHUNK = 4096  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE
-SFT_VOCAB_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
+
 RECIPES_16BIT_ADAPTERS = ("sft",)  # trl casts a quantized model's trainable adapters to bf16
-SFT_CHUNK_TENSORS = 1  # a chunk's fp32 logits
 
 # Unsloth (recipe unsloth; its terms: qtool/estimate/unsloth_terms.py). Its own model classes -- with fused
 # LoRA kernels for the MLP and attention projections -- serve these model_types (unsloth/models/loader.py's
 # dispatch); every other architecture goes through FastModel, the model's own (compiled) transformers code
 # with peft's LoRA layers.
 UNSLOTH_FAST_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+
+# Decoder layers with more norms than the pre-attention/pre-MLP pair (transformers' modeling code), read from the
+# config's model_type: RMSNorm on each head's queries and keys ...
+QK_NORM_MODEL_TYPES = ("qwen3", "qwen3_moe", "gemma3", "gemma3_text", "olmo2", "olmoe")
+# ... and a norm after each sublayer, before the residual add ("sandwich" norms)
+SANDWICH_NORM_MODEL_TYPES = ("gemma2", "gemma3", "gemma3_text")
 
 
 @dataclass(frozen=True)
@@ -107,6 +100,8 @@ class Dims:
     sliding_window: int | None = None  # local attention window (Mistral), None when unused
     attn_softcapping: bool = False  # Gemma-2: attention logits soft-capped, so eager attention (no SDPA)
     logit_softcapping: bool = False  # Gemma-2: final logits soft-capped (tanh), one more B x S x V tensor
+    qk_norm: bool = False  # Qwen3, Gemma-3: queries and keys normalised per head (QK_NORM_MODEL_TYPES)
+    sandwich_norms: bool = False  # Gemma-2/3: post-attention and post-MLP norms (SANDWICH_NORM_MODEL_TYPES)
 
     @property
     def kv_dim(self) -> int:
@@ -147,7 +142,9 @@ def dims_from_config(cfg: Mapping) -> Dims:
     return Dims(hidden, layers, heads, kv_heads, head_dim, inter, vocab, top_k, experts,
                 sliding_window=window,
                 attn_softcapping=text.get("attn_logit_softcapping") is not None,
-                logit_softcapping=text.get("final_logit_softcapping") is not None)
+                logit_softcapping=text.get("final_logit_softcapping") is not None,
+                qk_norm=text.get("model_type") in QK_NORM_MODEL_TYPES,
+                sandwich_norms=text.get("model_type") in SANDWICH_NORM_MODEL_TYPES)
 
 
 # --- one function per term -------------------------------------------------------------------
@@ -327,34 +324,13 @@ def memory_breakdown(m: MemoryInputs) -> dict[str, int]:
             per_layer += LAYER_SCORE_TENSORS * b * d.heads * s * s * act
         out["activations"] = d.layers * per_layer
 
+    from qtool.estimate.step_terms import phases  # it builds on this module's terms
+
     loss_phase, layer_phase = phases(m, act, logit_bytes)
     phase = loss_phase if sum(loss_phase.values()) >= sum(layer_phase.values()) else layer_phase
     out.update({k: v for k, v in phase.items() if v})
     out["cuda_context"] = CUDA_CONTEXT_BYTES
     return out
-
-
-def phases(m: MemoryInputs, act: int, logit_bytes: int) -> tuple[dict[str, int], dict[str, int]]:
-    """The two candidates for a training step's dynamic peak: (loss phase, layer phase). `act`/`logit_bytes`:
-    itemsize of the residual stream and of the logits."""
-    d, b, s, c = m.dims, m.batch, m.seq, m.compute_bytes
-    hidden_grads = HIDDEN_GRAD_TENSORS * b * s * d.hidden * act
-    loss_phase = _loss_phase(m, logit_bytes)
-    loss_phase["hidden_grads"] = hidden_grads
-    if math_attention(d, act, s, m.autocast):
-        attention = attention_scores_bytes(d, b, s, act)
-    else:
-        attention = ATTN_BACKWARD_TENSORS * b * s * d.hidden * act
-    mlp_tensors = MLP_BACKWARD_TENSORS - (MLP_LORA_TENSORS / 2 if m.autocast and act == 4 else 0)
-    mlp = int(mlp_tensors * b * s * d.intermediate * d.experts_per_token * act)
-    mlp += _expert_merge_bytes(m)
-    layer_phase = {  # logits and the loss' tensors are freed once lm_head's backward has run
-        "hidden_grads": hidden_grads,
-        # one layer recomputed (checkpointing) and run backward: attention or MLP, whichever is larger
-        "attention_backward" if attention >= mlp else "mlp_backward": max(attention, mlp),
-        "dequant_buffer": m.largest_linear * c if m.mode == "qlora" else 0,
-    }
-    return loss_phase, layer_phase
 
 
 def largest_dequantized(m: MemoryInputs) -> int:
@@ -379,17 +355,6 @@ def expert_adapter_params(m: MemoryInputs) -> int:
     return d.layers * d.num_experts * m.lora_rank * (2 * d.hidden + 3 * d.intermediate)
 
 
-def _expert_merge_bytes(m: MemoryInputs) -> int:
-    """peft's ParamWrapper computes the expert weights as W + B @ A for the whole layer on each (re)compute:
-    the merged gate_up (E x 2I x H) is saved for backward while the down projection's delta and merged
-    weight (E x H x I each) are built -- 4/3 of a layer's expert weights, in fp32 (QLoRA's upcast)."""
-    d = m.dims
-    if not expert_adapter_params(m):
-        return 0
-    itemsize = 4 if m.mode == "qlora" else m.weight_bytes
-    return d.num_experts * d.hidden * d.intermediate * 4 * itemsize
-
-
 def _adapter_optimizer_bytes(m: MemoryInputs, adapter_bytes: int) -> int:
     if m.optimizer == "adafactor":
         # factored second moment, no first moment (the Trainer's adafactor): a row and a column vector in
@@ -398,39 +363,6 @@ def _adapter_optimizer_bytes(m: MemoryInputs, adapter_bytes: int) -> int:
     if m.optimizer == "adamw":  # torch AdamW: zeros_like(param), twice
         return 2 * adapter_bytes * m.lora_params
     return optimizer_bytes(m.lora_params, m.optimizer)
-
-
-def _loss_phase(m: MemoryInputs, logit_bytes: int) -> dict[str, int]:
-    """What the loss holds at the start of backward, per recipe (B x S x V tensors unless said)."""
-    d, b, s, c = m.dims, m.batch, m.seq, m.compute_bytes
-    logits = logits_bytes(d, b, s, logit_bytes)
-    # autocast runs lm_head in 16 bit: the fp32 lm_head weight (QLoRA's upcast) is cast down and the copy is
-    # saved for backward -- vocab x hidden, large for big vocabularies (Qwen, Gemma)
-    lm_head_copy = d.vocab * d.hidden * c if m.autocast and m.fp32_head else 0
-    if m.recipe in RECIPES_16BIT_ADAPTERS:
-        # trl's fused LM head: fp32 logits of one chunk of tokens x one chunk of the vocabulary at a time;
-        # no full-size 16-bit copy of lm_head (the kernel takes one vocabulary chunk of it at a time)
-        chunk = min(b * s, SFT_TOKEN_CHUNK) * min(d.vocab, SFT_VOCAB_CHUNK) * 4
-        # a vocabulary larger than one chunk is sliced: the slice of the fp32 lm_head weight is copied
-        # (contiguous, fp32) while its chunk is computed; a vocabulary of one chunk is used in place
-        head_chunk = SFT_VOCAB_CHUNK * d.hidden * 4 if m.fp32_head and d.vocab > SFT_VOCAB_CHUNK else 0
-        return {"lm_head_chunk": head_chunk, "loss_chunk": SFT_CHUNK_TENSORS * chunk}
-    if m.autocast and m.fp32_head:
-        return {
-            "lm_head_16bit": lm_head_copy,
-            # 16-bit logits, upcast by the loss; log_softmax output and its grad in fp32
-            "logits": logits, "loss_softmax_and_grad": LOSS_FP32_TENSORS * logits_bytes(d, b, s, 4),
-            # final-logit soft-capping runs in the compute dtype under autocast: tanh output saved in 16 bit
-            "logits_softcap": logits_bytes(d, b, s, c) if d.logit_softcapping else 0,
-        }
-    return {
-        "logits": logits,  # kept alive by the model output
-        # ForCausalLMLoss upcasts 16-bit logits to fp32 (freed once log_softmax has run); the grad that
-        # flows back into 16-bit logits is cast down again
-        "logits_grad_16bit": logits if logit_bytes != 4 else 0,
-        "loss_softmax_and_grad": LOSS_FP32_TENSORS * logits_bytes(d, b, s, 4),
-        "logits_softcap": logits if d.logit_softcapping else 0,  # tanh(logits / cap) saved for backward
-    }
 
 
 def peak_bytes(breakdown: Mapping[str, int]) -> int:

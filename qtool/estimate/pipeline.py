@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from qtool.core.dtypes import itemsize
-from qtool.estimate import formats, memory
+from qtool.estimate import formats, memory, step_terms
 from qtool.estimate.placement import BNB_MAX_MEMORY, Node, balanced_memory, infer_device_map, leaf_rule
 
 UNBOUNDED = 2**50  # a card without a budget: placement only balances
@@ -92,7 +92,7 @@ def card_terms(basis, settings, budgets, *, spec, trust_remote_code: bool = Fals
     if m.mode == "inference":
         loss, layer = {"logits": single["logits"]}, {k: single[k] for k in ("activations", "dequant_buffer")}
     else:
-        loss, layer = memory.phases(m, *memory.stream_bytes(m))
+        loss, layer = step_terms.phases(m, *memory.stream_bytes(m))
     total = max(sum(layers), 1)
     out = []
     for i in range(n):
