@@ -7,6 +7,7 @@ Rows of the recipe file name an architecture and a depth (`arch`, `layers`): the
 (or bench/configs'), truncated to `layers` as the measurement was.
 
   python bench/compare_estimate.py            # markdown table
+  python bench/compare_estimate.py --recipes  # the recipe rows as docs/benchmarks.md shows them
 """
 
 from __future__ import annotations
@@ -105,6 +106,31 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def recipe_table(rows: list[dict]) -> str:
+    """The recipe rows (docs/recipe_measurements.json) as docs/benchmarks.md shows them, grouped by architecture,
+    with reserved peaks, then a count per recipe and mode."""
+    g, order = 2**30, {"loop": 0, "trainer": 1, "sft": 2, "unsloth": 3}
+    recipe_rows = [r for r in rows if "arch" in r]
+    archs = list(dict.fromkeys(r["model"] for r in recipe_rows))
+    key = lambda r: (archs.index(r["model"]), r["mode"] != "inference", r["seq"], order[r["recipe"]], r["call"])  # noqa: E731
+    lines = ["| model (depth) | mode | seq | recipe (runner) | measured GiB | reserved GiB | estimate GiB | error |",
+             "|---|---|---:|---|---:|---:|---:|---:|"]
+    for r in sorted(recipe_rows, key=key):
+        extra = " ".join(r["args"][r["args"].index("--recipe") + 2:])
+        extra = " ".join(a for a in extra.split() if a not in ("--optimizer", "adamw8bit")) if extra else ""
+        recipe = f"{r['recipe']}{' ' + extra if extra else ''} ({r['runner']})" + (f", call {r['call']}" if r["call"] >= 6 else "")
+        lines.append(f"| {r['model'] if r['layers'] else r['model'] + ' (full)'} | {r['mode']} | "
+                     f"{r['seq']} | {recipe} | {r['measured_peak_allocated'] / g:.2f} | {r['peak_reserved'] / g:.2f} | "
+                     f"{r['estimate'] / g:.2f} | {100 * r['error']:+.1f}% |")
+    lines.append("")
+    for (recipe, mode) in sorted({(r["recipe"], r["mode"]) for r in recipe_rows}):
+        group = [r for r in recipe_rows if (r["recipe"], r["mode"]) == (recipe, mode)]
+        worst = max(group, key=lambda r: abs(r["error"]))
+        lines.append(f"- {recipe} {mode}: {len(group)} rows, within 3%: {sum(abs(r['error']) < 0.03 for r in group)}, "
+                     f"largest {100 * worst['error']:+.1f}%")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    print(table(compare()))
+    print(recipe_table(compare()) if "--recipes" in sys.argv[1:] else table(compare()))
