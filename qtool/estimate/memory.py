@@ -16,9 +16,9 @@ counts (how many tensors of a given shape are alive), fitted once on measured pe
 Recipe (MemoryInputs.recipe: what runs the steps, qtool.verify.recipes): `loop` is the model above; `trainer`
 (transformers.Trainer, autocast) adds a 16-bit copy of the fp32 lm_head and runs attention 16-bit; `sft` (trl)
 has 16-bit adapters and a chunked loss; `unsloth` (unsloth_terms.py) no fp32 upcast, fp32 adapters, MoE
-experts 4-bit, checkpoints offloaded to host through two GPU buffers, its own chunked loss and, for the
-architectures it serves with its own classes, fused LoRA kernels. Fitted on per-recipe GPU peaks
-(docs/recipe_measurements.json).
+experts 4-bit on its grouped-GEMM path, checkpoints offloaded to host through two GPU buffers, its own chunked
+loss and, for the architectures it serves with its own classes, fused LoRA kernels and a RoPE cache. Fitted on
+per-recipe GPU peaks (docs/recipe_measurements.json).
 
 Dynamic peak of a training step (second step: grads and optimizer states already exist) = checkpointed layer
 inputs + the larger of the loss phase and the layer phase: step_terms.py.
@@ -102,6 +102,7 @@ class Dims:
     logit_softcapping: bool = False  # Gemma-2: final logits soft-capped (tanh), one more B x S x V tensor
     qk_norm: bool = False  # Qwen3, Gemma-3: queries and keys normalised per head (QK_NORM_MODEL_TYPES)
     sandwich_norms: bool = False  # Gemma-2/3: post-attention and post-MLP norms (SANDWICH_NORM_MODEL_TYPES)
+    max_positions: int | None = None  # max_position_embeddings (Unsloth sizes its RoPE cache by it)
 
     @property
     def kv_dim(self) -> int:
@@ -144,7 +145,9 @@ def dims_from_config(cfg: Mapping) -> Dims:
                 attn_softcapping=text.get("attn_logit_softcapping") is not None,
                 logit_softcapping=text.get("final_logit_softcapping") is not None,
                 qk_norm=text.get("model_type") in QK_NORM_MODEL_TYPES,
-                sandwich_norms=text.get("model_type") in SANDWICH_NORM_MODEL_TYPES)
+                sandwich_norms=text.get("model_type") in SANDWICH_NORM_MODEL_TYPES,
+                max_positions=_first(text, "max_position_embeddings", "n_positions") and size(
+                    "max_position_embeddings", "n_positions"))
 
 
 # --- one function per term -------------------------------------------------------------------
@@ -267,9 +270,9 @@ def trainable_state(m: MemoryInputs) -> dict[str, int]:
         out[key] = _adapter_optimizer_bytes(m, adapter)
         experts = expert_adapter_params(m)
         if experts:
-            # Unsloth's LoRA on fused expert parameters stays 16-bit (the fp32 cast skips them: measured)
-            expert_bytes = m.compute_bytes if m.recipe == "unsloth" else adapter
-            per = 2 * expert_bytes + OPTIMIZER_BYTES_PER_PARAM.get(m.optimizer, 0.0)
+            # in the adapters' dtype: under Unsloth fp32 too (prepare_model_for_training upcasts every .lora_A./.lora_B.
+            # parameter, the ParamWrapper's on fused experts included: Mixtral's start is its adapters x 4 bytes)
+            per = 2 * adapter + OPTIMIZER_BYTES_PER_PARAM.get(m.optimizer, 0.0)
             out["expert_adapters"] = int(experts * per)  # params, grads and optimizer states
     return out
 
@@ -286,9 +289,10 @@ def memory_breakdown(m: MemoryInputs) -> dict[str, int]:
                                       + INFER_HIDDEN_TENSORS * d.hidden) * c
         out["logits"] = logits_bytes(d, b, 1, 4)  # generate keeps the last position only, upcast to fp32
         out["dequant_buffer"] = largest_dequantized(m) * c  # bnb dequantizes one weight to compute dtype
-        if m.recipe == "unsloth" and d.attn_softcapping:
-            # Unsloth's prefill of soft-capped attention (Gemma-2) without flash-attn: eager, fp32 scores
-            out["attention_scores"] = b * d.heads * s * s * 4
+        if m.recipe == "unsloth":
+            from qtool.estimate.unsloth_terms import unsloth_prefill_terms  # it builds on this module's terms
+
+            out.update(unsloth_prefill_terms(m))
         out["cublas_workspace"] = CUBLAS_WORKSPACE_BYTES
         out["cuda_context"] = CUDA_CONTEXT_BYTES
         return out

@@ -1,13 +1,14 @@
 """Unsloth's QLoRA, term by term (recipe `unsloth`; unsloth 2026.10.9 / unsloth_zoo 2026.10.9): pure arithmetic
 on qtool.estimate.memory's inputs and terms, no torch. Fitted on the per-phase peaks of docs/recipe_measurements.json
 (calls 4-5: which rows were fitted and which only check is in docs/benchmarks.md, "recipes"), the rest read in
-unsloth/unsloth_zoo's source as named below."""
+unsloth/unsloth_zoo's source as named below (the RoPE cache, Mistral's prefill mask and the MoE grouped-GEMM
+moments are source arithmetic, nothing fitted)."""
 
 from __future__ import annotations
 
 from qtool.estimate.memory import (
-    CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, GiB, MemoryInputs, largest_dequantized, layer_activation_bytes,
-    trainable_state,
+    CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, UNSLOTH_FAST_MODEL_TYPES, GiB, MemoryInputs, largest_dequantized,
+    layer_activation_bytes, trainable_state,
 )
 
 # use_gradient_checkpointing="unsloth": each layer's input goes to host memory through a GPU buffer of
@@ -26,6 +27,30 @@ UNSLOTH_LAYER_HIDDEN_TENSORS = 11
 # peft's LoRA layers keep their own inputs and outputs as well (fitted on Phi-3)
 UNSLOTH_FAST_MLP_TENSORS = 3
 UNSLOTH_GENERIC_MLP_TENSORS = 6
+# Its own classes' RoPE (unsloth/models/llama.py LlamaRotaryEmbedding, gemma.py GemmaFixedRotaryEmbedding, both
+# _PerDeviceRopeCache): cos and sin cached on the GPU on first use, current_rope_size = min(4 x 8192,
+# max_position_embeddings) rows of head_dim, grown in steps of 8192 past it, in the dtype the model was built in
+UNSLOTH_ROPE_START_ROWS = 4 * 8192
+UNSLOTH_ROPE_GROWTH_ROWS = 8192
+# MistralForCausalLM_fast_forward (unsloth/models/mistral.py), prefill without xformers: it builds the additive
+# S x S causal (or sliding-window) mask itself, torch.full's fp32 values kept by a local for the whole forward, a
+# B x S x S copy in the model's dtype, and LlamaModel_fast_forward's _prepare_4d_causal_attention_mask_for_sdpa
+# (_attn_mask_compat.py: _unmask_unattended multiplies it into a new one)
+UNSLOTH_PREFILL_MASK_MODEL_TYPES = ("mistral",)
+UNSLOTH_PREFILL_MASK_COPIES = 2
+# MoE whose fused 3-D experts Unsloth keeps 4-bit: unsloth_zoo's grouped-GEMM path
+# (temporary_patches/moe_utils_bnb4bit.forward_moe_backend_bnb4bit -> moe_utils.forward_native_grouped_mm), per
+# routed row (B x S x top_k). The base GEMMs run through _GroupedMMRecompute: a whole stack (E x 2I x H gate_up,
+# E x H x I down) is dequantized for the call and again for its backward, never saved. The recomputed layer saves
+# the gathered input (hidden: the LoRA A grouped GEMM's weight grad), gate_up's output (2 x inter: the fused
+# SwiGLU's backward) and the activation (inter: _MoEGateGradIdentity and the down projection's LoRA).
+MOE_SAVED_INTER = 3
+# _MoEGateGradIdentity.backward (bf16; under fp16 Unsloth keeps the plain multiply): dGate = <inter, dA> with both
+# upcast to fp32, three routed-rows x inter fp32 tensors beside the saved ones and the activation's grad
+MOE_GATE_GRAD_FP32 = 3
+# forward_native_grouped_mm's separated LoRA, first (no-grad) pass: mm1_out + lora_delta * scaling holds the base
+# output, the delta, its scaled copy and the sum, routed rows x 2 x inter each
+MOE_LORA_ADD_TENSORS = 4
 
 
 def unsloth_breakdown(m: MemoryInputs) -> dict[str, int]:
@@ -38,6 +63,8 @@ def unsloth_breakdown(m: MemoryInputs) -> dict[str, int]:
     out: dict[str, int] = {"weights": m.quant_weights_gpu}
     out.update(trainable_state(m))
     out["cublas_workspace"] = CUBLAS_WORKSPACE_BYTES
+    if rope_cache_bytes(m):
+        out["rope_cache"] = rope_cache_bytes(m)
     if m.unsloth_fast:  # fast_dequantize keeps its output buffer (the largest weight) between calls
         out["unsloth_dequant_buffer"] = m.largest_linear * c
     if m.gradient_checkpointing:
@@ -48,11 +75,12 @@ def unsloth_breakdown(m: MemoryInputs) -> dict[str, int]:
                UNSLOTH_CE_CHUNK_BYTES // max(d.vocab * UNSLOTH_CE_BYTES_PER_LOGIT, 1))
     loss_phase = {"loss_chunk": rows * d.vocab * 4, "loss_hidden": UNSLOTH_LOSS_HIDDEN_TENSORS * hidden}
     mlp = UNSLOTH_FAST_MLP_TENSORS if m.unsloth_fast else UNSLOTH_GENERIC_MLP_TENSORS
+    moe = m.largest_fused > 0 and d.num_experts > 1  # 4-bit fused experts: the grouped-GEMM path, not peft's
     layer_phase = {
         "layer_hidden": UNSLOTH_LAYER_HIDDEN_TENSORS * hidden,
-        # MoE: the experts are 4-bit here, so no W + B @ A merge; a whole fused expert tensor is dequantized
-        "mlp_backward": int(mlp * b * s * d.intermediate * d.experts_per_token * c),
-        "dequant_buffer": largest_dequantized(m) * c,
+        "mlp_backward": 0 if moe else int(mlp * b * s * d.intermediate * d.experts_per_token * c),
+        "moe_experts": moe_grouped_bytes(m) if moe else 0,
+        "dequant_buffer": 0 if moe else largest_dequantized(m) * c,
         # a sliding window shorter than the sequence: the attention mask is built, S x S in 16 bit
         "window_mask": b * s * s * c if d.sliding_window is not None and s > d.sliding_window else 0,
     }
@@ -60,3 +88,42 @@ def unsloth_breakdown(m: MemoryInputs) -> dict[str, int]:
     out.update({k: v for k, v in phase.items() if v})
     out["cuda_context"] = CUDA_CONTEXT_BYTES
     return out
+
+
+def moe_grouped_bytes(m: MemoryInputs) -> int:
+    """The MoE layer's peak on Unsloth's grouped-GEMM path: the largest of its moments (see MOE_* above)."""
+    d, c = m.dims, m.compute_bytes
+    rows = m.batch * m.seq * d.experts_per_token
+    h, i = d.hidden * c, d.intermediate * c
+    saved = rows * (h + MOE_SAVED_INTER * i)
+    gate_grad = rows * MOE_GATE_GRAD_FP32 * d.intermediate * 4 if m.precision != "fp16" else 0
+    return max(
+        saved + rows * i + gate_grad,  # the gate gradient: saved, the activation's grad, the fp32 product
+        # down's dX: its stack dequantized, the rows' grad, the activation's grads from the base and the LoRA
+        saved + d.num_experts * d.hidden * d.intermediate * c + rows * (h + 2 * i),
+        # gate_up's dX: its stack dequantized, the grad of its output, the gathered input and its grad
+        d.num_experts * 2 * d.intermediate * d.hidden * c + rows * (2 * i + 2 * h),
+        rows * (h + MOE_LORA_ADD_TENSORS * 2 * i),  # the first forward's LoRA add, beside the gathered input
+    )
+
+
+def rope_cache_bytes(m: MemoryInputs) -> int:
+    """cos and sin of Unsloth's own classes' RoPE cache (0 under FastModel: transformers' rotary caches none)."""
+    d = m.dims
+    if m.model_type not in UNSLOTH_FAST_MODEL_TYPES or not d.max_positions:
+        return 0
+    rows = min(UNSLOTH_ROPE_START_ROWS, d.max_positions)
+    if m.seq > rows:
+        rows = -(-m.seq // UNSLOTH_ROPE_GROWTH_ROWS) * UNSLOTH_ROPE_GROWTH_ROWS
+    return 2 * rows * d.head_dim * m.compute_bytes
+
+
+def unsloth_prefill_terms(m: MemoryInputs) -> dict[str, int]:
+    """What Unsloth's generate holds at the prefill beside the terms every recipe has (memory_breakdown)."""
+    d, b, s = m.dims, m.batch, m.seq
+    out = {"rope_cache": rope_cache_bytes(m)}
+    if m.model_type in UNSLOTH_PREFILL_MASK_MODEL_TYPES:
+        out["prefill_mask"] = s * s * 4 + UNSLOTH_PREFILL_MASK_COPIES * b * s * s * m.compute_bytes
+    if d.attn_softcapping:  # soft-capped attention (Gemma-2) without flash-attn: eager, fp32 scores
+        out["attention_scores"] = b * d.heads * s * s * 4
+    return {k: v for k, v in out.items() if v}

@@ -1,0 +1,107 @@
+"""Unsloth's terms (qtool.estimate.unsloth_terms), each against the arithmetic of the unsloth/unsloth_zoo 2026.10.9
+source it models: the RoPE cache of Unsloth's own classes (unsloth/models/llama.py), Mistral's prefill mask
+(unsloth/models/mistral.py), the grouped-GEMM path of MoE experts kept 4-bit
+(unsloth_zoo/temporary_patches/moe_utils.py) and the fp32 cast of every LoRA adapter (unsloth_zoo/training_utils.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qtool.core.config import resolve_settings
+from qtool.core.models import resolve_model
+from qtool.estimate import memory, unsloth_terms
+from qtool.estimate.report import estimate_basis
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _config(name: str) -> dict:
+    return json.loads((ROOT / "configs" / "models" / f"{name}.json").read_text())
+
+
+def _inputs(tmp_path, name: str, layers: int = 4, **flags) -> memory.MemoryInputs:
+    """MemoryInputs of `name`'s config cut to `layers` decoder layers, under Unsloth's recipe."""
+    path = tmp_path / name / "config.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps({**_config(name), "num_hidden_layers": layers}))
+    settings = resolve_settings({"recipe": "unsloth", "optimizer": "adamw8bit", **flags}, env={}, cwd=tmp_path)
+    return estimate_basis(resolve_model(str(path)), settings).inputs
+
+
+def _head_dim(cfg: dict) -> int:
+    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+
+
+@pytest.mark.parametrize("name", ["mistral-7b", "llama-3-8b"])
+def test_rope_cache_is_cos_and_sin_of_min_32768_and_max_positions(tmp_path, name):
+    """LlamaRotaryEmbedding: current_rope_size = min(4 * 8192, max_position_embeddings) rows, cos and sin, in the
+    dtype the model was built in (bf16); grown in steps of 8192 rows for a longer sequence."""
+    cfg = _config(name)
+    rows = min(32768, cfg["max_position_embeddings"])
+    m = _inputs(tmp_path, name, mode="qlora", seq_len=512)
+    assert unsloth_terms.rope_cache_bytes(m) == 2 * rows * _head_dim(cfg) * 2
+    longer = _inputs(tmp_path, name, mode="qlora", seq_len=rows + 1)
+    assert unsloth_terms.rope_cache_bytes(longer) == 2 * (rows + 8192) * _head_dim(cfg) * 2
+    assert memory.memory_breakdown(m)["rope_cache"] == unsloth_terms.rope_cache_bytes(m)
+
+
+def test_fastmodel_architectures_cache_no_rope(tmp_path):
+    """Phi-3 goes through FastModel (transformers' own rotary, computed per forward): no cache."""
+    m = _inputs(tmp_path, "phi-3-mini", mode="qlora", seq_len=512)
+    assert unsloth_terms.rope_cache_bytes(m) == 0
+    assert "rope_cache" not in memory.memory_breakdown(m)
+
+
+def test_mistral_prefill_holds_its_additive_mask(tmp_path):
+    """MistralForCausalLM_fast_forward without xformers: torch.full's fp32 S x S values (a local for the whole
+    forward), their B x S x S copy in bf16 and _unmask_unattended's product; Llama's class builds none."""
+    seq = 2048
+    mistral = memory.memory_breakdown(_inputs(tmp_path, "mistral-7b", mode="inference", seq_len=seq))
+    llama = memory.memory_breakdown(_inputs(tmp_path, "llama-3-8b", mode="inference", seq_len=seq))
+    assert mistral["prefill_mask"] == seq * seq * 4 + 2 * seq * seq * 2
+    assert "prefill_mask" not in llama
+    assert mistral["rope_cache"] == 2 * 32768 * 128 * 2  # built by the first forward, generate's
+
+
+def test_moe_grouped_path_peaks_at_the_gate_gradient_for_long_sequences(tmp_path):
+    """Mixtral at 8192 tokens: the recomputed layer saves, per routed row (tokens x top_k), the gathered input,
+    gate_up's output and the activation; _MoEGateGradIdentity then upcasts the activation and its grad to fp32 and
+    multiplies them (three fp32 rows x inter) beside the activation's grad. No expert stack is saved."""
+    cfg, seq = _config("mixtral-8x7b"), 8192
+    h, i, rows = cfg["hidden_size"], cfg["intermediate_size"], seq * cfg["num_experts_per_tok"]
+    m = _inputs(tmp_path, "mixtral-8x7b", mode="qlora", seq_len=seq)
+    saved = rows * (h + 3 * i) * 2
+    assert unsloth_terms.moe_grouped_bytes(m) == saved + rows * i * 2 + 3 * rows * i * 4
+    terms = memory.memory_breakdown(m)
+    assert terms["moe_experts"] == unsloth_terms.moe_grouped_bytes(m)
+    assert "mlp_backward" not in terms and "dequant_buffer" not in terms
+
+
+def test_moe_grouped_path_peaks_at_the_dequantized_gate_up_for_short_sequences(tmp_path):
+    """At 2048 tokens the largest moment is gate_up's dX in _GroupedMMRecompute.backward: the whole E x 2I x H
+    stack dequantized again (bf16) beside the grad of its output, the gathered input and the input's grad."""
+    cfg, seq = _config("mixtral-8x7b"), 2048
+    h, i, e = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_local_experts"]
+    rows = seq * cfg["num_experts_per_tok"]
+    m = _inputs(tmp_path, "mixtral-8x7b", mode="qlora", seq_len=seq)
+    assert unsloth_terms.moe_grouped_bytes(m) == e * 2 * i * h * 2 + rows * (2 * i + 2 * h) * 2
+
+
+def test_moe_gate_gradient_has_no_fp32_product_under_fp16(tmp_path):
+    """_moe_gategrad_enabled's identity is off for float16 activations (Unsloth keeps the plain multiply)."""
+    bf16 = _inputs(tmp_path, "mixtral-8x7b", mode="qlora", seq_len=8192)
+    fp16 = _inputs(tmp_path, "mixtral-8x7b", mode="qlora", seq_len=8192, precision="fp16")
+    assert unsloth_terms.moe_grouped_bytes(fp16) < unsloth_terms.moe_grouped_bytes(bf16)
+
+
+def test_expert_adapters_are_fp32_under_unsloth(tmp_path):
+    """prepare_model_for_training upcasts every .lora_A./.lora_B. parameter, the ParamWrapper's on fused experts
+    too: params and grads 4 bytes each, plus the optimizer's states (adamw8bit: 2 bytes + absmax)."""
+    m = _inputs(tmp_path, "mixtral-8x7b", mode="qlora", seq_len=512)
+    experts = memory.expert_adapter_params(m)
+    assert experts > 0
+    per = 2 * 4 + memory.OPTIMIZER_BYTES_PER_PARAM["adamw8bit"]
+    assert memory.trainable_state(m)["expert_adapters"] == int(experts * per)
