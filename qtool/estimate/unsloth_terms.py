@@ -20,13 +20,19 @@ UNSLOTH_CE_CHUNK_BYTES = 2 * GiB
 UNSLOTH_CE_BYTES_PER_LOGIT = 8
 UNSLOTH_CE_MIN_ROWS = 512
 UNSLOTH_LOSS_HIDDEN_TENSORS = 5  # B x S x hidden alive beside a loss chunk (final norm, its grad, ...)
+# autograd's backward runs on its own device thread, which takes its own cuBLAS handle, and PyTorch keys the
+# cuBLAS(Lt) workspace by (handle, stream) (aten/src/ATen/cuda/CublasHandlePool.cpp): once a backward has run,
+# a second workspace stays allocated (measured: after_step less the modelled state is 32.0 MiB on every Unsloth
+# row, and on the Trainer's and trl's rows, whose fitted counts still absorb it)
+UNSLOTH_BACKWARD_WORKSPACES = 1
 # the recomputed layer's backward, B x S x (dim) in the compute dtype: hidden (grads of the layer's output
 # and input, the input copied back from host, q/attention output and their grads, norm outputs) ...
-UNSLOTH_LAYER_HIDDEN_TENSORS = 11
+UNSLOTH_LAYER_HIDDEN_TENSORS = 10
 # ... and intermediate: Unsloth's fused LoRA MLP keeps gate, up and the gated product; under FastModel
-# peft's LoRA layers keep their own inputs and outputs as well (fitted on Phi-3)
+# peft's LoRA layers keep their own inputs and outputs as well (fitted on Phi-3). Both counts refitted with the
+# backward workspace named, on the rows that fitted them before (docs/benchmarks.md, "recipes")
 UNSLOTH_FAST_MLP_TENSORS = 3
-UNSLOTH_GENERIC_MLP_TENSORS = 6
+UNSLOTH_GENERIC_MLP_TENSORS = 5.5
 # Its own classes' RoPE (unsloth/models/llama.py LlamaRotaryEmbedding, gemma.py GemmaFixedRotaryEmbedding, both
 # _PerDeviceRopeCache): cos and sin cached on the GPU on first use, current_rope_size = min(4 x 8192,
 # max_position_embeddings) rows of head_dim, grown in steps of 8192 past it, in the dtype the model was built in
@@ -63,6 +69,7 @@ def unsloth_breakdown(m: MemoryInputs) -> dict[str, int]:
     out: dict[str, int] = {"weights": m.quant_weights_gpu}
     out.update(trainable_state(m))
     out["cublas_workspace"] = CUBLAS_WORKSPACE_BYTES
+    out["cublas_workspace_backward"] = UNSLOTH_BACKWARD_WORKSPACES * CUBLAS_WORKSPACE_BYTES
     if rope_cache_bytes(m):
         out["rope_cache"] = rope_cache_bytes(m)
     if m.unsloth_fast:  # fast_dequantize keeps its output buffer (the largest weight) between calls

@@ -105,3 +105,12 @@ def test_expert_adapters_are_fp32_under_unsloth(tmp_path):
     assert experts > 0
     per = 2 * 4 + memory.OPTIMIZER_BYTES_PER_PARAM["adamw8bit"]
     assert memory.trainable_state(m)["expert_adapters"] == int(experts * per)
+
+
+def test_training_holds_a_second_cublas_workspace(tmp_path):
+    """autograd's device thread takes its own cuBLAS handle and the workspace is keyed by (handle, stream): a
+    training step leaves a second 32 MiB workspace (sm90's size); generate has none."""
+    train = memory.memory_breakdown(_inputs(tmp_path, "llama-3-8b", mode="qlora", seq_len=512))
+    infer = memory.memory_breakdown(_inputs(tmp_path, "llama-3-8b", mode="inference", seq_len=512))
+    assert train["cublas_workspace_backward"] == train["cublas_workspace"] == memory.CUBLAS_WORKSPACE_BYTES
+    assert "cublas_workspace_backward" not in infer
