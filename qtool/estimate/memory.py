@@ -137,6 +137,8 @@ def dims_from_config(cfg: Mapping) -> Dims:
     vocab = size("vocab_size")
     top_k = size("num_experts_per_tok", "moe_topk", default=1)
     experts = size("num_local_experts", "num_experts", default=1)
+    positions = _first(text, "max_position_embeddings", "n_positions")  # only sizes Unsloth's RoPE cache: lenient
+    positions = positions if isinstance(positions, int) and not isinstance(positions, bool) and positions > 0 else None
     window = None
     if text.get("use_sliding_window", True) is not False and text.get("sliding_window") is not None:
         window = size("sliding_window")
@@ -146,8 +148,7 @@ def dims_from_config(cfg: Mapping) -> Dims:
                 logit_softcapping=text.get("final_logit_softcapping") is not None,
                 qk_norm=text.get("model_type") in QK_NORM_MODEL_TYPES,
                 sandwich_norms=text.get("model_type") in SANDWICH_NORM_MODEL_TYPES,
-                max_positions=_first(text, "max_position_embeddings", "n_positions") and size(
-                    "max_position_embeddings", "n_positions"))
+                max_positions=positions)
 
 
 # --- one function per term -------------------------------------------------------------------

@@ -114,3 +114,11 @@ def test_training_holds_a_second_cublas_workspace(tmp_path):
     infer = memory.memory_breakdown(_inputs(tmp_path, "llama-3-8b", mode="inference", seq_len=512))
     assert train["cublas_workspace_backward"] == train["cublas_workspace"] == memory.CUBLAS_WORKSPACE_BYTES
     assert "cublas_workspace_backward" not in infer
+
+
+@pytest.mark.parametrize("value, expected", [(4096, 4096), (None, None), ("4096", None), (0, None), (True, None)])
+def test_max_positions_is_read_leniently(value, expected):
+    """max_position_embeddings only sizes Unsloth's RoPE cache: an odd value leaves it unknown (no cache counted)
+    rather than failing the estimate."""
+    cfg = {**_config("llama-3-8b"), "max_position_embeddings": value}
+    assert memory.dims_from_config(cfg).max_positions == expected
