@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.capture(show=_verbose(args))
     try:
         try:
+            signals.check()  # a signal in the imports before main() whose Stopped something swallowed
             code, line = _run(argv)
         except BaseException:  # --debug: the traceback is the message
             if signals.received() is None:

@@ -9,7 +9,9 @@ How it holds at every moment:
     BaseException` cleanups (the staging folder) still run.
   * Whatever exception a signal turns into on its way out (an ImportError or RecursionError from a
     half-finished import, a wrapped ConfigError), the CLI asks `received()` and reports the signal.
-  * Only the first signal raises; later ones are recorded, so they cannot cut a cleanup short.
+  * Only the first signal raises; later ones are recorded, so they cannot cut a cleanup short. If that first
+    `Stopped` is swallowed on its way out (a library's bare `except:`), `check()` raises it again where the
+    run goes on: as a command starts and before the final rename.
   * The commit (the final rename) is a critical section: a signal inside it is held until the section ends,
     then ignored if the output is in place. After the CLI has decided its exit code, signals are ignored, so
     atexit callbacks are never interrupted.
@@ -173,7 +175,21 @@ def held() -> Iterator[None]:
         raise Stopped(_state.received)
 
 
-commit_section = held  # the final rename's name for it
+def check() -> None:
+    """Raise the received signal again if it did not end the run: the first `Stopped` can be swallowed on its
+    way out (a bare `except:` in some library's import fallback), and a run that reaches the start of a command
+    or its final rename with a signal received must stop there, not commit as if none had come."""
+    if _state.received is not None and not _state.committed and not _state.finished:
+        _state.raised = True
+        raise Stopped(_state.received)
+
+
+@contextlib.contextmanager
+def commit_section() -> Iterator[None]:
+    """The final rename: a signal that came before it stops the run here; one inside it is held (`held`)."""
+    check()
+    with held():
+        yield
 
 
 def mark_committed() -> None:

@@ -132,6 +132,63 @@ def test_signal_at_any_moment(source, tmp_path, sig, moment, request):
     assert not dest.exists()
 
 
+SWALLOWED = """
+import os, signal, sys, time
+from qtool.core import signals
+signals.install(lambda line: None)
+try:  # what a library's bare `except:` in an import fallback does to the handler's Stopped
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)
+except BaseException:
+    pass
+sys.argv = ["qtool", *sys.argv[1:]]
+from qtool.__main__ import run
+run()
+"""
+
+
+def test_a_swallowed_signal_still_stops_the_run(source, tmp_path):
+    """A SIGTERM during the imports whose Stopped something swallowed (seen: SIGHUP at 0.15 s, exit 0 with the
+    output committed): the command stops as it starts, 143 and the one line, nothing written."""
+    dest = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", SWALLOWED, "quantize", str(source), "--out", str(dest),
+                           "--device", "cpu"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                          timeout=120, preexec_fn=_default_signals)
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["qtool: error: terminated (SIGTERM)"]
+    assert not dest.exists() and not _staging(tmp_path)
+
+
+def test_commit_section_stops_a_run_whose_signal_was_swallowed():
+    """Before the final rename: a signal received but swallowed stops the run there, and nothing is committed;
+    without a signal the section runs."""
+    from qtool.core import signals
+
+    signals.install(lambda line: None)
+    try:
+        with signals.commit_section():
+            pass  # no signal: runs
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except signals.Stopped:
+            pass  # swallowed
+        ran = False
+        with pytest.raises(signals.Stopped) as info:
+            with signals.commit_section():
+                ran = True
+        assert info.value.exit_code == 143 and not ran and not signals.committed()
+    finally:
+        signals.uninstall()
+        # its watchdog saw the SIGTERM: let it see the uninstall and end before another test installs again
+        import threading
+
+        for t in threading.enumerate():
+            if t.name == "qtool-signal-watchdog":
+                t.join(timeout=10)
+                assert not t.is_alive()
+
+
 def test_ignored_signal_stays_ignored(source, tmp_path, forks):
     """`nohup qtool quantize ... &`: SIGHUP was ignored by the caller, so the run goes on to the end."""
     dest = tmp_path / "out"
