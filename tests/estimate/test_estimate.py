@@ -121,6 +121,20 @@ def test_mixtral_warns_fused_experts(capsys):
     assert any("fused" in w for w in r["warnings"])
 
 
+@pytest.mark.parametrize("model,says", [
+    ("gemma-2-9b", "not measured"), ("mixtral-8x7b", "-5.5% off at 512 tokens"), ("qwen2.5-7b", None),
+    ("llama-3-8b", None)])
+def test_unsloth_qlora_says_where_it_was_not_measured(capsys, model, says):
+    """Unsloth's QLoRA estimate names the features it was not measured within 3% on (attention soft-capping:
+    Gemma-2 never trained under Unsloth on the GPU machine; MoE experts: Mixtral at 512), and nothing else;
+    the other recipes say nothing of it."""
+    code, r, _ = _json(capsys, model, "--recipe", "unsloth", "--mode", "qlora")
+    unsloth = [w for w in r["warnings"] if w.startswith("--recipe unsloth")]
+    assert code == 0 and (unsloth == [] if says is None else len(unsloth) == 1 and says in unsloth[0])
+    code, r, _ = _json(capsys, model, "--recipe", "trainer", "--mode", "qlora")
+    assert code == 0 and not [w for w in r["warnings"] if w.startswith("--recipe unsloth")]
+
+
 @pytest.mark.parametrize("args", [
     ["7000000b"], ["no-such-model"], ["70b", "--gpu", "gtx-9999"], ["70b", "--vram", "24XB"],
     ["70b", "--vram", "lots"], ["70b", "--lora-targets", "nope"],
