@@ -55,8 +55,6 @@ def render_cards(console, r: dict, est, size) -> None:
         when = {"load": "loading", "wrap": "FSDP's wrapping"}[phase]
         console.print(f"The peak is {when}: transformers 5 loads a quantized model whole on every rank's card "
                       f"before FSDP shards it; the training step alone: {size(phases['step'])} a card.")
-    if est.detail.get("caveat"):
-        console.print(f"[yellow]Note[/yellow]: {est.detail['caveat']}.")
     if est.fits:
         console.print(f"[green]Fits[/green] on {cards_label(est)} with {est.parallel}: "
                       f"{size(est.worst.budget_bytes - est.worst.required_bytes)} headroom on the fullest card.")

@@ -135,10 +135,13 @@ def estimate_cards(spec, settings, *, trust_remote_code: bool = False, basis=Non
 
 def cards_report(report: dict, est: CardsEstimate) -> dict:
     """The one-GPU report with the cards in: `cards` (one entry per card, `peak_bytes` its allocated peak),
-    `host_ram_bytes`, `parallel`, and fits/headroom_bytes now about the cards (the fullest one)."""
+    `host_ram_bytes`, `parallel`, fits/headroom_bytes now about the cards (the fullest one), and the strategy's
+    caveat among the warnings."""
     worst = est.worst
-    return {**report, "parallel": est.parallel, "gpus": len(est.cards), "cards": [c.to_dict() for c in est.cards],
-            "host_ram_bytes": est.host_ram_bytes, "placement": dict(est.detail), "fits": est.fits,
+    caveat = est.detail.get("caveat")
+    return {**report, "warnings": [*report["warnings"], *([caveat] if caveat else [])], "parallel": est.parallel,
+            "gpus": len(est.cards), "cards": [c.to_dict() for c in est.cards], "host_ram_bytes": est.host_ram_bytes,
+            "placement": dict(est.detail), "fits": est.fits,
             "headroom_bytes": None if worst.budget_bytes is None else worst.budget_bytes - worst.required_bytes}
 
 

@@ -109,6 +109,16 @@ class Dims:
         return self.kv_heads * self.head_dim
 
 
+def max_positions(config: Mapping) -> int | None:
+    """The model's trained length from its config (the first positive integer among the usual keys), or None:
+    read leniently, since only warnings and Unsloth's RoPE cache depend on it."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def _first(cfg: Mapping, *keys, default=None):
     for k in keys:
         if cfg.get(k) is not None:
@@ -137,8 +147,7 @@ def dims_from_config(cfg: Mapping) -> Dims:
     vocab = size("vocab_size")
     top_k = size("num_experts_per_tok", "moe_topk", default=1)
     experts = size("num_local_experts", "num_experts", default=1)
-    positions = _first(text, "max_position_embeddings", "n_positions")  # only sizes Unsloth's RoPE cache: lenient
-    positions = positions if isinstance(positions, int) and not isinstance(positions, bool) and positions > 0 else None
+    positions = max_positions(text)  # only sizes Unsloth's RoPE cache: lenient
     window = None
     if text.get("use_sliding_window", True) is not False and text.get("sliding_window") is not None:
         window = size("sliding_window")

@@ -23,8 +23,6 @@ from qtool.estimate.placement import BNB_MAX_MEMORY, Node, balanced_memory, infe
 UNBOUNDED = 2**50  # a card without a budget: placement only balances
 _PER_LAYER = ("lora_params", "lora_grads", "optimizer_states", "optimizer_states_paged", "expert_adapters",
               "activation_checkpoints", "activations")
-_LOSS = ("lm_head_16bit", "logits", "loss_softmax_and_grad", "logits_softcap", "logits_grad_16bit",
-         "lm_head_chunk", "loss_chunk", "loss_hidden")
 
 
 def device_map(root: Node, tied: dict, budgets: list[int | None], *, quantized: bool = True,

@@ -52,14 +52,6 @@ def has_vocab_head(architecture: str) -> bool:
     return architecture.endswith(_VOCAB_HEADS)
 
 
-def _max_positions(config: dict) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = config.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
-
-
 def kept_dtype(spec: ModelSpec, settings: Settings) -> str:
     """dtype="auto" means what transformers does: the config's dtype, else the checkpoint's weights' dtype
     (when there are weights beside the config), else float32."""
@@ -88,27 +80,25 @@ def lora_linears(linears: dict, targets: tuple[str, ...]) -> list[tuple[tuple[in
     return [sc for t in targets for sc in linears[t]]
 
 
-def _warnings(spec: ModelSpec, run, plan, positions: int | None, config: dict) -> list[str]:
+def _warnings(spec: ModelSpec, run, plan, positions: int | None, dims: memory.Dims) -> list[str]:
     warnings = list(plan.warnings)
     if spec.kind == "approximation" and spec.note:
         warnings.insert(0, f"approximation: {spec.note}")
     if run.recipe == "unsloth" and run.mode == "qlora":
-        warnings += _unsloth_warnings(plan, config)
+        warnings += _unsloth_warnings(plan, dims)
     if positions is not None and run.seq_len > positions:
         warnings.append(f"--seq-len {run.seq_len} is beyond the model's {positions} positions "
                         f"(max_position_embeddings): the model was not trained for sequences that long")
     return warnings
 
 
-def _unsloth_warnings(plan, config: dict) -> list[str]:
+def _unsloth_warnings(plan, dims: memory.Dims) -> list[str]:
     """Where Unsloth's QLoRA estimate stands on less than a measurement within 3% (docs/benchmarks.md)."""
     out = []
     if any(g.reason == REASON_FUSED for g in plan.groups):
         out.append("--recipe unsloth with MoE experts: measured -5.5% off at 512 tokens on Mixtral (within 3% at "
                    "2048 and 8192; docs/benchmarks.md); allow some margin")
-    config = config or {}
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    if text.get("attn_logit_softcapping"):
+    if dims.attn_softcapping:
         out.append("--recipe unsloth with attention soft-capping (Gemma-2): not measured -- Unsloth's compiled "
                    "layers failed or outlasted the GPU run (torch 2.11); the estimate uses the terms measured on "
                    "the other architectures")
@@ -193,8 +183,9 @@ def estimate_report(spec: ModelSpec, settings: Settings, *, trust_remote_code: b
     breakdown = memory.memory_breakdown(basis.inputs)
     peak = memory.peak_bytes(breakdown)
 
-    positions = _max_positions(config.get("text_config") if isinstance(config.get("text_config"), dict) else config)
-    warnings = _warnings(spec, run, plan, positions, config)
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    positions = memory.max_positions(text)
+    warnings = _warnings(spec, run, plan, positions, basis.inputs.dims)
     budget = run.budget_bytes
     fits = None if budget is None else peak <= budget
     fits_on = sorted(

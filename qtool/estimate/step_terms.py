@@ -89,9 +89,11 @@ def extra_norm_bytes(m: MemoryInputs, act: int) -> int:
 
 
 def window_mask_bytes(m: MemoryInputs, attn_bytes: int) -> int:
-    """A sliding window shorter than the sequence: the boolean mask and SDPA's additive copy, B x S x S."""
+    """A sliding window no longer than the sequence: the boolean mask and SDPA's additive copy, B x S x S.
+    transformers builds the explicit mask once kv_length >= the window (masking_utils'
+    `_ignore_causal_mask_sdpa`), the same rule as memory.math_attention's."""
     d, b, s = m.dims, m.batch, m.seq
-    if d.sliding_window is None or s <= d.sliding_window:
+    if d.sliding_window is None or s < d.sliding_window:
         return 0
     return b * s * s * (WINDOW_MASK_BOOL_BYTES + attn_bytes)
 

@@ -62,9 +62,12 @@ def test_window_mask_past_the_window_only(tmp_path, recipe, attn_bytes):
     """A sliding window shorter than the sequence: transformers' boolean S x S mask and SDPA's additive copy in
     the attention inputs' dtype (bf16 under autocast, fp32 in the loop's upcast stream)."""
     window = _config("mistral-7b")["sliding_window"]
-    _, inside = _phases(tmp_path, "mistral-7b", 4, recipe=recipe, seq_len=window)
+    _, inside = _phases(tmp_path, "mistral-7b", 4, recipe=recipe, seq_len=window - 1)
+    _, at = _phases(tmp_path, "mistral-7b", 4, recipe=recipe, seq_len=window)
     _, past = _phases(tmp_path, "mistral-7b", 4, recipe=recipe, seq_len=2 * window)
     assert inside["window_mask"] == 0
+    # transformers masks explicitly from kv_length >= window on (masking_utils), as math_attention counts
+    assert at["window_mask"] == window ** 2 * (1 + attn_bytes)
     assert past["window_mask"] == (2 * window) ** 2 * (1 + attn_bytes)
 
 
@@ -87,5 +90,5 @@ def test_math_attention_probabilities_sit_beside_the_mlp_backward(tmp_path):
     probabilities (heads x S x S, fp32) are saved while its MLP runs backward, so the MLP phase holds them."""
     cfg, seq = _config("mistral-7b"), 512
     _, loop = _phases(tmp_path, "mistral-7b", 4, recipe="loop", seq_len=seq)
-    mlp_alone = int(7.5 * seq * cfg["intermediate_size"] * 4)
+    mlp_alone = int(step_terms.MLP_BACKWARD_TENSORS_FP32_STREAM * seq * cfg["intermediate_size"] * 4)
     assert loop["mlp_backward"] == mlp_alone + cfg["num_attention_heads"] * seq * seq * 4
