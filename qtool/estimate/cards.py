@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qtool.core import presets
+from qtool.core.errors import BadInput
 from qtool.core.sizes import parse_size
 from qtool.estimate import memory
 
@@ -104,6 +105,8 @@ def estimate_cards(spec, settings, *, trust_remote_code: bool = False, basis=Non
         basis = estimate_basis(spec, settings, trust_remote_code=trust_remote_code)
     budgets = card_budgets(run)
     n = len(budgets)
+    if n > 1:
+        check_strategy(run)
     detail: dict[str, Any] = {}
     host = 0
     if n == 1:
@@ -131,6 +134,19 @@ def estimate_cards(spec, settings, *, trust_remote_code: bool = False, basis=Non
     if detail.get("offloaded"):  # bitsandbytes refuses a 4-bit model dispatched partly to the CPU or disk
         fits = False
     return CardsEstimate(run.parallel, cards, host, fits, detail)
+
+
+def check_strategy(run) -> None:
+    """What the several-GPU estimate does not model is refused in one line, not answered with another run's
+    figures: Unsloth on several cards, and FSDP other than FSDP-QLoRA training."""
+    if run.recipe == "unsloth":
+        raise BadInput("--recipe unsloth is modelled on one GPU (Unsloth over several cards was not measured): "
+                       "leave --gpus out, or use --recipe trainer/sft")
+    if run.parallel == "fsdp" and run.mode == "inference":
+        raise BadInput("--parallel fsdp shards training; for inference over several cards use --parallel pipeline")
+    if run.parallel == "fsdp" and run.mode != "qlora":
+        raise BadInput(f"--parallel fsdp --mode {run.mode} is not modelled: qtool's FSDP estimate is FSDP-QLoRA "
+                       "(--mode qlora); use --parallel ddp or pipeline")
 
 
 def cards_report(report: dict, est: CardsEstimate) -> dict:

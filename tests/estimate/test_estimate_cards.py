@@ -349,6 +349,19 @@ def test_offload_warning_covers_the_measured_step(capsys):
     assert code == 0 and any(f"{fsdp.OFFLOAD_MEASURED_OVER:.0%} above" in w for w in warnings)
 
 
+@pytest.mark.parametrize("args,says", [
+    (["--recipe", "unsloth", "--gpus", "2", "--parallel", "pipeline"], "--recipe unsloth is modelled on one GPU"),
+    (["--gpus", "2", "--parallel", "fsdp", "--mode", "inference"], "for inference over several cards"),
+    (["--gpus", "2", "--parallel", "fsdp", "--mode", "full"], "--parallel fsdp --mode full is not modelled"),
+    (["--gpus", "4", "--parallel", "fsdp", "--mode", "lora"], "--parallel fsdp --mode lora is not modelled")])
+def test_unmodelled_strategies_are_refused_in_one_line(capsys, args, says):
+    """Another run's figures are not an answer: FSDP's estimate is FSDP-QLoRA training, Unsloth's one card."""
+    code = main(["estimate", "8b", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("qtool: error: ") and says in err[0]
+    assert main(["estimate", "8b", "--gpus", "2", "--parallel", "ddp", "--mode", "full"]) == 0
+
+
 def test_one_gpu_output_unchanged(capsys):
     main(["estimate", "8b", "--gpu", "rtx-4090"])
     one = capsys.readouterr().out
