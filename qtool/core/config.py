@@ -149,7 +149,7 @@ KEYS: tuple[Key, ...] = (
 )
 KEY_BY_NAME = {k.name: k for k in KEYS}
 # QTOOL_* variables that are not settings (a typo of a setting's name gets a warning)
-OTHER_ENV = ("QTOOL_DEBUG", "QTOOL_CONFIGS_DIR")
+OTHER_ENV = ("QTOOL_DEBUG", "QTOOL_CONFIGS_DIR", "QTOOL_MEMORY_HISTORY")  # the last: tools/peak_trace.py
 
 
 class _Validated:

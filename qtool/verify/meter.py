@@ -21,12 +21,44 @@ def _max_rss_bytes() -> int:
     return r if sys.platform == "darwin" else r * 1024  # Linux reports KiB
 
 
+HISTORY_ENV = "QTOOL_MEMORY_HISTORY"  # PREFIX: each CUDA process writes PREFIX.<pid>.pickle (tools/peak_trace.py)
+_HISTORY_ENTRIES = 2_000_000
+_recording = False
+
+
+def record_history() -> None:
+    """A diagnostic for the estimate: with QTOOL_MEMORY_HISTORY=PREFIX, record torch's allocator history from
+    here on (Python stacks only) and write it when the process exits, for tools/peak_trace.py to replay."""
+    import os
+
+    global _recording
+    prefix = os.environ.get(HISTORY_ENV)
+    if not prefix or _recording:
+        return
+    import atexit
+    import contextlib
+
+    import torch
+
+    torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python",
+                                             max_entries=_HISTORY_ENTRIES)
+    _recording = True
+
+    def dump() -> None:
+        with contextlib.suppress(Exception):  # a diagnostic: never the reason a run fails
+            torch.cuda.memory._dump_snapshot(f"{prefix}.{os.getpid()}.pickle")
+
+    atexit.register(dump)
+
+
 class Meter:
     """Allocated/peak memory over the devices in use. On CPU: RSS now, and the process-lifetime max RSS."""
 
     def __init__(self, devices: list):
         self.devices = devices  # torch.device list; [cpu] on CPU
         self.cuda = devices[0].type == "cuda"
+        if self.cuda:
+            record_history()
         self.peak_allocated = 0
         self.peak_reserved = 0
         # per device, max over phases (each phase resets torch's counters)
