@@ -40,6 +40,9 @@ def adjust(settings: Settings, options: VerifyOptions) -> tuple[Settings, Verify
                        "or --gpus rtx-4090,rtx-4090)")
     if options.device_map == "auto" and (launched(settings) or card_count(settings) > 1):
         raise BadInput("--device-map auto is --parallel pipeline over all GPUs: give either it or --gpus/--parallel")
+    if run.recipe == "unsloth":
+        raise BadInput("--recipe unsloth runs on one GPU (FastLanguageModel places the model itself): leave "
+                       "--gpus/--parallel/--device-map out, or use --recipe trainer/sft")
     if not launched(settings):
         return settings, options, notes
     if options.device_map is not None:

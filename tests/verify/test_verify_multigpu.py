@@ -97,6 +97,8 @@ def test_fsdp_qlora_packs_the_4bit_weights_in_bfloat16():
     (["--gpus", "3", "--parallel", "fsdp"], "--gpus 3: only 0 GPU(s) visible"),
     (["--gpus", "2"], "--gpus 2: only 0 GPU(s) visible"),
     (["--gpus", "2", "--device", "cpu"], "--gpus 2 --parallel pipeline spreads the layers over GPUs"),
+    (["--gpus", "2", "--recipe", "unsloth"], "--recipe unsloth runs on one GPU"),
+    (["--device-map", "auto", "--recipe", "unsloth"], "--recipe unsloth runs on one GPU"),
 ])
 def test_refusals_are_one_line(qtool_forks, args, message):
     r = _qtool(qtool_forks, "verify", "8b", *args, env={"CUDA_VISIBLE_DEVICES": ""}, timeout=120)
