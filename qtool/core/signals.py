@@ -12,6 +12,11 @@ How it holds at every moment:
   * Only the first signal raises; later ones are recorded, so they cannot cut a cleanup short. If that first
     `Stopped` is swallowed on its way out (a library's bare `except:`), `check()` raises it again where the
     run goes on: as a command starts and before the final rename.
+  * A signal that comes while a module is being imported is held until the import is over: torch's extension
+    modules run Python from C++ as they initialise (`torch._C._c10d_init()`), and an exception raised there
+    cannot cross the C++ frames; pybind11 ends the process with `terminate` (seen: SIGTERM 0.57 s into
+    `qtool quantize`, exit -6 and a C++ message). The watchdog delivers the held signal again to the main
+    thread the moment its stack has no import left in it.
   * The commit (the final rename) is a critical section: a signal inside it is held until the section ends,
     then ignored if the output is in place. After the CLI has decided its exit code, signals are ignored, so
     atexit callbacks are never interrupted.
@@ -50,6 +55,7 @@ class _State:
         self.lock = threading.RLock()  # held by the commit section and by the watchdog's exit
         self.received: int | None = None
         self.raised = False
+        self.deferred = False  # received inside an import: the watchdog delivers it again after
         self.critical = 0
         self.committed = False
         self.finished = False
@@ -70,8 +76,22 @@ def _handler(signum: int, frame) -> None:
         _state.received = signum
     if _state.raised or _state.critical or _state.committed or _state.finished:
         return  # held (commit), ignored (done), or a second signal during cleanup
+    if _state.wakeup is not None and _importing(frame):
+        _state.deferred = True  # the watchdog sends it again once the import is over
+        return
+    _state.deferred = False
     _state.raised = True
     raise Stopped(signum)
+
+
+def _importing(frame) -> bool:
+    """Whether this stack is inside an import (importlib's frames are in every import, `import x` and
+    `importlib.import_module` alike)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def install(emit: Callable[[str], None]) -> None:
@@ -111,6 +131,11 @@ def uninstall() -> None:
         os.close(w)  # the watchdog's read returns b"" and it ends
         _state.wakeup = None
     _state.installed = False
+    # the run is over: what it received must not stop the next library call in this process (a test that
+    # quantizes in-process after one that signalled itself)
+    _state.received, _state.raised, _state.committed, _state.finished = None, False, False, False
+    _state.deferred = False
+    _state.cleanups.clear()
 
 
 def received() -> int | None:
@@ -170,7 +195,8 @@ def held() -> Iterator[None]:
             yield
         finally:
             _state.critical -= 1
-    if _state.received is not None and not _state.committed and not _state.raised and not _state.finished:
+    if (_state.installed and _state.received is not None and not _state.committed and not _state.raised
+            and not _state.finished):
         _state.raised = True
         raise Stopped(_state.received)
 
@@ -178,8 +204,9 @@ def held() -> Iterator[None]:
 def check() -> None:
     """Raise the received signal again if it did not end the run: the first `Stopped` can be swallowed on its
     way out (a bare `except:` in some library's import fallback), and a run that reaches the start of a command
-    or its final rename with a signal received must stop there, not commit as if none had come."""
-    if _state.received is not None and not _state.committed and not _state.finished:
+    or its final rename with a signal received must stop there, not commit as if none had come. Only while
+    the handlers are installed: a program that calls qtool's functions itself owns its signals."""
+    if _state.installed and _state.received is not None and not _state.committed and not _state.finished:
         _state.raised = True
         raise Stopped(_state.received)
 
@@ -199,6 +226,7 @@ def mark_committed() -> None:
 def _watchdog(fd: int) -> None:
     import time
 
+    main = threading.main_thread().ident
     while True:
         try:
             data = os.read(fd, 64)
@@ -217,7 +245,10 @@ def _watchdog(fd: int) -> None:
         while time.monotonic() < deadline:
             if not _state.installed:
                 return
-            time.sleep(0.05)
+            if _state.deferred and not _importing(sys._current_frames().get(main)):
+                _state.deferred = False  # the import is over: the handler raises this time
+                signal.pthread_kill(main, _state.received)
+            time.sleep(0.01)
         _force_exit()
 
 

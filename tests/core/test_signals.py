@@ -189,6 +189,60 @@ def test_commit_section_stops_a_run_whose_signal_was_swallowed():
                 assert not t.is_alive()
 
 
+def test_a_finished_run_leaves_no_signal_behind():
+    """A run that received a signal and was uninstalled (in-process callers: tests, a program calling main())
+    must not stop the next library call in that process: CI's suite once failed every in-process quantization
+    after the test above, at their final rename."""
+    from qtool.core import signals
+
+    signals.install(lambda line: None)
+    try:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except signals.Stopped:
+            pass
+    finally:
+        signals.uninstall()
+    assert signals.received() is None
+    ran = False
+    with signals.commit_section():
+        ran = True
+    assert ran
+
+
+SLOW_IMPORT = """
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+from qtool.core import signals
+signals.install(lambda line: None)
+try:
+    import slowmod  # signals its own process half-way through its body
+    print("imported", slowmod.DONE, flush=True)
+    time.sleep(4)  # the held signal is delivered here, well before the watchdog's grace ends
+    print("not stopped", flush=True)
+except signals.Stopped as exc:
+    print("stopped", exc.exit_code, flush=True)
+"""
+
+
+def test_a_signal_during_an_import_waits_for_its_end(tmp_path):
+    """A signal inside an import is held until the import is over, then stops the run: raised inside torch's
+    extension initialisation (`torch._C._c10d_init()` runs Python from C++), the exception cannot cross the
+    C++ frames and pybind11 aborted the process (CI: SIGTERM 0.6 s into quantize, exit -6)."""
+    (tmp_path / "slowmod.py").write_text(
+        "import os, signal, time\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "for _ in range(30):\n"
+        "    time.sleep(0.01)  # bytecode boundaries, where a handler runs\n"
+        "DONE = True\n")
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", SLOW_IMPORT, str(tmp_path)], env=_env(), capture_output=True,
+                          text=True, timeout=60, preexec_fn=_default_signals)
+    assert proc.stdout.splitlines() == ["imported True", "stopped 143"], (proc.returncode, proc.stderr)
+    assert time.monotonic() - start < 30
+
+
 def test_ignored_signal_stays_ignored(source, tmp_path, forks):
     """`nohup qtool quantize ... &`: SIGHUP was ignored by the caller, so the run goes on to the end."""
     dest = tmp_path / "out"
