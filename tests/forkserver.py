@@ -60,11 +60,13 @@ class Child:
 
     def wait(self, timeout: float) -> int:
         deadline = time.monotonic() + timeout
+        pause = 0.005  # each look is a round trip to the server: look often at first, then every 50 ms
         while self.poll() is None:
             if time.monotonic() > deadline:
                 os.kill(self.pid, signal.SIGKILL)
                 raise subprocess.TimeoutExpired(f"qtool (pid {self.pid})", timeout)
-            time.sleep(0.01)
+            time.sleep(pause)
+            pause = min(0.05, pause * 1.5)
         return self.returncode
 
     def communicate(self, timeout: float) -> tuple[str, str]:
