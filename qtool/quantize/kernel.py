@@ -57,6 +57,28 @@ NF4_MAP = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
            0.7229568362236023, 1.0)
 FP4_MAP = (0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
 NESTED_BLOCKSIZE = 256
+# bitsandbytes' create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8): 127 positive values (as float32
+# bits; the map is them, their negatives, 0 and 1.0, sorted). bitsandbytes computes them with torch.linspace on
+# the CPU, whose vectorized kernel (AVX2/AVX512, every reference CUDA host) rounds differently from its scalar one
+# (ATEN_CPU_CAPABILITY=default, a CPU without them): 42 of the 256 values 1-2 ulps apart. The map is written into every
+# double-quantized checkpoint, so qtool keeps the reference hosts' values whatever CPU it runs on.
+DYNAMIC_MAP_POSITIVE_BITS = (
+    0x3513a3b7, 0x365a1a94, 0x370205ff, 0x37b24206, 0x38378034, 0x388aefb3, 0x38ba1f4b, 0x3923d70b, 0x398ce705,
+    0x39c7e283, 0x3a016f01, 0x3a1eecc1, 0x3a3c6a80, 0x3a59e83e, 0x3a7765ff, 0x3aa7ef9d, 0x3af1a9fc, 0x3b1db22d,
+    0x3b428f5c, 0x3b676c8a, 0x3b8624dd, 0x3b989374, 0x3bab020d, 0x3bbd70a4, 0x3bcfdf3b, 0x3be24dd3, 0x3bf4bc6a,
+    0x3c039581, 0x3c0ccccd, 0x3c160418, 0x3c1f3b64, 0x3c3ae148, 0x3c68f5c3, 0x3c8b851f, 0x3ca28f5d, 0x3cb9999a,
+    0x3cd0a3d7, 0x3ce7ae15, 0x3cfeb852, 0x3d0ae148, 0x3d166667, 0x3d21eb85, 0x3d2d70a3, 0x3d38f5c3, 0x3d447ae1,
+    0x3d500000, 0x3d5b851f, 0x3d670a3d, 0x3d728f5d, 0x3d7e147b, 0x3d84cccd, 0x3d8a8f5d, 0x3d9051eb, 0x3d96147b,
+    0x3d9bd70a, 0x3da1999a, 0x3da75c2a, 0x3dad1eb8, 0x3db2e148, 0x3db8a3d7, 0x3dbe6667, 0x3dc428f7, 0x3dc9eb85,
+    0x3ddb3334, 0x3df80000, 0x3e0a6666, 0x3e18cccd, 0x3e273333, 0x3e35999a, 0x3e440000, 0x3e526666, 0x3e60cccd,
+    0x3e6f3333, 0x3e7d9999, 0x3e860000, 0x3e8d3334, 0x3e946666, 0x3e9b999a, 0x3ea2cccc, 0x3eaa0000, 0x3eb13333,
+    0x3eb86666, 0x3ebf999a, 0x3ec6cccc, 0x3ece0000, 0x3ed53333, 0x3edc6666, 0x3ee3999a, 0x3eeacccc, 0x3ef20000,
+    0x3ef93332, 0x3f003333, 0x3f03cccc, 0x3f076666, 0x3f0b0000, 0x3f0e999a, 0x3f123334, 0x3f15cccd, 0x3f196666,
+    0x3f1d0000, 0x3f20999a, 0x3f243334, 0x3f27cccd, 0x3f2b6666, 0x3f2f0000, 0x3f32999a, 0x3f363334, 0x3f39cccd,
+    0x3f3d6666, 0x3f410000, 0x3f44999a, 0x3f483333, 0x3f4bcccd, 0x3f4f6666, 0x3f530000, 0x3f56999a, 0x3f5a3333,
+    0x3f5dcccd, 0x3f616666, 0x3f650000, 0x3f68999a, 0x3f6c3333, 0x3f6fcccd, 0x3f736666, 0x3f770000, 0x3f7a999a,
+    0x3f7e3333,
+)
 _SEGMENT = 8  # elements decided together when a table lookup is undecided (one int64 word of codes)
 _TOP_BITS = -0x7F7F7F7F7F7F7F80  # 0x8080808080808080 as an int64
 _INT_OF = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
@@ -77,16 +99,10 @@ def quant_map(quant_type: str) -> torch.Tensor:
 
 @lru_cache(maxsize=1)
 def dynamic_map() -> torch.Tensor:
-    """create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8), as bitsandbytes builds it."""
-    data: list[float] = []
-    for i in range(7):
-        boundaries = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
-        means = (boundaries[:-1] + boundaries[1:]) / 2.0
-        data += ((10 ** (-6 + i)) * means).tolist()
-        data += (-(10 ** (-6 + i)) * means).tolist()
-    data += [0, 1.0]
-    data.sort()
-    return torch.tensor(data, dtype=torch.float32)
+    """create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8) as the reference hosts build it (see
+    DYNAMIC_MAP_POSITIVE_BITS): the same 256 values on any CPU."""
+    positive = torch.tensor(DYNAMIC_MAP_POSITIVE_BITS, dtype=torch.int32).view(torch.float32)
+    return torch.cat([-positive.flip(0), torch.zeros(1), positive, torch.ones(1)])
 
 
 @lru_cache(maxsize=1)
