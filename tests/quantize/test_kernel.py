@@ -50,9 +50,20 @@ def sources(tmp_path_factory):
 
 @pytest.mark.parametrize("arch", list(rm.ARCHS))
 def test_cpu_checkpoints_equal_the_cuda_reference(reference, sources, tmp_path, arch):
-    """Every tensor of every reference setting (quant type x double quant x blocksize x source dtype)."""
+    """Every tensor of every reference setting (quant type x double quant x blocksize x source dtype).
+
+    The sources come from torch.randn, whose scalar CPU kernel (no AVX2) draws other values than the
+    vectorized one the reference host used: there, and only there, the sources are not the reference's and
+    the comparison cannot be made (the kernel's ISA independence is checked by the tests below)."""
     runs = rm.settings_for(arch)
     assert set(reference[arch]) == {rm.setting_key(*s) for s in runs}
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        qt, dq, bs, dt = runs[0]
+        kept = {k: v for k, v in reference[arch][rm.setting_key(qt, dq, bs, dt)].items() if "embed" in k or "wte" in k}
+        mine = rm.checkpoint_digests(sources(arch, dt))
+        if any(mine.get(k) != v for k, v in kept.items()):
+            pytest.skip(f"torch.randn on this CPU ({torch.backends.cpu.get_cpu_capability()}) does not draw the "
+                        "reference host's sources")
     for qt, dq, bs, dt in runs:
         s = QuantSettings(quant_type=qt, double_quant=dq, blocksize=bs, dtype=dt)
         out = tmp_path / rm.setting_key(qt, dq, bs, dt)
