@@ -52,7 +52,23 @@ def pytest_collection_finish(session):
 # Every test: a clean environment and a temporary working directory (as simonw/llm isolates user state).
 # ---------------------------------------------------------------------------------------------------
 
-_USER_PREFIXES = ("QTOOL_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_")
+_USER_PREFIXES = ("QTOOL_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "ACCELERATE_")
+# What shapes a console (rich's and typer's width, colour and terminal detection; GitHub Actions makes typer
+# draw for a terminal): the tests read qtool's output as a pipe shows it, whatever terminal or CI runs them.
+_TERMINAL_VARIABLES = ("COLUMNS", "LINES", "JUPYTER_COLUMNS", "JUPYTER_LINES", "FORCE_COLOR", "NO_COLOR",
+                       "PY_COLORS", "CLICOLOR", "CLICOLOR_FORCE", "TTY_COMPATIBLE", "TTY_INTERACTIVE",
+                       "TERMINAL_WIDTH", "GITHUB_ACTIONS", "TYPER_USE_RICH", "_TYPER_FORCE_DISABLE_TERMINAL",
+                       "TYPER_STANDARD_TRACEBACK", "_TYPER_STANDARD_TRACEBACK")
+
+
+# typer reads some of them once, at import (rich_utils' FORCE_TERMINAL): gone before any test module imports it
+for _key in _TERMINAL_VARIABLES:
+    os.environ.pop(_key, None)
+
+
+def _users(key: str) -> bool:
+    """A variable of the caller's that a test must not see."""
+    return key.startswith(_USER_PREFIXES) or key in _TERMINAL_VARIABLES
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -60,7 +76,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def hermetic_env(tmp_path_factory) -> dict[str, str]:
     """The environment every test runs in (_hermetic below), for a fixture wider than one test that starts
     processes before any test has set it (such as a tests/forkserver.py server)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_USER_PREFIXES)}
+    env = {k: v for k, v in os.environ.items() if not _users(k)}
     return {**env, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path_factory.getbasetemp() / "hf_home")}
 
 
@@ -85,7 +101,7 @@ def _hermetic(monkeypatch, tmp_path_factory, hermetic_env):
     """No QTOOL_*/HF_* variable, qtool.toml or pyproject.toml of the caller's reaches a test; the hub is
     offline unless a test points HF_ENDPOINT at the local server (and sets HF_HUB_OFFLINE itself)."""
     for key in list(os.environ):
-        if key.startswith(_USER_PREFIXES):
+        if _users(key):
             monkeypatch.delenv(key)
     for key in ("HF_HUB_OFFLINE", "HF_HOME"):
         monkeypatch.setenv(key, hermetic_env[key])
@@ -228,7 +244,7 @@ def hub_address(tmp_path_factory) -> dict:
 
 
 def _hub_env(hermetic_env: dict, address: dict) -> dict[str, str]:
-    env = {k: v for k, v in hermetic_env.items() if not k.startswith(_USER_PREFIXES)}
+    env = {k: v for k, v in hermetic_env.items() if not _users(k)}
     env.update(HF_ENDPOINT=f"http://127.0.0.1:{address['port']}", HF_HOME=str(address["hf_home"]),
                PYTHONUNBUFFERED="1", NO_COLOR="1")
     return env
