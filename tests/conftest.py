@@ -21,7 +21,8 @@ from tinymodels import llama_config, save_pretrained_model, write_checkpoint
 # next file as it finishes one: long files first, the many short ones last, and the two finish together.
 LONGEST_FIRST = ("verify/test_verify_multigpu.py", "core/test_hub.py", "core/test_signals.py",
                  "quantize/test_stream.py", "quantize/test_stream_errors.py", "estimate/test_estimate_cards.py",
-                 "verify/test_verify.py", "cli/test_faults.py", "quantize/test_kernel.py")
+                 "quantize/test_sidecar.py", "verify/test_verify.py", "quantize/test_kernel.py",
+                 "estimate/test_estimate_accuracy.py", "cli/test_hardening.py", "quantize/test_quantize.py")
 
 
 def pytest_collection_modifyitems(items):
