@@ -7,14 +7,7 @@
 #   WHEELS="../../.whl ../recipe-wheels/trl ../recipe-wheels/unsloth" bash bench/recipe_run.sh [recipe_gpu.py options]
 set -uo pipefail
 cd "$(dirname "$0")/.."
-site=${SITE:-/tmp/recipe-site}  # SITE: its own folder when two runs install side by side
-for d in ${WHEELS:-.whl}; do
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$d"/*.whl || exit
-done
-export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false UNSLOTH_DISABLE_STATISTICS=1
-export OUT="${OUT:-./out}"
-mkdir -p "$OUT"
+source bench/carried_site.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 if [ "${VERIFY_UNSLOTH:-0}" = 1 ]; then
   cfg=$(mktemp -d)
