@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,6 +125,7 @@ def worker(a) -> None:
         except torch.cuda.OutOfMemoryError as exc:
             err = "out of memory: " + str(exc).splitlines()[0]
         except Exception as exc:  # a recipe that cannot run here: record it and go on with the next case
+            _keep_traceback(out, f"{arch}:{layers} {mode} {seq} {recipe}")
             err = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         meter.phase_peak()
         free, total = torch.cuda.mem_get_info(dev)
@@ -218,6 +220,7 @@ def unsloth_worker(a) -> None:
         except torch.cuda.OutOfMemoryError as exc:
             err = "out of memory: " + str(exc).splitlines()[0]
         except Exception as exc:  # record and go on
+            _keep_traceback(out, f"unsloth {arch}:{layers} {mode} {seq}")
             err = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         meter.phase_peak()
         runner = "unsloth.FastLanguageModel + " + ("model.generate" if mode == "inference" else "trl.SFTTrainer")
@@ -249,8 +252,18 @@ SKIP = {("llama-3-8b", None, 8192, "loop")}  # measured before: 44.60 GiB (docs/
 
 
 def _env() -> dict:
-    """Environment switches that change what Unsloth runs (UNSLOTH_BLOCK_COMPILE=0: no per-layer compile)."""
-    return {k: os.environ[k] for k in ("UNSLOTH_BLOCK_COMPILE", "UNSLOTH_COMPILE_DISABLE") if k in os.environ}
+    """Environment switches that change what Unsloth or Inductor runs (UNSLOTH_BLOCK_COMPILE=0: no per-layer
+    compile; TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS=ATEN: cuBLAS for every compiled GEMM, no Triton templates
+    to autotune)."""
+    keys = ("UNSLOTH_BLOCK_COMPILE", "UNSLOTH_COMPILE_DISABLE", "TORCHDYNAMO_DISABLE",
+            "TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS")
+    return {k: os.environ[k] for k in keys if k in os.environ}
+
+
+def _keep_traceback(out: Path, case: str) -> None:
+    """A row keeps the exception's first line; the whole traceback goes to tracebacks.txt beside the rows."""
+    with open(Path(out) / "tracebacks.txt", "a") as f:
+        f.write(f"== {case}\n{traceback.format_exc()}\n")
 
 
 def _versions() -> dict:
