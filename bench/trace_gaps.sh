@@ -1,18 +1,15 @@
 #!/usr/bin/env bash
-# Issue 9's two open Unsloth cells in one GPU call (one H100/H200), every run its own process, side by side
-# (allocator peaks are per process):
-#   1. Mixtral (4 layers) QLoRA at 512 tokens: measured 5.78 GiB, estimated 5.47 (-5.5%); its forward peak is
-#      the same at 512 and 2048 tokens, ~0.45 GiB above the dequantized gate_up stack (docs/benchmarks.md,
-#      "Miss"). `qtool verify --recipe unsloth`, traced (QTOOL_MEMORY_HISTORY, then tools/peak_trace.py: what is
-#      alive at the peak), once as Unsloth runs by default and once with UNSLOTH_BLOCK_COMPILE=0 (no per-layer
-#      torch.compile), which tells whether the compiled block holds the unnamed part.
-#   2. Gemma-2 (4 layers) QLoRA at 512/2048/8192 under Unsloth, never measured: by default the first backward
-#      raised an empty AssertionError inside Inductor (torch 2.11); with UNSLOTH_BLOCK_COMPILE=0 the soft-capped
-#      attention's compile (max_autotune) outlasted a 185 s call. Three runs: (a) the default, 512 only, for the
-#      assertion's whole traceback; (b) UNSLOTH_BLOCK_COMPILE=0, as Unsloth compiles the attention; (c) the same
-#      with TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS=ATEN (cuBLAS GEMMs, nothing to autotune). Rows record the
-#      switches (`env`); tracebacks go to tracebacks.txt beside the rows.
-# Reports, rows and the traces' summaries go under $OUT (the pickles stay on the machine: they can be large).
+# Issue 9's open Unsloth cells in one GPU call (one H100/H200), every run its own process, side by side
+# (allocator peaks are per process). Call 7's first run (docs/benchmarks.md) measured Gemma-2 and showed both
+# Mixtral's and Gemma-2's 512-token peaks in the *first* step's forward (the second step's is lower though it
+# holds the optimizer state): this call traces those peaks from the steps on (tools/peak_trace.py --after).
+#   1. Mixtral (4 layers) QLoRA 512, `qtool verify --recipe unsloth`, traced, as Unsloth runs by default and with
+#      UNSLOTH_BLOCK_COMPILE=0 (no per-layer torch.compile).
+#   2. Gemma-2 (4 layers) QLoRA 512 and 8192 under UNSLOTH_BLOCK_COMPILE=0, traced (by default the first backward
+#      raises an empty AssertionError inside Inductor on torch 2.11).
+#   3. Gemma-2's rows (bench/recipe_gpu.py, UNSLOTH_BLOCK_COMPILE=0, 512/2048/8192) and the default's 512 row,
+#      whose traceback goes to tracebacks.txt.
+# Everything comes back in one $OUT/results.tgz (the pickles stay on the machine: they can be large).
 #   WHEELS=".whl .dev/recipe-wheels/trl .dev/recipe-wheels/unsloth" OUT=$OUT bash bench/trace_gaps.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,21 +17,26 @@ source bench/carried_site.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 limit=${LIMIT:-540}
 
-traced() {  # traced NAME ARCH LAYERS [VAR=VALUE...]: qtool verify --recipe unsloth at 512, then the peak's summary
-  local name=$1 arch=$2 layers=$3 work
-  shift 3
+res=$OUT/r
+mkdir -p "$res"
+
+traced() {  # traced NAME ARCH LAYERS SEQ [VAR=VALUE...]: qtool verify --recipe unsloth, then the steps' peak
+  local name=$1 arch=$2 layers=$3 seq=$4 work
+  shift 4
   work=$(mktemp -d)
   python3 -c "import json, sys; sys.path.insert(0, 'bench'); from recipe_gpu import case_config; \
 print(json.dumps(case_config('$arch', $layers)))" > "$work/config.json" || return
   mkdir -p "$work/mh"
   ( cd "$work" && env "$@" QTOOL_DEBUG=1 QTOOL_MEMORY_HISTORY="$work/mh/r" timeout "$limit" python3 -m qtool verify \
-      "$work/config.json" --recipe unsloth --mode qlora --seq-len 512 --steps 2 --json \
-      > "$OUT/$name.json" 2> "$OUT/$name.err" )
-  echo "$name: qtool verify exit $?" | tee -a "$OUT/summary.txt"
+      "$work/config.json" --recipe unsloth --mode qlora --seq-len "$seq" --steps 2 --json \
+      > "$res/$name.json" 2> "$res/$name.err" )
+  echo "$name: qtool verify exit $?" | tee -a "$res/summary.txt"
   if compgen -G "$work/mh/r.*.pickle" > /dev/null; then
-    python3 tools/peak_trace.py "$work"/mh/r.*.pickle --top 25 --json "$OUT/$name.peaks.json" \
-      > "$OUT/$name.peaks.txt" 2>&1
-    echo "$name: peak_trace exit $?" | tee -a "$OUT/summary.txt"
+    for after in training_step _inner_training_loop; do
+      python3 tools/peak_trace.py "$work"/mh/r.*.pickle --top 30 --after $after --json "$res/$name.$after.json" \
+        > "$res/$name.$after.txt" 2>&1
+      echo "$name: peak_trace --after $after exit $?" | tee -a "$res/summary.txt"
+    done
   fi
   rm -rf "$work"
 }
@@ -42,17 +44,20 @@ print(json.dumps(case_config('$arch', $layers)))" > "$work/config.json" || retur
 rows() {  # rows NAME SEQS [VAR=VALUE...]: bench/recipe_gpu.py's Unsloth rows for Gemma-2 (4 layers)
   local name=$1 seqs=$2
   shift 2
-  mkdir -p "$OUT/$name"
+  mkdir -p "$res/$name"
   env "$@" python3 bench/recipe_gpu.py --cases "" --unsloth gemma-2-9b:4 --skip-infer gemma-2-9b --seqs "$seqs" \
-    --budget "$limit" --job-timeout "$limit" --out "$OUT/$name" > "$OUT/$name.log" 2>&1
-  echo "$name: recipe_gpu exit $?" | tee -a "$OUT/summary.txt"
+    --budget "$limit" --job-timeout "$limit" --out "$res/$name" > "$res/$name.log" 2>&1
+  echo "$name: recipe_gpu exit $?" | tee -a "$res/summary.txt"
 }
 
-traced mixtral_512 mixtral-8x7b 4 &
-traced mixtral_512_noblock mixtral-8x7b 4 UNSLOTH_BLOCK_COMPILE=0 &
+traced mixtral_512 mixtral-8x7b 4 512 &
+traced mixtral_512_noblock mixtral-8x7b 4 512 UNSLOTH_BLOCK_COMPILE=0 &
+traced gemma2_512_noblock gemma-2-9b 4 512 UNSLOTH_BLOCK_COMPILE=0 &
+traced gemma2_8192_noblock gemma-2-9b 4 8192 UNSLOTH_BLOCK_COMPILE=0 &
 rows gemma2_default 512 &
 rows gemma2_noblock 512,2048,8192 UNSLOTH_BLOCK_COMPILE=0 &
-rows gemma2_noblock_aten 512,2048,8192 UNSLOTH_BLOCK_COMPILE=0 TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS=ATEN &
 wait
-for f in "$OUT"/gemma2_*.log; do echo "== $f"; tail -n 8 "$f"; done
-for f in "$OUT"/mixtral_*.peaks.txt; do echo "== $f"; head -n 14 "$f"; done
+cp "$OUT/card.txt" "$res/"
+for f in "$res"/gemma2_*.log; do echo "== $f"; tail -n 6 "$f"; done
+for f in "$res"/*.training_step.txt; do echo "== $f"; head -n 16 "$f"; done
+tar czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$res"

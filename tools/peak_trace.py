@@ -7,7 +7,10 @@ FSDP/DDP rank) record torch's allocator history and write it at exit to PREFIX.<
 the peak and groups what is alive then by the first frame in the libraries that allocated it, largest first,
 with a short stack each: the term the estimate is missing is usually one line of that list.
 
-  python tools/peak_trace.py PREFIX.*.pickle [--top 15] [--json OUT.json]
+  python tools/peak_trace.py PREFIX.*.pickle [--top 15] [--after training_step] [--json OUT.json]
+
+--after NAME looks for the peak only from the first allocation made under a function named NAME (the steps'
+peak, not the load's: `training_step` for the Trainers); what is alive then still counts from the start.
 
 Run it where the pickles are (they can be large); only its short summary needs to come back. No GPU needed.
 """
@@ -22,17 +25,18 @@ from pathlib import Path
 
 # frames from these paths say who asked for the memory; torch's own wrappers below them do not
 OWNERS = ("qtool/", "transformers/", "peft/", "trl/", "unsloth", "bitsandbytes/", "accelerate/",
-          "torch/distributed/fsdp/", "torch/utils/checkpoint", "torch/optim/")
+          "torch/distributed/fsdp/", "torch/utils/checkpoint", "torch/optim/", "triton/", "torch/_inductor/")
 
 
-def replay(events: list[dict]) -> tuple[int, int, dict[int, dict]]:
-    """(peak bytes over the trace, index of the event that reached it, the allocations alive right after it)."""
+def replay(events: list[dict], start: int = 0) -> tuple[int, int, dict[int, dict]]:
+    """(peak bytes over the trace from event `start` on, index of the event that reached it, the allocations
+    alive right after it)."""
     allocated = peak = 0
     at = -1
     for i, e in enumerate(events):
         if e["action"] == "alloc":
             allocated += e["size"]
-            if allocated > peak:
+            if allocated > peak and i >= start:
                 peak, at = allocated, i
         elif e["action"] == "free_requested":
             allocated -= e["size"]
@@ -61,8 +65,20 @@ def _short(path: str) -> str:
     return path
 
 
-def summarize(events: list[dict], top: int) -> dict:
-    peak, at, live = replay(events)
+def first_under(events: list[dict], name: str) -> int | None:
+    """Index of the first allocation with a frame of the function `name` on its stack."""
+    for i, e in enumerate(events):
+        if e["action"] == "alloc" and any(f.get("name") == name for f in e.get("frames") or []):
+            return i
+    return None
+
+
+def summarize(events: list[dict], top: int, after: str | None = None) -> dict:
+    start = first_under(events, after) if after else 0
+    if start is None:
+        return {"peak_bytes": 0, "event": -1, "events": len(events), "alive": 0, "groups": [],
+                "note": f"no allocation under {after}"}
+    peak, at, live = replay(events, start)
     groups: dict[str, dict] = {}
     for e in live.values():
         frames = e.get("frames") or []
@@ -79,6 +95,7 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("pickles", nargs="+", type=Path)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--after", help="the peak from the first allocation under this function on")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     out = {}
@@ -87,8 +104,11 @@ def main(argv: list[str]) -> int:
         for device, events in enumerate(snapshot.get("device_traces") or []):
             if not events:
                 continue
-            s = summarize(events, args.top)
+            s = summarize(events, args.top, args.after)
             out[f"{path.name} cuda:{device}"] = s
+            if s.get("note"):
+                print(f"{path.name} cuda:{device}: {s['note']}")
+                continue
             print(f"{path.name} cuda:{device}: peak {s['peak_bytes'] / 2**30:.3f} GiB at event {s['event']} of "
                   f"{s['events']}, {s['alive']} allocations alive")
             for g in s["groups"]:

@@ -58,3 +58,15 @@ def test_alive_at_the_peak_grouped_by_the_owning_library(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "run.123.pickle cuda:1: peak 0.000 GiB at event 1 of 9, 2 allocations alive" in proc.stdout
     assert json.loads((tmp_path / "s.json").read_text())["run.123.pickle cuda:1"]["peak_bytes"] == 150
+
+
+def test_after_looks_for_the_steps_peak_not_the_loads():
+    """--after NAME: the peak from the first allocation under NAME on (130 at event 5, the 150 of the load before
+    it does not count), with what is alive then counted from the start (the load's 50 among it)."""
+    events = _events()
+    events[5] = {**events[5], "frames": _frames(("/v/site-packages/transformers/trainer.py", 7, "training_step"))}
+    s = peak_trace.summarize(events, top=5, after="training_step")
+    assert (s["peak_bytes"], s["event"], s["alive"]) == (130, 5, 2)
+    assert {g["owner"]: g["bytes"] for g in s["groups"]} == {
+        "transformers/trainer.py:7 training_step": 80, "torch/distributed/fsdp/_flat_param.py:1337 flat_param_to": 50}
+    assert peak_trace.summarize(events, top=5, after="no_such_function")["note"] == "no allocation under no_such_function"
