@@ -9,6 +9,10 @@
 #      raises an empty AssertionError inside Inductor on torch 2.11).
 #   3. Gemma-2's rows (bench/recipe_gpu.py, UNSLOTH_BLOCK_COMPILE=0, 512/2048/8192) and the default's 512 row,
 #      whose traceback goes to tracebacks.txt.
+# CALL=7 ran those; CALL=8 (the default) runs each (architecture, length) in a fresh process: Mixtral at 2048
+# and 8192 (the recorded rows ran after 512 in one process: does a fresh process's first step add more?),
+# Gemma-2 at 512/2048/16384 under adamw8bit (16384: a check of the soft-capped attention's terms, which were
+# derived from 512-8192), and bench/recipe_gpu.py's Gemma-2 512 row traced (it loads with max_seq_length 8192).
 # Everything comes back in one $OUT/results.tgz (the pickles stay on the machine: they can be large).
 #   WHEELS=".whl .dev/recipe-wheels/trl .dev/recipe-wheels/unsloth" OUT=$OUT bash bench/trace_gaps.sh
 set -uo pipefail
@@ -20,15 +24,15 @@ limit=${LIMIT:-540}
 res=$OUT/r
 mkdir -p "$res"
 
-traced() {  # traced NAME ARCH LAYERS SEQ [VAR=VALUE...]: qtool verify --recipe unsloth, then the steps' peak
-  local name=$1 arch=$2 layers=$3 seq=$4 work
-  shift 4
+traced() {  # traced NAME ARCH LAYERS SEQ OPTIMIZER [VAR=VALUE...]: qtool verify --recipe unsloth, then the steps' peak
+  local name=$1 arch=$2 layers=$3 seq=$4 optim=$5 work
+  shift 5
   work=$(mktemp -d)
   python3 -c "import json, sys; sys.path.insert(0, 'bench'); from recipe_gpu import case_config; \
 print(json.dumps(case_config('$arch', $layers)))" > "$work/config.json" || return
   mkdir -p "$work/mh"
   ( cd "$work" && env "$@" QTOOL_DEBUG=1 QTOOL_MEMORY_HISTORY="$work/mh/r" timeout "$limit" python3 -m qtool verify \
-      "$work/config.json" --recipe unsloth --mode qlora --seq-len "$seq" --steps 2 --json \
+      "$work/config.json" --recipe unsloth --mode qlora --seq-len "$seq" --optimizer "$optim" --steps 2 --json \
       > "$res/$name.json" 2> "$res/$name.err" )
   echo "$name: qtool verify exit $?" | tee -a "$res/summary.txt"
   if compgen -G "$work/mh/r.*.pickle" > /dev/null; then
@@ -50,14 +54,30 @@ rows() {  # rows NAME SEQS [VAR=VALUE...]: bench/recipe_gpu.py's Unsloth rows fo
   echo "$name: recipe_gpu exit $?" | tee -a "$res/summary.txt"
 }
 
-traced mixtral_512 mixtral-8x7b 4 512 &
-traced mixtral_512_noblock mixtral-8x7b 4 512 UNSLOTH_BLOCK_COMPILE=0 &
-traced gemma2_512_noblock gemma-2-9b 4 512 UNSLOTH_BLOCK_COMPILE=0 &
-traced gemma2_8192_noblock gemma-2-9b 4 8192 UNSLOTH_BLOCK_COMPILE=0 &
-rows gemma2_default 512 &
-rows gemma2_noblock 512,2048,8192 UNSLOTH_BLOCK_COMPILE=0 &
+case ${CALL:-8} in
+7)
+  traced mixtral_512 mixtral-8x7b 4 512 adamw &
+  traced mixtral_512_noblock mixtral-8x7b 4 512 adamw UNSLOTH_BLOCK_COMPILE=0 &
+  traced gemma2_512_noblock gemma-2-9b 4 512 adamw UNSLOTH_BLOCK_COMPILE=0 &
+  traced gemma2_8192_noblock gemma-2-9b 4 8192 adamw UNSLOTH_BLOCK_COMPILE=0 &
+  rows gemma2_default 512 &
+  rows gemma2_noblock 512,2048,8192 UNSLOTH_BLOCK_COMPILE=0 &
+  ;;
+8)  # each (arch, length) in a fresh process, as a user's run is
+  traced mixtral_2048 mixtral-8x7b 4 2048 adamw8bit &
+  traced mixtral_8192 mixtral-8x7b 4 8192 adamw8bit &
+  traced gemma2_512_noblock_8bit gemma-2-9b 4 512 adamw8bit UNSLOTH_BLOCK_COMPILE=0 &
+  traced gemma2_2048_noblock_8bit gemma-2-9b 4 2048 adamw8bit UNSLOTH_BLOCK_COMPILE=0 &
+  traced gemma2_16384_noblock_8bit gemma-2-9b 4 16384 adamw8bit UNSLOTH_BLOCK_COMPILE=0 &
+  mkdir -p /tmp/rg; QTOOL_MEMORY_HISTORY=/tmp/rg/r rows gemma2_noblock_traced 512 UNSLOTH_BLOCK_COMPILE=0 &
+  ;;
+esac
 wait
 cp "$OUT/card.txt" "$res/"
+if compgen -G "/tmp/rg/r.*.pickle" > /dev/null; then
+  python3 tools/peak_trace.py /tmp/rg/r.*.pickle --top 30 --after training_step --json "$res/rows_traced.json" \
+    > "$res/rows_traced.txt" 2>&1
+fi
 for f in "$res"/gemma2_*.log; do echo "== $f"; tail -n 6 "$f"; done
 for f in "$res"/*.training_step.txt; do echo "== $f"; head -n 16 "$f"; done
 tar czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$res"
