@@ -61,9 +61,11 @@ def _spec(row: dict, tmp: Path):
     return resolve_model(str(path))
 
 
-def load_rows() -> list[dict]:
-    rows = json.loads(MEASUREMENTS.read_text())["rows"]
-    return rows + json.loads(RECIPE_MEASUREMENTS.read_text())["rows"]
+def load_rows(excluded: bool = False) -> list[dict]:
+    """The measured rows the estimate is held to; with excluded=True the others, each with its reason (a row
+    that measured another situation than the one its settings name, e.g. a second length in one process)."""
+    rows = json.loads(MEASUREMENTS.read_text())["rows"] + json.loads(RECIPE_MEASUREMENTS.read_text())["rows"]
+    return [r for r in rows if bool(r.get("excluded")) == excluded]
 
 
 def compare(rows: list[dict] | None = None) -> list[dict]:
@@ -118,7 +120,9 @@ def recipe_table(rows: list[dict]) -> str:
     for r in sorted(recipe_rows, key=key):
         extra = " ".join(r["args"][r["args"].index("--recipe") + 2:])
         extra = " ".join(a for a in extra.split() if a not in ("--optimizer", "adamw8bit")) if extra else ""
-        recipe = f"{r['recipe']}{' ' + extra if extra else ''} ({r['runner']})" + (f", call {r['call']}" if r["call"] >= 6 else "")
+        env = " ".join(f"{k}={v}" for k, v in (r.get("env") or {}).items())
+        recipe = (f"{r['recipe']}{' ' + extra if extra else ''} ({r['runner']})" + (f" [{env}]" if env else "")
+                  + (f", call {r['call']}" if r["call"] >= 6 else ""))
         lines.append(f"| {r['model'] if r['layers'] else r['model'] + ' (full)'} | {r['mode']} | "
                      f"{r['seq']} | {recipe} | {r['measured_peak_allocated'] / g:.2f} | {r['peak_reserved'] / g:.2f} | "
                      f"{r['estimate'] / g:.2f} | {100 * r['error']:+.1f}% |")
@@ -134,3 +138,8 @@ def recipe_table(rows: list[dict]) -> str:
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     print(recipe_table(compare()) if "--recipes" in sys.argv[1:] else table(compare()))
+    if "--recipes" in sys.argv[1:]:
+        print("\nNot compared (measured another situation than their settings name):")
+        for r in compare(load_rows(excluded=True)):
+            print(f"- {named(r)['model']} {r['mode']} {r['seq']} {r['recipe']}, call {r['call']}: "
+                  f"{r['measured_peak_allocated'] / 2**30:.2f} GiB (estimate {r['estimate'] / 2**30:.2f}): {r['excluded']}")

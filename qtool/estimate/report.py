@@ -93,15 +93,17 @@ def _warnings(spec: ModelSpec, run, plan, positions: int | None, dims: memory.Di
 
 
 def _unsloth_warnings(plan, dims: memory.Dims) -> list[str]:
-    """Where Unsloth's QLoRA estimate stands on less than a measurement within 3% (docs/benchmarks.md)."""
+    """What Unsloth's QLoRA estimate assumes about Unsloth's own switches (docs/benchmarks.md, "recipes")."""
     out = []
     if any(g.reason == REASON_FUSED for g in plan.groups):
-        out.append("--recipe unsloth with MoE experts: measured -5.5% off at 512 tokens on Mixtral (within 3% at "
-                   "2048 and 8192; docs/benchmarks.md); allow some margin")
+        out.append("--recipe unsloth with MoE experts: a fresh run's first step holds every layer's activations "
+                   "(Unsloth's per-layer torch.compile, its default from torch 2.11) and is the peak estimated here; "
+                   "UNSLOTH_BLOCK_COMPILE=0 avoids it (measured on Mixtral)")
     if dims.attn_softcapping:
-        out.append("--recipe unsloth with attention soft-capping (Gemma-2): not measured -- Unsloth's compiled "
-                   "layers failed or outlasted the GPU run (torch 2.11); the estimate uses the terms measured on "
-                   "the other architectures")
+        out.append("--recipe unsloth with soft-capped attention (Gemma-2): Unsloth 2026.10.9's per-layer compile "
+                   "failed inside Inductor on torch 2.11, so this was measured with UNSLOTH_BLOCK_COMPILE=0; without "
+                   "flash-attn's soft-capping kernel attention holds B x heads x S x S scores and two "
+                   "max_seq_length x max_seq_length masks (taken as --seq-len)")
     return out
 
 

@@ -7,8 +7,8 @@ moments are source arithmetic, nothing fitted)."""
 from __future__ import annotations
 
 from qtool.estimate.memory import (
-    CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, UNSLOTH_FAST_MODEL_TYPES, GiB, MemoryInputs, largest_dequantized,
-    layer_activation_bytes, trainable_state,
+    CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, UNSLOTH_FAST_MODEL_TYPES, GiB, MemoryInputs, expert_adapter_params,
+    largest_dequantized, layer_activation_bytes, trainable_state,
 )
 
 # use_gradient_checkpointing="unsloth": each layer's input goes to host memory through a GPU buffer of
@@ -57,13 +57,49 @@ MOE_GATE_GRAD_FP32 = 3
 # forward_native_grouped_mm's separated LoRA, first (no-grad) pass: mm1_out + lora_delta * scaling holds the base
 # output, the delta, its scaled copy and the sum, routed rows x 2 x inter each
 MOE_LORA_ADD_TENSORS = 4
+# Unsloth's per-decoder-layer torch.compile (unsloth/models/_block_compile.py: on by default from torch 2.11,
+# UNSLOTH_BLOCK_COMPILE=0 turns it off) on that path: a fresh process's first step holds, through its forward,
+# every layer's grad-mode activations, as if nothing were checkpointed (later steps do not: the second step of
+# the same runs peaks at the terms above). Read from the allocations alive at that peak (tools/peak_trace.py,
+# Mixtral 4 layers at 8192 tokens, call 8), per layer: per routed row 4 intermediate-sized tensors (three
+# grouped-GEMM outputs and the native path's activation) and the gathered input; per token 4 hidden-sized
+# (three norm outputs, attention's output), the queries after RoPE and 2 key/value-sized ones; beside them
+# the layer's input and output, the gate_up stack being dequantized and one attention weight dequantized.
+# Checked at 512 and 2048 tokens (not used to read the counts).
+MOE_FIRST_STEP_INTER = 4
+MOE_FIRST_STEP_HIDDEN = 4
+MOE_FIRST_STEP_KV = 2
+MOE_FIRST_STEP_STREAM = 2
+# Gemma-2 on Unsloth's own class without flash-attn's soft-capping kernel (flash-attn >= 2.6.3 is not among
+# Unsloth's requirements; qtool assumes it absent): LlamaModel_fast_forward builds the sliding-window and the
+# global causal mask once, max_seq_length x max_seq_length in the model's dtype, kept on the model (traced:
+# 2 x 128 MiB at 8192); qtool takes max_seq_length = --seq-len
+SOFTCAP_STATIC_MASKS = 2
+# ... and attention runs unsloth/kernels/flex_attention.py's slow_attention_softcapping, compiled by Inductor:
+# one layer's attention backward holds B x H x S x S scores three times, the soft-capped scores its forward
+# saved and the probabilities the backward recomputes (both in the compute dtype) and their gradient in fp32
+# (traced on Gemma-2 4 layers at 8192 tokens, call 7; checked at 2048)
+SOFTCAP_SCORES_16BIT = 2
+SOFTCAP_SCORES_FP32 = 1
 
 
 def unsloth_breakdown(m: MemoryInputs) -> dict[str, int]:
     """Unsloth's QLoRA (FastLanguageModel + get_peft_model(use_gradient_checkpointing="unsloth") under trl's
-    SFTTrainer). Weights stay as loaded -- no prepare_model_for_kbit_training upcast: embeddings, norms and
-    lm_head 16-bit, fused MoE experts 4-bit --, the adapters are fp32 (unsloth_zoo's prepare_model_for_training
-    casts trainable parameters to float32), checkpoints live in host memory, the loss is chunked."""
+    SFTTrainer): the larger of a step with the training state (unsloth_steps) and, on the MoE grouped-GEMM path,
+    a fresh process's first step (moe_first_step)."""
+    steps = unsloth_steps(m)
+    if m.largest_fused > 0 and m.dims.num_experts > 1 and m.gradient_checkpointing:
+        first = moe_first_step(m)
+        if sum(first.values()) > sum(steps.values()):
+            return first
+    return steps
+
+
+def unsloth_steps(m: MemoryInputs) -> dict[str, int]:
+    """A step with gradients and optimizer states. Weights stay as loaded -- no prepare_model_for_kbit_training
+    upcast: embeddings, norms and lm_head 16-bit, fused MoE experts 4-bit --, the adapters are fp32 (unsloth_zoo's
+    prepare_model_for_training casts trainable parameters to float32), checkpoints live in host memory, the loss
+    is chunked."""
     d, b, s, c = m.dims, m.batch, m.seq, m.compute_bytes
     hidden = b * s * d.hidden * c
     out: dict[str, int] = {"weights": m.quant_weights_gpu}
@@ -78,6 +114,9 @@ def unsloth_breakdown(m: MemoryInputs) -> dict[str, int]:
         out["offload_buffers"] = UNSLOTH_OFFLOAD_BUFFERS * hidden
     else:
         out["activations"] = d.layers * layer_activation_bytes(d, b, s, c)
+    softcap = softcap_attention(m)
+    if softcap and m.gradient_checkpointing:
+        out["attention_masks"] = SOFTCAP_STATIC_MASKS * s * s * c
     rows = min(b * s, max(UNSLOTH_CE_MIN_ROWS, -(-b * s // 8)),
                UNSLOTH_CE_CHUNK_BYTES // max(d.vocab * UNSLOTH_CE_BYTES_PER_LOGIT, 1))
     loss_phase = {"loss_chunk": rows * d.vocab * 4, "loss_hidden": UNSLOTH_LOSS_HIDDEN_TENSORS * hidden}
@@ -88,11 +127,40 @@ def unsloth_breakdown(m: MemoryInputs) -> dict[str, int]:
         "mlp_backward": 0 if moe else int(mlp * b * s * d.intermediate * d.experts_per_token * c),
         "moe_experts": moe_grouped_bytes(m) if moe else 0,
         "dequant_buffer": 0 if moe else largest_dequantized(m) * c,
-        # a sliding window shorter than the sequence: the attention mask is built, S x S in 16 bit
-        "window_mask": b * s * s * c if d.sliding_window is not None and s > d.sliding_window else 0,
+        # a sliding window shorter than the sequence: the attention mask is built, S x S in 16 bit (Gemma-2's
+        # static masks above stand for it)
+        "window_mask": b * s * s * c if d.sliding_window is not None and s > d.sliding_window and not softcap else 0,
     }
-    phase = loss_phase if sum(loss_phase.values()) >= sum(layer_phase.values()) else layer_phase
+    phases = [loss_phase, layer_phase]
+    if softcap:  # the recomputed layer's attention backward (its MLP's backward is over by then)
+        phases.append({"layer_hidden": layer_phase["layer_hidden"], "dequant_buffer": layer_phase["dequant_buffer"],
+                       "softcap_scores": b * d.heads * s * s * (SOFTCAP_SCORES_16BIT * c + SOFTCAP_SCORES_FP32 * 4)})
+    phase = max(phases, key=lambda p: sum(p.values()))  # the first of equals: the loss phase
     out.update({k: v for k, v in phase.items() if v})
+    out["cuda_context"] = CUDA_CONTEXT_BYTES
+    return out
+
+
+def softcap_attention(m: MemoryInputs) -> bool:
+    """Gemma-2's soft-capped attention on Unsloth's own class: the compiled slow path (no flash-attn)."""
+    return m.dims.attn_softcapping and m.model_type == "gemma2"
+
+
+def moe_first_step(m: MemoryInputs) -> dict[str, int]:
+    """A fresh process's first step on the grouped-GEMM MoE path under Unsloth's block compile (MOE_FIRST_STEP_*
+    above): no gradients or optimizer states yet, every layer's forward activations, the gate_up stack."""
+    d, b, s, c = m.dims, m.batch, m.seq, m.compute_bytes
+    routed = b * s * d.experts_per_token
+    per_layer = (routed * (MOE_FIRST_STEP_INTER * d.intermediate + d.hidden) * c
+                 + b * s * (MOE_FIRST_STEP_HIDDEN * d.hidden + d.heads * d.head_dim + MOE_FIRST_STEP_KV * d.kv_dim) * c)
+    out = {"weights": m.quant_weights_gpu, "lora_params": m.lora_params * 4,
+           "expert_adapters": expert_adapter_params(m) * 4,  # fp32, no grads or states before the first step
+           "cublas_workspace": CUBLAS_WORKSPACE_BYTES}
+    if rope_cache_bytes(m):
+        out["rope_cache"] = rope_cache_bytes(m)
+    out["first_step_activations"] = d.layers * per_layer + MOE_FIRST_STEP_STREAM * b * s * d.hidden * c
+    out["moe_experts"] = m.largest_fused * c  # the gate_up stack dequantized for the layer that runs
+    out["dequant_buffer"] = m.largest_linear * c
     out["cuda_context"] = CUDA_CONTEXT_BYTES
     return out
 

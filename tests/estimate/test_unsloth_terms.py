@@ -1,7 +1,9 @@
 """Unsloth's terms (qtool.estimate.unsloth_terms), each against the arithmetic of the unsloth/unsloth_zoo 2026.10.9
 source it models: the RoPE cache of Unsloth's own classes (unsloth/models/llama.py), Mistral's prefill mask
 (unsloth/models/mistral.py), the grouped-GEMM path of MoE experts kept 4-bit
-(unsloth_zoo/temporary_patches/moe_utils.py) and the fp32 cast of every LoRA adapter (unsloth_zoo/training_utils.py)."""
+(unsloth_zoo/temporary_patches/moe_utils.py) and the fp32 cast of every LoRA adapter (unsloth_zoo/training_utils.py);
+and what GPU traces showed (tools/peak_trace.py): the first step of a fresh process on the MoE path under
+Unsloth's block compile, Gemma-2's soft-capped attention and its static masks."""
 
 from __future__ import annotations
 
@@ -75,7 +77,7 @@ def test_moe_grouped_path_peaks_at_the_gate_gradient_for_long_sequences(tmp_path
     m = _inputs(tmp_path, "mixtral-8x7b", mode="qlora", seq_len=seq)
     saved = rows * (h + 3 * i) * 2
     assert unsloth_terms.moe_grouped_bytes(m) == saved + rows * i * 2 + 3 * rows * i * 4
-    terms = memory.memory_breakdown(m)
+    terms = unsloth_terms.unsloth_steps(m)  # a later step: the first one is test_moe_first_step_...
     assert terms["moe_experts"] == unsloth_terms.moe_grouped_bytes(m)
     assert "mlp_backward" not in terms and "dequant_buffer" not in terms
 
@@ -122,3 +124,44 @@ def test_max_positions_is_read_leniently(value, expected):
     rather than failing the estimate."""
     cfg = {**_config("llama-3-8b"), "max_position_embeddings": value}
     assert memory.dims_from_config(cfg).max_positions == expected
+
+
+def test_moe_first_step_holds_every_layers_activations(tmp_path):
+    """A fresh process's first step (Unsloth's per-layer compile, MoE grouped-GEMM path): no grads or optimizer
+    states yet, every layer's activations -- per routed row 4 intermediate-sized tensors and the gathered input,
+    per token 4 hidden-sized, the queries and 2 key/value-sized --, the stream's 2 and the gate_up stack. It is
+    the peak at every length the traces ran (512-8192); with checkpointing off every layer is held anyway."""
+    cfg = _config("mixtral-8x7b")
+    h, i, e, k = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_local_experts"], cfg["num_experts_per_tok"]
+    kv = cfg["num_key_value_heads"] * (h // cfg["num_attention_heads"])
+    for seq in (512, 2048, 8192):
+        m = _inputs(tmp_path, "mixtral-8x7b", mode="qlora", seq_len=seq)
+        first = unsloth_terms.moe_first_step(m)
+        per_layer = seq * k * (4 * i + h) * 2 + seq * (4 * h + h + 2 * kv) * 2
+        assert first["first_step_activations"] == 4 * per_layer + 2 * seq * h * 2
+        assert first["moe_experts"] == e * 2 * i * h * 2
+        assert first["expert_adapters"] == memory.expert_adapter_params(m) * 4
+        assert not {"lora_grads", "optimizer_states", "cublas_workspace_backward"} & set(first)
+        assert memory.memory_breakdown(m) == first
+        assert sum(first.values()) > sum(unsloth_terms.unsloth_steps(m).values())
+    plain = _inputs(tmp_path, "mixtral-8x7b", mode="qlora", seq_len=512, gradient_checkpointing=False)
+    assert "first_step_activations" not in memory.memory_breakdown(plain)
+    dense = memory.memory_breakdown(_inputs(tmp_path, "llama-3-8b", mode="qlora", seq_len=8192))
+    assert "first_step_activations" not in dense
+
+
+def test_gemma2_softcapped_attention_and_static_masks(tmp_path):
+    """Gemma-2 on Unsloth's own class without flash-attn: two max_seq_length^2 masks in bf16 kept on the model
+    (the window mask is one of them), and a layer's attention backward holding B x H x S x S scores as the saved
+    bf16 scores, the recomputed bf16 probabilities and their fp32 grad -- the peak at 8192 tokens, the loss
+    chunk still at 512. Llama, whose attention is SDPA's, has neither."""
+    cfg = _config("gemma-2-9b")
+    heads = cfg["num_attention_heads"]
+    long = memory.memory_breakdown(_inputs(tmp_path, "gemma-2-9b", mode="qlora", seq_len=8192))
+    assert long["softcap_scores"] == heads * 8192 * 8192 * (2 + 2 + 4)
+    assert long["attention_masks"] == 2 * 8192 * 8192 * 2
+    assert "window_mask" not in long and "mlp_backward" not in long and "loss_chunk" not in long
+    short = memory.memory_breakdown(_inputs(tmp_path, "gemma-2-9b", mode="qlora", seq_len=512))
+    assert "softcap_scores" not in short and "loss_chunk" in short and short["attention_masks"] == 2 * 512 * 512 * 2
+    llama = memory.memory_breakdown(_inputs(tmp_path, "llama-3-8b", mode="qlora", seq_len=8192))
+    assert "softcap_scores" not in llama and "attention_masks" not in llama
