@@ -13,6 +13,8 @@
 # and 8192 (the recorded rows ran after 512 in one process: does a fresh process's first step add more?),
 # Gemma-2 at 512/2048/16384 under adamw8bit (16384: a check of the soft-capped attention's terms, which were
 # derived from 512-8192), and bench/recipe_gpu.py's Gemma-2 512 row traced (it loads with max_seq_length 8192).
+# CALL=9: checks (nothing read from them): Mixtral at batch 2 and at 6 layers, Gemma-2 at batch 2 x 4096, a second
+# MoE architecture (Qwen3-30B-A3B, 4 layers) under Unsloth and the Trainer, Qwen2.5 at 8192 in a fresh process.
 # Everything comes back in one $OUT/results.tgz (the pickles stay on the machine: they can be large).
 #   WHEELS=".whl .dev/recipe-wheels/trl .dev/recipe-wheels/unsloth" OUT=$OUT bash bench/trace_gaps.sh
 set -uo pipefail
@@ -45,6 +47,24 @@ print(json.dumps(case_config('$arch', $layers)))" > "$work/config.json" || retur
   rm -rf "$work"
 }
 
+check() {  # check NAME ARCH LAYERS "QTOOL VERIFY OPTIONS" [VAR=VALUE...]: a traced verify run, any recipe
+  local name=$1 arch=$2 layers=$3 opts=$4 work
+  shift 4
+  work=$(mktemp -d)
+  python3 -c "import json, sys; sys.path.insert(0, 'bench'); from recipe_gpu import case_config; \
+print(json.dumps(case_config('$arch', $layers)))" > "$work/config.json" || return
+  mkdir -p "$work/mh"
+  # shellcheck disable=SC2086
+  ( cd "$work" && env "$@" QTOOL_MEMORY_HISTORY="$work/mh/r" timeout "$limit" python3 -m qtool verify \
+      "$work/config.json" $opts --steps 2 --json > "$res/$name.json" 2> "$res/$name.err" )
+  echo "$name: qtool verify exit $?" | tee -a "$res/summary.txt"
+  if compgen -G "$work/mh/r.*.pickle" > /dev/null; then
+    python3 tools/peak_trace.py "$work"/mh/r.*.pickle --top 30 --after training_step --json "$res/$name.peaks.json" \
+      > "$res/$name.peaks.txt" 2>&1
+  fi
+  rm -rf "$work"
+}
+
 rows() {  # rows NAME SEQS [VAR=VALUE...]: bench/recipe_gpu.py's Unsloth rows for Gemma-2 (4 layers)
   local name=$1 seqs=$2
   shift 2
@@ -71,6 +91,15 @@ case ${CALL:-8} in
   traced gemma2_16384_noblock_8bit gemma-2-9b 4 16384 adamw8bit UNSLOTH_BLOCK_COMPILE=0 &
   mkdir -p /tmp/rg; QTOOL_MEMORY_HISTORY=/tmp/rg/r rows gemma2_noblock_traced 512 UNSLOTH_BLOCK_COMPILE=0 &
   ;;
+9)  # checks of calls 7-8's terms on settings and an architecture they were not read from (nothing fitted)
+  check mixtral_b2_1024 mixtral-8x7b 4 "--recipe unsloth --mode qlora --batch-size 2 --seq-len 1024 --optimizer adamw8bit" &
+  check mixtral6_1024 mixtral-8x7b 6 "--recipe unsloth --mode qlora --seq-len 1024 --optimizer adamw8bit" &
+  check gemma2_b2_4096 gemma-2-9b 4 "--recipe unsloth --mode qlora --batch-size 2 --seq-len 4096 --optimizer adamw8bit" \
+    UNSLOTH_BLOCK_COMPILE=0 &
+  check qwen3moe_unsloth_2048 qwen3-30b-a3b 4 "--recipe unsloth --mode qlora --seq-len 2048 --optimizer adamw8bit" &
+  check qwen3moe_trainer_2048 qwen3-30b-a3b 4 "--recipe trainer --mode qlora --seq-len 2048 --optimizer adamw8bit" &
+  check qwen25_unsloth_8192 qwen2.5-7b 4 "--recipe unsloth --mode qlora --seq-len 8192 --optimizer adamw8bit" &
+  ;;
 esac
 wait
 cp "$OUT/card.txt" "$res/"
@@ -79,5 +108,8 @@ if compgen -G "/tmp/rg/r.*.pickle" > /dev/null; then
     > "$res/rows_traced.txt" 2>&1
 fi
 for f in "$res"/gemma2_*.log; do echo "== $f"; tail -n 6 "$f"; done
-for f in "$res"/*.training_step.txt; do echo "== $f"; head -n 16 "$f"; done
+for f in "$res"/*.training_step.txt "$res"/*.peaks.txt; do [ -f "$f" ] && { echo "== $f"; head -n 12 "$f"; }; done
+for f in "$res"/*.json; do python3 -c "import json, sys; d = json.load(open(sys.argv[1])); m = d.get('memory') or {}; \
+print(sys.argv[1].rsplit('/', 1)[-1], d.get('exit_code'), m.get('peak_allocated_bytes', 0) / 2**30, \
+(d.get('estimate') or {}).get('allocated_peak_bytes', 0) / 2**30, d.get('error'))" "$f" 2>/dev/null; done
 tar czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$res"

@@ -147,6 +147,10 @@ def dims_from_config(cfg: Mapping) -> Dims:
     vocab = size("vocab_size")
     top_k = size("num_experts_per_tok", "moe_topk", default=1)
     experts = size("num_local_experts", "num_experts", default=1)
+    if experts > 1 and _first(text, "moe_intermediate_size") is not None:
+        # Qwen3-MoE and its kind: each expert's MLP is moe_intermediate_size wide (intermediate_size is a dense
+        # layer's, used only by mlp_only_layers; models mixing dense and MoE layers count as all-MoE here)
+        inter = size("moe_intermediate_size")
     positions = max_positions(text)  # only sizes Unsloth's RoPE cache: lenient
     window = None
     if text.get("use_sliding_window", True) is not False and text.get("sliding_window") is not None:
