@@ -82,10 +82,13 @@ def summarize(events: list[dict], top: int, after: str | None = None) -> dict:
     groups: dict[str, dict] = {}
     for e in live.values():
         frames = e.get("frames") or []
-        g = groups.setdefault(owner(frames), {"bytes": 0, "count": 0, "stack": [
+        g = groups.setdefault(owner(frames), {"bytes": 0, "count": 0, "sizes": {}, "stack": [
             f"{_short(f.get('filename', '?'))}:{f.get('line')} {f.get('name')}" for f in frames[:8]]})
         g["bytes"] += e["size"]
         g["count"] += 1
+        g["sizes"][e["size"]] = g["sizes"].get(e["size"], 0) + 1
+    for g in groups.values():  # the group's allocation sizes, largest first: [[bytes, how many], ...]
+        g["sizes"] = [list(kv) for kv in sorted(g["sizes"].items(), reverse=True)]
     ranked = sorted(groups.items(), key=lambda kv: -kv[1]["bytes"])
     return {"peak_bytes": peak, "event": at, "events": len(events), "alive": len(live),
             "groups": [{"owner": k, **v} for k, v in ranked[:top]]}

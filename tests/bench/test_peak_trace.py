@@ -48,6 +48,7 @@ def test_alive_at_the_peak_grouped_by_the_owning_library(tmp_path):
     """The group is named by the innermost frame in a library that asked for the memory (not torch's wrapper),
     largest first; the script reads the pickle torch writes and prints and saves the summary."""
     s = peak_trace.summarize(_events(), top=5)
+    assert [g["sizes"] for g in s["groups"]] == [[[100, 1]], [[50, 1]]]
     assert [(g["owner"], g["bytes"], g["count"]) for g in s["groups"]] == [
         ("transformers/models/llama/modeling_llama.py:500 forward", 100, 1),
         ("torch/distributed/fsdp/_flat_param.py:1337 flat_param_to", 50, 1)]
