@@ -80,7 +80,8 @@ def compare(rows: list[dict] | None = None) -> list[dict]:
     for r in rows:
         flags = flags_from_args(r["args"])
         flags.setdefault("recipe", "loop")  # rows from before the recipe setting measured qtool verify's loop
-        settings = resolve_settings(flags, env={}, cwd=ROOT / "docs")
+        # the switches the run had (UNSLOTH_BLOCK_COMPILE=0, ...) as the run's environment
+        settings = resolve_settings(flags, env=r.get("env") or {}, cwd=ROOT / "docs")
         rep = estimate_report(_spec(r, tmp), settings)
         load_only = "--steps" in r["args"] and r["args"][r["args"].index("--steps") + 1] == "0"
         est = rep["weights"][rep["format"]]["gpu"] if load_only else rep["allocated_peak_bytes"]

@@ -53,7 +53,7 @@ def pytest_collection_finish(session):
 # Every test: a clean environment and a temporary working directory (as simonw/llm isolates user state).
 # ---------------------------------------------------------------------------------------------------
 
-_USER_PREFIXES = ("QTOOL_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "ACCELERATE_")
+_USER_PREFIXES = ("QTOOL_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "ACCELERATE_", "UNSLOTH_")
 # What shapes a console (rich's and typer's width, colour and terminal detection; GitHub Actions makes typer
 # draw for a terminal): the tests read qtool's output as a pipe shows it, whatever terminal or CI runs them.
 _TERMINAL_VARIABLES = ("COLUMNS", "LINES", "JUPYTER_COLUMNS", "JUPYTER_LINES", "FORCE_COLOR", "NO_COLOR",

@@ -65,6 +65,7 @@ class Key:
     metavar: str | None = None
     short: str | None = None  # e.g. -b
     aliases: tuple[str, ...] = ()  # more flag names
+    env_aliases: tuple[str, ...] = ()  # another tool's variable for the same switch, read after QTOOL_<NAME>
 
 
 Q = "Quantization (BitsAndBytesConfig)"
@@ -118,6 +119,9 @@ KEYS: tuple[Key, ...] = (
        "flags; fp32: none)", group="run", panel=R, commands=_EV, metavar="P"),
     _k("gradient_checkpointing", True, _bool, "Recompute activations in the backward pass", group="run", panel=R,
        commands=_EV, type=bool),
+    _k("unsloth_block_compile", True, _bool, "Unsloth's per-decoder-layer torch.compile, its default from torch "
+       "2.11 (UNSLOTH_BLOCK_COMPILE=0 turns it off): on MoE experts a run's first step then holds every layer's "
+       "activations", group="run", panel=R, commands=_EV, type=bool, env_aliases=("UNSLOTH_BLOCK_COMPILE",)),
     _k("vram", None, _budget, "Memory budget: a size (24GB, 24GiB) or a GPU from the catalogue; exit 3 over it",
        panel=R, commands=_EV, metavar="SIZE", aliases=("--max-vram",)),
     _k("gpu", None, _gpu, "GPU from configs/gpus.toml (rtx-4090, a100-80gb, ...): its memory is the budget",
@@ -332,7 +336,12 @@ def resolve_settings(
     cwd = Path.cwd() if cwd is None else cwd
     file_data, file_path = _read_project_file(config_file, cwd)
     file_top, file_command = _file_layers(file_data, file_path, command)
-    env_values = {k.name: env[env_name(k.name)] for k in KEYS if env_name(k.name) in env}
+    env_values, env_from = {}, {}
+    for k in KEYS:
+        name = next((n for n in (env_name(k.name), *k.env_aliases) if n in env), None)
+        if name is not None:  # another tool's variable by that tool's rule: "0" is off, anything else on
+            env_values[k.name] = env[name] if name == env_name(k.name) else env[name].strip() != "0"
+            env_from[k.name] = name
 
     layers: list[tuple[str, dict]] = [
         ("flag {}", flags),
@@ -358,7 +367,7 @@ def resolve_settings(
     for key in KEYS:
         for i, (label, layer) in enumerate(layers):
             if key.name in layer:
-                where = label.format(flag_name(key.name) if label.startswith("flag") else env_name(key.name))
+                where = label.format(flag_name(key.name) if label.startswith("flag") else env_from.get(key.name))
                 try:
                     values[key.name] = key.parse(layer[key.name], key.name)
                 except ConfigError as exc:

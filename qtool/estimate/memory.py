@@ -225,6 +225,7 @@ class MemoryInputs:
     upcast_kept: bool = True  # qlora: prepare_model_for_kbit_training upcasts the kept params (FSDP-QLoRA: not)
     model_type: str = ""  # config.json's model_type (Unsloth serves some with its own classes)
     largest_fused: int = 0  # numel of the largest fused 3-D expert tensor (MoE); Unsloth quantizes those too
+    unsloth_block_compile: bool = True  # Unsloth's per-decoder-layer torch.compile (UNSLOTH_BLOCK_COMPILE)
 
     @property
     def fp32_head(self) -> bool:

@@ -85,20 +85,20 @@ def _warnings(spec: ModelSpec, run, plan, positions: int | None, dims: memory.Di
     if spec.kind == "approximation" and spec.note:
         warnings.insert(0, f"approximation: {spec.note}")
     if run.recipe == "unsloth" and run.mode == "qlora":
-        warnings += _unsloth_warnings(plan, dims)
+        warnings += _unsloth_warnings(plan, dims, run.unsloth_block_compile)
     if positions is not None and run.seq_len > positions:
         warnings.append(f"--seq-len {run.seq_len} is beyond the model's {positions} positions "
                         f"(max_position_embeddings): the model was not trained for sequences that long")
     return warnings
 
 
-def _unsloth_warnings(plan, dims: memory.Dims) -> list[str]:
+def _unsloth_warnings(plan, dims: memory.Dims, block_compile: bool) -> list[str]:
     """What Unsloth's QLoRA estimate assumes about Unsloth's own switches (docs/benchmarks.md, "recipes")."""
     out = []
-    if any(g.reason == REASON_FUSED for g in plan.groups):
+    if block_compile and any(g.reason == REASON_FUSED for g in plan.groups):
         out.append("--recipe unsloth with MoE experts: a fresh run's first step holds every layer's activations "
                    "(Unsloth's per-layer torch.compile, its default from torch 2.11) and is the peak estimated here; "
-                   "UNSLOTH_BLOCK_COMPILE=0 avoids it (measured on Mixtral)")
+                   "--no-unsloth-block-compile (UNSLOTH_BLOCK_COMPILE=0) avoids it (measured on Mixtral and Qwen3-MoE)")
     if dims.attn_softcapping:
         out.append("--recipe unsloth with soft-capped attention (Gemma-2): Unsloth 2026.10.9's per-layer compile "
                    "failed inside Inductor on torch 2.11, so this was measured with UNSLOTH_BLOCK_COMPILE=0; without "
@@ -172,7 +172,7 @@ def estimate_basis(spec: ModelSpec, settings: Settings, *, trust_remote_code: bo
         gradient_checkpointing=run.gradient_checkpointing, weight_bytes=itemsize(dtype),
         recipe=run.recipe, precision=run.precision, lora_rank=run.lora_rank,
         expert_lora="all-linear" in run.lora_targets, model_type=plan.model_type or "",
-        largest_fused=max((g.numel for g in fused), default=0),
+        largest_fused=max((g.numel for g in fused), default=0), unsloth_block_compile=run.unsloth_block_compile,
     )
     return Basis(cached, weights, chosen, dtype, config, inputs)
 

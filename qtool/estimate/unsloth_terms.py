@@ -60,14 +60,18 @@ MOE_LORA_ADD_TENSORS = 4
 # Unsloth's per-decoder-layer torch.compile (unsloth/models/_block_compile.py: on by default from torch 2.11,
 # UNSLOTH_BLOCK_COMPILE=0 turns it off) on that path: a fresh process's first step holds, through its forward,
 # every layer's grad-mode activations, as if nothing were checkpointed (later steps do not: the second step of
-# the same runs peaks at the terms above). Read from the allocations alive at that peak (tools/peak_trace.py,
-# Mixtral 4 layers at 8192 tokens, call 8), per layer: per routed row 4 intermediate-sized tensors (three
-# grouped-GEMM outputs and the native path's activation) and the gathered input; per token 4 hidden-sized
-# (three norm outputs, attention's output), the queries after RoPE and 2 key/value-sized ones; beside them
-# the layer's input and output, the gate_up stack being dequantized and one attention weight dequantized.
-# Checked at 512 and 2048 tokens (not used to read the counts).
+# the same runs peaks at the terms above). From the allocations alive at that peak (tools/peak_trace.py, call 8
+# Mixtral and call 10 Qwen3-MoE, 4 layers at 8192 tokens), per layer: per routed row gate_up's output (2 x inter),
+# the activation and the gathered input, plus grouped-GEMM outputs that differ by architecture (Mixtral ~one
+# more intermediate, Qwen3-MoE two down outputs and rank-sized LoRA ones): 4 intermediate + 1.25 hidden,
+# the two traces' common fit; per token the three norm outputs, the queries twice (attention's output, RoPE),
+# keys and values, and under QK norm one more query and key; beside them the layer's input and output, the
+# gate_up stack being dequantized and one attention weight dequantized. Checked on 512 and 2048 tokens, batch 2
+# and 6 layers (not used for the counts).
 MOE_FIRST_STEP_INTER = 4
-MOE_FIRST_STEP_HIDDEN = 4
+MOE_FIRST_STEP_ROUTED_HIDDEN = 1.25
+MOE_FIRST_STEP_NORMS = 3
+MOE_FIRST_STEP_QUERIES = 2
 MOE_FIRST_STEP_KV = 2
 MOE_FIRST_STEP_STREAM = 2
 # Gemma-2 on Unsloth's own class without flash-attn's soft-capping kernel (flash-attn >= 2.6.3 is not among
@@ -88,7 +92,7 @@ def unsloth_breakdown(m: MemoryInputs) -> dict[str, int]:
     SFTTrainer): the larger of a step with the training state (unsloth_steps) and, on the MoE grouped-GEMM path,
     a fresh process's first step (moe_first_step)."""
     steps = unsloth_steps(m)
-    if m.largest_fused > 0 and m.dims.num_experts > 1 and m.gradient_checkpointing:
+    if m.largest_fused > 0 and m.dims.num_experts > 1 and m.gradient_checkpointing and m.unsloth_block_compile:
         first = moe_first_step(m)
         if sum(first.values()) > sum(steps.values()):
             return first
@@ -151,8 +155,11 @@ def moe_first_step(m: MemoryInputs) -> dict[str, int]:
     above): no gradients or optimizer states yet, every layer's forward activations, the gate_up stack."""
     d, b, s, c = m.dims, m.batch, m.seq, m.compute_bytes
     routed = b * s * d.experts_per_token
-    per_layer = (routed * (MOE_FIRST_STEP_INTER * d.intermediate + d.hidden) * c
-                 + b * s * (MOE_FIRST_STEP_HIDDEN * d.hidden + d.heads * d.head_dim + MOE_FIRST_STEP_KV * d.kv_dim) * c)
+    q = d.heads * d.head_dim
+    per_token = (MOE_FIRST_STEP_NORMS * d.hidden + MOE_FIRST_STEP_QUERIES * q + MOE_FIRST_STEP_KV * d.kv_dim
+                 + (q + d.kv_dim if d.qk_norm else 0))
+    per_layer = int(routed * (MOE_FIRST_STEP_INTER * d.intermediate + MOE_FIRST_STEP_ROUTED_HIDDEN * d.hidden) * c
+                    + b * s * per_token * c)
     out = {"weights": m.quant_weights_gpu, "lora_params": m.lora_params * 4,
            "expert_adapters": expert_adapter_params(m) * 4,  # fp32, no grads or states before the first step
            "cublas_workspace": CUBLAS_WORKSPACE_BYTES}

@@ -79,7 +79,7 @@ def preflight(spec: ModelSpec, settings: Settings, options: VerifyOptions):
         require_unsloth(options.device)
         if run.mode in ("lora", "full"):
             raise BadInput(f"--recipe unsloth runs QLoRA (load_in_4bit) and inference; not --mode {run.mode}")
-        import_unsloth()  # before transformers and trl are used: it patches them on import
+        import_unsloth(run.unsloth_block_compile)  # before transformers and trl are used: it patches them on import
     check_inputs(options)
     settings, seq_note = fit_positions(spec, settings)
     source = resolve_source(spec, options) if spec.kind != "hub" else None

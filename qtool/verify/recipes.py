@@ -62,11 +62,14 @@ def require_unsloth(device: str = "cuda") -> None:
                           "use --device cuda, or another --recipe on the CPU")
 
 
-def import_unsloth():
-    """Unsloth patches transformers, peft and trl on import: it has to come before their first use."""
+def import_unsloth(block_compile: bool | None = None):
+    """Unsloth patches transformers, peft and trl on import: it has to come before their first use.
+    block_compile: the unsloth_block_compile setting, handed to Unsloth as UNSLOTH_BLOCK_COMPILE (None: as is)."""
     import os
 
     os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")  # no network calls from the GPU machine
+    if block_compile is not None:
+        os.environ["UNSLOTH_BLOCK_COMPILE"] = "1" if block_compile else "0"
     import unsloth
 
     return unsloth
@@ -261,7 +264,7 @@ def load_unsloth(path, settings: Settings, max_seq: int):
     Unsloth quantizes with its own bitsandbytes config (NF4, double quant, compute in `dtype`)."""
     import torch
 
-    import_unsloth()
+    import_unsloth(settings.run.unsloth_block_compile)
     from unsloth import FastLanguageModel
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.run.precision, torch.float32)

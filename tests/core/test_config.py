@@ -81,6 +81,20 @@ def test_bad_env_value_names_its_source(tmp_path):
         resolve_settings({}, env={"QTOOL_QUANT_TYPE": "int3"}, cwd=tmp_path)
 
 
+@pytest.mark.parametrize("env,expected,source", [
+    ({}, True, "default"),
+    ({"UNSLOTH_BLOCK_COMPILE": "0"}, False, "env UNSLOTH_BLOCK_COMPILE"),
+    ({"UNSLOTH_BLOCK_COMPILE": ""}, True, "env UNSLOTH_BLOCK_COMPILE"),  # Unsloth's rule: only "0" is off
+    ({"UNSLOTH_BLOCK_COMPILE": "0", "QTOOL_UNSLOTH_BLOCK_COMPILE": "true"}, True, "env QTOOL_UNSLOTH_BLOCK_COMPILE"),
+])
+def test_unsloth_block_compile_follows_unsloths_own_variable(tmp_path, env, expected, source):
+    """The switch Unsloth reads from UNSLOTH_BLOCK_COMPILE is the same setting here (what a user exported for
+    Unsloth changes the estimate as it changes the run); qtool's own variable and flags come first."""
+    s = resolve_settings({}, env=env, cwd=tmp_path)
+    assert (s.run.unsloth_block_compile, s.sources["unsloth_block_compile"]) == (expected, source)
+    assert resolve_settings({"unsloth_block_compile": True}, env=env, cwd=tmp_path).run.unsloth_block_compile
+
+
 def test_unknown_file_key_is_rejected(tmp_path):
     (tmp_path / "qtool.toml").write_text("seq_length = 5\n")
     with pytest.raises(ConfigError, match="unknown setting 'seq_length'"):

@@ -128,8 +128,8 @@ def test_max_positions_is_read_leniently(value, expected):
 
 def test_moe_first_step_holds_every_layers_activations(tmp_path):
     """A fresh process's first step (Unsloth's per-layer compile, MoE grouped-GEMM path): no grads or optimizer
-    states yet, every layer's activations -- per routed row 4 intermediate-sized tensors and the gathered input,
-    per token 4 hidden-sized, the queries and 2 key/value-sized --, the stream's 2 and the gate_up stack. It is
+    states yet, every layer's activations -- per routed row 4 intermediate-sized tensors and 1.25 hidden-sized,
+    per token 3 norm outputs, the queries twice, keys and values --, the stream's 2 and the gate_up stack. It is
     the peak at every length the traces ran (512-8192); with checkpointing off every layer is held anyway."""
     cfg = _config("mixtral-8x7b")
     h, i, e, k = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_local_experts"], cfg["num_experts_per_tok"]
@@ -137,7 +137,7 @@ def test_moe_first_step_holds_every_layers_activations(tmp_path):
     for seq in (512, 2048, 8192):
         m = _inputs(tmp_path, "mixtral-8x7b", mode="qlora", seq_len=seq)
         first = unsloth_terms.moe_first_step(m)
-        per_layer = seq * k * (4 * i + h) * 2 + seq * (4 * h + h + 2 * kv) * 2
+        per_layer = int(seq * k * (4 * i + 1.25 * h) * 2) + seq * (3 * h + 2 * h + 2 * kv) * 2
         assert first["first_step_activations"] == 4 * per_layer + 2 * seq * h * 2
         assert first["moe_experts"] == e * 2 * i * h * 2
         assert first["expert_adapters"] == memory.expert_adapter_params(m) * 4
@@ -146,6 +146,8 @@ def test_moe_first_step_holds_every_layers_activations(tmp_path):
         assert sum(first.values()) > sum(unsloth_terms.unsloth_steps(m).values())
     plain = _inputs(tmp_path, "mixtral-8x7b", mode="qlora", seq_len=512, gradient_checkpointing=False)
     assert "first_step_activations" not in memory.memory_breakdown(plain)
+    off = _inputs(tmp_path, "mixtral-8x7b", mode="qlora", seq_len=8192, unsloth_block_compile=False)
+    assert memory.memory_breakdown(off) == unsloth_terms.unsloth_steps(off)  # UNSLOTH_BLOCK_COMPILE=0
     dense = memory.memory_breakdown(_inputs(tmp_path, "llama-3-8b", mode="qlora", seq_len=8192))
     assert "first_step_activations" not in dense
 
@@ -165,3 +167,20 @@ def test_gemma2_softcapped_attention_and_static_masks(tmp_path):
     assert "softcap_scores" not in short and "loss_chunk" in short and short["attention_masks"] == 2 * 512 * 512 * 2
     llama = memory.memory_breakdown(_inputs(tmp_path, "llama-3-8b", mode="qlora", seq_len=8192))
     assert "softcap_scores" not in llama and "attention_masks" not in llama
+
+
+def test_moe_first_step_keeps_the_qk_norm_inputs(tmp_path):
+    """Under QK norm (Qwen3-MoE) each layer also keeps the projected queries and keys the norm reads."""
+    cfg = json.loads((ROOT / "bench" / "configs" / "qwen3-30b-a3b.json").read_text())
+    path = tmp_path / "q3" / "config.json"
+    path.parent.mkdir()
+    for qk in (True, False):
+        path.write_text(json.dumps({**cfg, "num_hidden_layers": 4, "model_type": "qwen3_moe" if qk else "mixtral"}))
+        settings = resolve_settings({"recipe": "unsloth", "mode": "qlora", "seq_len": 2048}, env={}, cwd=tmp_path)
+        m = estimate_basis(resolve_model(str(path)), settings).inputs
+        assert m.dims.intermediate == cfg["moe_intermediate_size"]  # an expert's width, not the dense layers'
+        if qk:
+            with_norm = unsloth_terms.moe_first_step(m)["first_step_activations"]
+        else:
+            q, kv = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
+            assert with_norm - unsloth_terms.moe_first_step(m)["first_step_activations"] == 4 * 2048 * (q + kv) * 2
