@@ -64,6 +64,12 @@ class NotFinite(QtoolError):
     exit_code = EXIT_NOT_FINITE
 
 
+class RecipeFailed(QtoolError):
+    """The recipe's own libraries failed while running the steps (not qtool, not the input): e.g. torch.compile."""
+
+    exit_code = EXIT_INTERNAL
+
+
 class OutputError(QtoolError):
     """The output could not be written: disk full, quota exceeded, file-size limit. Nothing is left behind."""
 

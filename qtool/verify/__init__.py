@@ -41,7 +41,7 @@ from qtool.verify.meter import Meter, _device_info, _max_rss_bytes, versions
 from qtool.verify.report import VerifyReport
 from qtool.verify.quality import _quality_outputs, _reference_quality, compare_outputs
 from qtool.verify.runs import _infer, _train, wrap_for_training
-from qtool.verify.verdict import _estimate, _first_line, _numerical, checks, compare_estimate, outcome
+from qtool.verify.verdict import _estimate, _first_line, _numerical, checks, compare_estimate, compile_failure, outcome
 
 __all__ = ["Stage", "VerifyOptions", "VerifyReport", "check_inputs", "checks", "compare_outputs", "outcome", "portable_cpu_kernels",
            "preflight", "random_state_dict", "run_verify"]
@@ -225,6 +225,10 @@ class _Run:
             tok = self.stage == Stage.TOKENIZER
             raise WeightsError(f"{'cannot load the tokenizer' if tok else 'cannot load'}: {_first_line(exc)}",
                                path=self.source.tokenizer_dir if tok else self.source.path or self.spec.ref) from exc
+        run = self.settings.run
+        failed = compile_failure(exc, self.stage.value, run.recipe, run.unsloth_block_compile)
+        if failed is not None:
+            raise failed from exc
         if isinstance(exc, OSError) or not _numerical(exc):
             raise exc  # a bug or an unsupported model, not a verdict: exit 1 with the message
         self.report.error = {"stage": self.stage.value, "kind": type(exc).__name__, "numerical": True,

@@ -49,6 +49,26 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {one_line(exc)}" if str(exc).strip() else type(exc).__name__
 
 
+def compile_failure(exc: BaseException, stage: str, recipe: str, block_compile: bool):
+    """A torch.compile failure inside the steps (Dynamo/Inductor: TorchDynamoException) -> RecipeFailed naming the
+    recipe, the stage and the compiler's one line; with Unsloth, the switch that runs its layers uncompiled.
+    None for anything else."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    from qtool.core.errors import RecipeFailed, one_line
+
+    if not isinstance(exc, TorchDynamoException):
+        return None
+    cause = exc.__cause__ or exc.__context__
+    inner = f"{type(cause).__name__}: {one_line(cause, 160)}" if cause is not None else one_line(exc, 160)
+    hint = None
+    if recipe == "unsloth":
+        hint = ("Unsloth's per-layer compile is on: --no-unsloth-block-compile or UNSLOTH_BLOCK_COMPILE=0 runs "
+                "without it" if block_compile else "Unsloth still compiles some kernels with the block compile off")
+    return RecipeFailed(f"the {recipe} recipe failed in {stage}: torch.compile raised {type(exc).__name__} ({inner})",
+                        hint=hint)
+
+
 def _numerical(exc: BaseException) -> bool:
     """Errors a broken (NaN/inf) model can raise inside kernels, e.g. sampling or argmax on NaN.
     Whole words only: "information" or "inference" in a message says nothing about NaN."""

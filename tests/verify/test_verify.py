@@ -426,3 +426,30 @@ def test_paths_checked_before_loading(tiny, tmp_path, capsys):
     assert code == 2 and "not a file" in err and "loading" not in err
     code, _, err = _run([missing_model, "--device", "cpu", "--reference", str(tmp_path / "no-ref")], capsys)
     assert code == 2 and "no-ref" in err and "no-model" not in err
+
+
+def test_a_torch_compile_failure_in_the_steps_is_named_not_an_internal_error():
+    """Unsloth's compiled Gemma-2 layer failed inside Inductor on torch 2.11 (docs/benchmarks.md, calls 7-8): a
+    torch.compile failure during the steps is the recipe's libraries failing, reported as one line naming the
+    recipe, the stage, the compiler's error and -- under Unsloth -- the switch that runs without the block compile.
+    Here a real torch.compile whose backend asserts, as Inductor's pass did."""
+    import torch
+
+    from qtool.core.errors import RecipeFailed
+    from qtool.verify.verdict import compile_failure
+
+    def backend(gm, example_inputs):
+        raise AssertionError("graph nodes differ")
+
+    fn = torch.compile(lambda x: torch.tanh(x) * 2, backend=backend)
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as info:
+        fn(torch.ones(3))
+    torch._dynamo.reset()
+    failed = compile_failure(info.value, "training", "unsloth", True)
+    assert isinstance(failed, RecipeFailed) and failed.exit_code == 1
+    text = str(failed)
+    assert "\n" not in text and text.startswith("the unsloth recipe failed in training: torch.compile raised")
+    assert "AssertionError: graph nodes differ" in text and "UNSLOTH_BLOCK_COMPILE=0" in text
+    assert "UNSLOTH_BLOCK_COMPILE" not in str(compile_failure(info.value, "training", "trainer", True))
+    assert compile_failure(RuntimeError("CUDA error: misaligned address"), "training", "unsloth", True) is None
