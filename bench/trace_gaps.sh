@@ -15,6 +15,7 @@
 # derived from 512-8192), and bench/recipe_gpu.py's Gemma-2 512 row traced (it loads with max_seq_length 8192).
 # CALL=9: checks (nothing read from them): Mixtral at batch 2 and at 6 layers, Gemma-2 at batch 2 x 4096, a second
 # MoE architecture (Qwen3-30B-A3B, 4 layers) under Unsloth and the Trainer, Qwen2.5 at 8192 in a fresh process.
+# CALL=11: the setting end to end (--no-unsloth-block-compile through qtool verify; Gemma-2's default fails in one line).
 # Everything comes back in one $OUT/results.tgz (the pickles stay on the machine: they can be large).
 #   WHEELS=".whl .dev/recipe-wheels/trl .dev/recipe-wheels/unsloth" OUT=$OUT bash bench/trace_gaps.sh
 set -uo pipefail
@@ -106,6 +107,11 @@ case ${CALL:-8} in
   check qwen3moe_unsloth_8192 qwen3-30b-a3b 4 "--recipe unsloth --mode qlora --seq-len 8192 --optimizer adamw8bit" &
   check qwen3moe_unsloth_2048_noblock qwen3-30b-a3b 4 "--recipe unsloth --mode qlora --seq-len 2048 --optimizer adamw8bit" \
     UNSLOTH_BLOCK_COMPILE=0 &
+  ;;
+11)  # qtool's own switch end to end: Gemma-2 by default (one line naming the switch), and with the switch
+  check gemma2_default_512 gemma-2-9b 4 "--recipe unsloth --mode qlora --seq-len 512 --optimizer adamw8bit" &
+  check gemma2_flag_2048 gemma-2-9b 4 "--recipe unsloth --mode qlora --seq-len 2048 --optimizer adamw8bit --no-unsloth-block-compile" &
+  check mixtral_flag_1024 mixtral-8x7b 4 "--recipe unsloth --mode qlora --seq-len 1024 --optimizer adamw8bit --no-unsloth-block-compile" &
   ;;
 esac
 wait
