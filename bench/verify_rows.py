@@ -23,6 +23,8 @@ def row_from_report(rep: dict, call: int, arch: str, layers: int | None, env: di
             "--recipe", s["recipe"], "--optimizer", s["optimizer"]]
     if s.get("precision", "bf16") != "bf16":
         args += ["--precision", s["precision"]]
+    if s.get("unsloth_block_compile") is False:
+        args += ["--no-unsloth-block-compile"]
     runner = "qtool verify --recipe {} ({})".format(s["recipe"], rec["runner"])
     return {"call": call, "arch": arch, "layers": layers, "full_depth": layers is None, "num_hidden_layers": layers,
             "mode": s["mode"], "seq": s["seq_len"], "recipe": s["recipe"], "runner": runner, "args": args,

@@ -60,7 +60,9 @@ def compile_failure(exc: BaseException, stage: str, recipe: str, block_compile: 
     if not isinstance(exc, TorchDynamoException):
         return None
     cause = exc.__cause__ or exc.__context__
-    inner = f"{type(cause).__name__}: {one_line(cause, 160)}" if cause is not None else one_line(exc, 160)
+    inner = one_line(exc, 160)
+    if cause is not None:  # Inductor wraps the pass's own error: that one says what failed
+        inner = type(cause).__name__ + (f": {one_line(cause, 160)}" if str(cause).strip() else "")
     hint = None
     if recipe == "unsloth":
         hint = ("Unsloth's per-layer compile is on: --no-unsloth-block-compile or UNSLOTH_BLOCK_COMPILE=0 runs "

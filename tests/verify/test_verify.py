@@ -453,3 +453,12 @@ def test_a_torch_compile_failure_in_the_steps_is_named_not_an_internal_error():
     assert "AssertionError: graph nodes differ" in text and "UNSLOTH_BLOCK_COMPILE=0" in text
     assert "UNSLOTH_BLOCK_COMPILE" not in str(compile_failure(info.value, "training", "trainer", True))
     assert compile_failure(RuntimeError("CUDA error: misaligned address"), "training", "unsloth", True) is None
+
+    def silent(gm, example_inputs):
+        raise AssertionError  # Inductor's assert had no message (torch 2.11)
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as info:
+        torch.compile(lambda x: x + 1, backend=silent)(torch.ones(2))
+    torch._dynamo.reset()
+    assert "(AssertionError) (" in str(compile_failure(info.value, "training", "unsloth", True))
