@@ -62,14 +62,16 @@ _TERMINAL_VARIABLES = ("COLUMNS", "LINES", "JUPYTER_COLUMNS", "JUPYTER_LINES", "
                        "TYPER_STANDARD_TRACEBACK", "_TYPER_STANDARD_TRACEBACK")
 
 
+# torch reads these once, at import, and they turn torch.compile into a no-op (tests compile for real)
+_TORCH_VARIABLES = ("TORCHDYNAMO_DISABLE", "TORCH_COMPILE_DISABLE")
 # typer reads some of them once, at import (rich_utils' FORCE_TERMINAL): gone before any test module imports it
-for _key in _TERMINAL_VARIABLES:
+for _key in _TERMINAL_VARIABLES + _TORCH_VARIABLES:
     os.environ.pop(_key, None)
 
 
 def _users(key: str) -> bool:
     """A variable of the caller's that a test must not see."""
-    return key.startswith(_USER_PREFIXES) or key in _TERMINAL_VARIABLES
+    return key.startswith(_USER_PREFIXES) or key in _TERMINAL_VARIABLES or key in _TORCH_VARIABLES
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -85,21 +85,36 @@ def _warnings(spec: ModelSpec, run, plan, positions: int | None, dims: memory.Di
     if spec.kind == "approximation" and spec.note:
         warnings.insert(0, f"approximation: {spec.note}")
     if run.recipe == "unsloth" and run.mode == "qlora":
-        warnings += _unsloth_warnings(plan, dims, run.unsloth_block_compile)
+        warnings += _unsloth_warnings(plan, dims, run.unsloth_block_compile and run.gradient_checkpointing)
     if positions is not None and run.seq_len > positions:
         warnings.append(f"--seq-len {run.seq_len} is beyond the model's {positions} positions "
                         f"(max_position_embeddings): the model was not trained for sequences that long")
     return warnings
 
 
-def _unsloth_warnings(plan, dims: memory.Dims, block_compile: bool) -> list[str]:
-    """What Unsloth's QLoRA estimate assumes about Unsloth's own switches (docs/benchmarks.md, "recipes")."""
+def _moe_layout_warnings(config: dict, dims: memory.Dims) -> list[str]:
+    """MoE layouts the activation terms do not model: every layer is counted as routed experts of the experts'
+    width (memory.dims_from_config), so shared experts and dense layers are left out."""
+    if dims.num_experts <= 1:
+        return []
+    shared = config.get("shared_expert_intermediate_size") or config.get("n_shared_experts")
+    dense = config.get("mlp_only_layers") or config.get("first_k_dense_replace")
+    if not (shared or dense):
+        return []
+    what = " and ".join(w for w, present in (("shared experts", shared), ("dense MLP layers", dense)) if present)
+    return [f"MoE with {what}: the activation terms count every layer as routed experts only "
+            f"({dims.intermediate} wide), so the estimate is low by what those hold"]
+
+
+def _unsloth_warnings(plan, dims: memory.Dims, first_step: bool) -> list[str]:
+    """What Unsloth's QLoRA estimate assumes about Unsloth's own switches (docs/benchmarks.md, "recipes").
+    first_step: the block compile is on and the layers are checkpointed (unsloth_terms.moe_first_step applies)."""
     out = []
-    if block_compile and any(g.reason == REASON_FUSED for g in plan.groups):
+    if first_step and any(g.reason == REASON_FUSED for g in plan.groups):
         out.append("--recipe unsloth with MoE experts: a fresh run's first step holds every layer's activations "
                    "(Unsloth's per-layer torch.compile, its default from torch 2.11) and is the peak estimated here; "
                    "--no-unsloth-block-compile (UNSLOTH_BLOCK_COMPILE=0) avoids it (measured on Mixtral and Qwen3-MoE)")
-    if dims.attn_softcapping:
+    if dims.attn_softcapping and plan.model_type == "gemma2":  # unsloth_terms.softcap_attention
         out.append("--recipe unsloth with soft-capped attention (Gemma-2): Unsloth 2026.10.9's per-layer compile "
                    "failed inside Inductor on torch 2.11, so this was measured with UNSLOTH_BLOCK_COMPILE=0; without "
                    "flash-attn's soft-capping kernel attention holds B x heads x S x S scores and two "
@@ -187,7 +202,7 @@ def estimate_report(spec: ModelSpec, settings: Settings, *, trust_remote_code: b
 
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     positions = memory.max_positions(text)
-    warnings = _warnings(spec, run, plan, positions, basis.inputs.dims)
+    warnings = _warnings(spec, run, plan, positions, basis.inputs.dims) + _moe_layout_warnings(text, basis.inputs.dims)
     budget = run.budget_bytes
     fits = None if budget is None else peak <= budget
     fits_on = sorted(

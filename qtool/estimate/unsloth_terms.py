@@ -119,7 +119,7 @@ def unsloth_steps(m: MemoryInputs) -> dict[str, int]:
     else:
         out["activations"] = d.layers * layer_activation_bytes(d, b, s, c)
     softcap = softcap_attention(m)
-    if softcap and m.gradient_checkpointing:
+    if softcap:  # built by the first forward and kept on the model, checkpointing or not
         out["attention_masks"] = SOFTCAP_STATIC_MASKS * s * s * c
     rows = min(b * s, max(UNSLOTH_CE_MIN_ROWS, -(-b * s // 8)),
                UNSLOTH_CE_CHUNK_BYTES // max(d.vocab * UNSLOTH_CE_BYTES_PER_LOGIT, 1))

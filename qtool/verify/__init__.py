@@ -220,15 +220,24 @@ class _Run:
                 self.report.loaded = self.model is not None
 
     def _classify(self, exc: BaseException) -> None:
-        """A load or tokenizer failure is the input's fault (exit 2); NaN/inf is a verdict; anything else a bug."""
-        if self.stage in (Stage.LOAD, Stage.TOKENIZER):
-            tok = self.stage == Stage.TOKENIZER
-            raise WeightsError(f"{'cannot load the tokenizer' if tok else 'cannot load'}: {_first_line(exc)}",
-                               path=self.source.tokenizer_dir if tok else self.source.path or self.spec.ref) from exc
+        """A load or tokenizer failure is the input's fault (exit 2); NaN/inf is a verdict, so is running out of
+        memory inside torch.compile (autotuning); another compile failure is the recipe's; anything else a bug."""
+        import torch
+
+        inner = getattr(exc, "inner_exception", None) or exc.__cause__
+        if isinstance(inner, torch.cuda.OutOfMemoryError):
+            self.report.error = {"stage": self.stage.value, "kind": "out_of_memory",
+                                 "message": f"inside torch.compile: {str(inner).splitlines()[0] if str(inner) else ''}"}
+            self.meter.phase_peak()
+            return
         run = self.settings.run
         failed = compile_failure(exc, self.stage.value, run.recipe, run.unsloth_block_compile)
         if failed is not None:
             raise failed from exc
+        if self.stage in (Stage.LOAD, Stage.TOKENIZER):
+            tok = self.stage == Stage.TOKENIZER
+            raise WeightsError(f"{'cannot load the tokenizer' if tok else 'cannot load'}: {_first_line(exc)}",
+                               path=self.source.tokenizer_dir if tok else self.source.path or self.spec.ref) from exc
         if isinstance(exc, OSError) or not _numerical(exc):
             raise exc  # a bug or an unsupported model, not a verdict: exit 1 with the message
         self.report.error = {"stage": self.stage.value, "kind": type(exc).__name__, "numerical": True,

@@ -59,7 +59,9 @@ def compile_failure(exc: BaseException, stage: str, recipe: str, block_compile: 
 
     if not isinstance(exc, TorchDynamoException):
         return None
-    cause = exc.__cause__ or exc.__context__
+    # BackendCompilerFailed/InductorError keep the pass's own error; __cause__ next (not __context__: that can be
+    # any exception being handled when the compile began)
+    cause = getattr(exc, "inner_exception", None) or exc.__cause__
     inner = one_line(exc, 160)
     if cause is not None:  # Inductor wraps the pass's own error: that one says what failed
         inner = type(cause).__name__ + (f": {one_line(cause, 160)}" if str(cause).strip() else "")

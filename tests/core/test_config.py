@@ -84,7 +84,9 @@ def test_bad_env_value_names_its_source(tmp_path):
 @pytest.mark.parametrize("env,expected,source", [
     ({}, True, "default"),
     ({"UNSLOTH_BLOCK_COMPILE": "0"}, False, "env UNSLOTH_BLOCK_COMPILE"),
-    ({"UNSLOTH_BLOCK_COMPILE": ""}, True, "env UNSLOTH_BLOCK_COMPILE"),  # Unsloth's rule: only "0" is off
+    # Unsloth's rule (unsloth/models/_block_compile.py _enabled: os.environ.get(..., "1") != "0"): only "0" is off
+    ({"UNSLOTH_BLOCK_COMPILE": ""}, True, "env UNSLOTH_BLOCK_COMPILE"),
+    ({"UNSLOTH_BLOCK_COMPILE": "false"}, True, "env UNSLOTH_BLOCK_COMPILE"),
     ({"UNSLOTH_BLOCK_COMPILE": "0", "QTOOL_UNSLOTH_BLOCK_COMPILE": "true"}, True, "env QTOOL_UNSLOTH_BLOCK_COMPILE"),
 ])
 def test_unsloth_block_compile_follows_unsloths_own_variable(tmp_path, env, expected, source):
@@ -92,6 +94,10 @@ def test_unsloth_block_compile_follows_unsloths_own_variable(tmp_path, env, expe
     Unsloth changes the estimate as it changes the run); qtool's own variable and flags come first."""
     s = resolve_settings({}, env=env, cwd=tmp_path)
     assert (s.run.unsloth_block_compile, s.sources["unsloth_block_compile"]) == (expected, source)
+    (tmp_path / "qtool.toml").write_text("unsloth_block_compile = false\n")  # the variable is above the file
+    s = resolve_settings({}, env=env, cwd=tmp_path)
+    assert s.run.unsloth_block_compile == (expected if env else False)
+    (tmp_path / "qtool.toml").unlink()
     assert resolve_settings({"unsloth_block_compile": True}, env=env, cwd=tmp_path).run.unsloth_block_compile
 
 

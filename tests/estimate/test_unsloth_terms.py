@@ -184,3 +184,21 @@ def test_moe_first_step_keeps_the_qk_norm_inputs(tmp_path):
         else:
             q, kv = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
             assert with_norm - unsloth_terms.moe_first_step(m)["first_step_activations"] == 4 * 2048 * (q + kv) * 2
+
+
+def test_moe_layouts_the_terms_leave_out_are_named(tmp_path, capsys):
+    """A MoE config with shared experts (Qwen2-MoE) or dense layers: the estimate says its activation terms count
+    routed experts only; Mixtral and Qwen3-MoE (all layers routed, no shared expert) get no such warning."""
+    from qtool.cli.app import main
+
+    qwen3 = json.loads((ROOT / "bench" / "configs" / "qwen3-30b-a3b.json").read_text())
+    cases = {"qwen3": ({**qwen3, "num_hidden_layers": 2}, None),
+             "shared": ({**qwen3, "num_hidden_layers": 2, "shared_expert_intermediate_size": 5632}, "shared experts"),
+             "dense": ({**qwen3, "num_hidden_layers": 2, "mlp_only_layers": [0]}, "dense MLP layers")}
+    for name, (cfg, says) in cases.items():
+        path = tmp_path / name / "config.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps(cfg))
+        assert main(["estimate", str(path), "--json"]) == 0
+        named = [w for w in json.loads(capsys.readouterr().out)["warnings"] if w.startswith("MoE with")]
+        assert named == [] if says is None else (len(named) == 1 and says in named[0] and "768 wide" in named[0])

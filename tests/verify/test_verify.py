@@ -428,7 +428,7 @@ def test_paths_checked_before_loading(tiny, tmp_path, capsys):
     assert code == 2 and "no-ref" in err and "no-model" not in err
 
 
-def test_a_torch_compile_failure_in_the_steps_is_named_not_an_internal_error():
+def test_a_torch_compile_failure_in_the_steps_is_named_not_an_internal_error(monkeypatch):
     """Unsloth's compiled Gemma-2 layer failed inside Inductor on torch 2.11 (docs/benchmarks.md, calls 7-8): a
     torch.compile failure during the steps is the recipe's libraries failing, reported as one line naming the
     recipe, the stage, the compiler's error and -- under Unsloth -- the switch that runs without the block compile.
@@ -440,6 +440,8 @@ def test_a_torch_compile_failure_in_the_steps_is_named_not_an_internal_error():
 
     def backend(gm, example_inputs):
         raise AssertionError("graph nodes differ")
+
+    monkeypatch.setattr(torch._dynamo.config, "disable", False)  # compile for real, whatever torch was told
 
     fn = torch.compile(lambda x: torch.tanh(x) * 2, backend=backend)
     torch._dynamo.reset()
@@ -462,3 +464,32 @@ def test_a_torch_compile_failure_in_the_steps_is_named_not_an_internal_error():
         torch.compile(lambda x: x + 1, backend=silent)(torch.ones(2))
     torch._dynamo.reset()
     assert "(AssertionError) (" in str(compile_failure(info.value, "training", "unsloth", True))
+
+
+def test_a_verify_report_becomes_a_recipe_row_only_when_its_args_say_everything(tiny, capsys):
+    """bench/verify_rows.py: a row's args, read back as bench/compare_estimate.py reads them, resolve to the
+    report's own settings; a report with a setting the args cannot carry (here --lora-rank 8) is refused rather
+    than re-estimated with the default, and so is a CPU run's (its peak is RSS)."""
+    import importlib.util
+
+    from qtool.core.config import resolve_settings
+
+    root = Path(__file__).resolve().parents[2]
+    mods = {}
+    for name in ("verify_rows", "compare_estimate"):
+        spec = importlib.util.spec_from_file_location(name, root / "bench" / f"{name}.py")
+        mods[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mods[name])
+    argv = [str(tiny), "--device", "cpu", *SEQ, "--steps", "1", "--recipe", "loop", "--batch-size", "2",
+            "--optimizer", "adamw8bit", "--precision", "fp32", "--json"]
+    code, report, err = _run(argv, capsys)
+    assert code in (0, 1) and report is not None, err
+    args = mods["verify_rows"].row_args(report["settings"])
+    settings = resolve_settings(mods["compare_estimate"].flags_from_args(args), env={}, cwd=root / "docs")
+    for key in mods["verify_rows"].CARRIED:
+        assert getattr(settings.run, key) == report["settings"][key], key
+    with pytest.raises(ValueError, match="not a GPU run"):  # RSS is not max_memory_allocated
+        mods["verify_rows"].row_from_report(report, 99, "tiny", None, {})
+    code, report, err = _run([*argv, "--lora-rank", "8"], capsys)
+    with pytest.raises(ValueError, match="lora_rank"):
+        mods["verify_rows"].row_from_report(report, 99, "tiny", None, {})
