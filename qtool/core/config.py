@@ -65,7 +65,9 @@ class Key:
     metavar: str | None = None
     short: str | None = None  # e.g. -b
     aliases: tuple[str, ...] = ()  # more flag names
-    env_aliases: tuple[str, ...] = ()  # another tool's variable for the same switch, read after QTOOL_<NAME>
+    # other tools' variables for the same switch, read after QTOOL_<NAME>: (name, that tool's rule: text -> the
+    # setting's value, or None where the variable says nothing about it)
+    env_aliases: tuple[tuple[str, Callable[[str], Any]], ...] = ()
 
 
 Q = "Quantization (BitsAndBytesConfig)"
@@ -73,6 +75,14 @@ R = "Run settings"
 M = "Several GPUs"
 _QV = ("estimate", "quantize", "verify")
 _EV = ("estimate", "verify")
+
+
+# Unsloth's own rule (unsloth/models/_block_compile.py _enabled): the block compile runs unless
+# UNSLOTH_BLOCK_COMPILE is "0" or UNSLOTH_COMPILE_DISABLE is "1" or "partial"
+_UNSLOTH_COMPILE_SWITCHES = (
+    ("UNSLOTH_BLOCK_COMPILE", lambda v: v.strip() != "0"),
+    ("UNSLOTH_COMPILE_DISABLE", lambda v: False if v.strip() in ("1", "partial") else None),
+)
 
 
 def _k(name, default, parse, help, **kw) -> Key:
@@ -120,8 +130,9 @@ KEYS: tuple[Key, ...] = (
     _k("gradient_checkpointing", True, _bool, "Recompute activations in the backward pass", group="run", panel=R,
        commands=_EV, type=bool),
     _k("unsloth_block_compile", True, _bool, "Unsloth's per-decoder-layer torch.compile, its default from torch "
-       "2.11 (UNSLOTH_BLOCK_COMPILE=0 turns it off): on MoE experts a run's first step then holds every layer's "
-       "activations", group="run", panel=R, commands=_EV, type=bool, env_aliases=("UNSLOTH_BLOCK_COMPILE",)),
+       "2.11 (UNSLOTH_BLOCK_COMPILE=0 or UNSLOTH_COMPILE_DISABLE=1 turns it off): on MoE experts a run's first "
+       "step then holds every layer's activations", group="run", panel=R, commands=_EV, type=bool,
+       env_aliases=_UNSLOTH_COMPILE_SWITCHES),
     _k("vram", None, _budget, "Memory budget: a size (24GB, 24GiB) or a GPU from the catalogue; exit 3 over it",
        panel=R, commands=_EV, metavar="SIZE", aliases=("--max-vram",)),
     _k("gpu", None, _gpu, "GPU from configs/gpus.toml (rtx-4090, a100-80gb, ...): its memory is the budget",
@@ -338,10 +349,14 @@ def resolve_settings(
     file_top, file_command = _file_layers(file_data, file_path, command)
     env_values, env_from = {}, {}
     for k in KEYS:
-        name = next((n for n in (env_name(k.name), *k.env_aliases) if n in env), None)
-        if name is not None:  # another tool's variable by that tool's rule: "0" is off, anything else on
-            env_values[k.name] = env[name] if name == env_name(k.name) else env[name].strip() != "0"
-            env_from[k.name] = name
+        if env_name(k.name) in env:
+            env_values[k.name], env_from[k.name] = env[env_name(k.name)], env_name(k.name)
+            continue
+        said = [(name, rule(env[name])) for name, rule in k.env_aliases if name in env]
+        said = [(name, value) for name, value in said if value is not None]
+        if said:  # a switch another tool reads: off when any of its variables turns it off
+            name, value = next(((n, v) for n, v in said if v is False), said[0])
+            env_values[k.name], env_from[k.name] = value, name
 
     layers: list[tuple[str, dict]] = [
         ("flag {}", flags),

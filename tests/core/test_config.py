@@ -88,6 +88,9 @@ def test_bad_env_value_names_its_source(tmp_path):
     ({"UNSLOTH_BLOCK_COMPILE": ""}, True, "env UNSLOTH_BLOCK_COMPILE"),
     ({"UNSLOTH_BLOCK_COMPILE": "false"}, True, "env UNSLOTH_BLOCK_COMPILE"),
     ({"UNSLOTH_BLOCK_COMPILE": "0", "QTOOL_UNSLOTH_BLOCK_COMPILE": "true"}, True, "env QTOOL_UNSLOTH_BLOCK_COMPILE"),
+    # ... and UNSLOTH_COMPILE_DISABLE "1"/"partial" turns it off too, whatever UNSLOTH_BLOCK_COMPILE says
+    ({"UNSLOTH_COMPILE_DISABLE": "partial", "UNSLOTH_BLOCK_COMPILE": "1"}, False, "env UNSLOTH_COMPILE_DISABLE"),
+    ({"UNSLOTH_COMPILE_DISABLE": "0"}, True, "default"),
 ])
 def test_unsloth_block_compile_follows_unsloths_own_variable(tmp_path, env, expected, source):
     """The switch Unsloth reads from UNSLOTH_BLOCK_COMPILE is the same setting here (what a user exported for
@@ -96,7 +99,7 @@ def test_unsloth_block_compile_follows_unsloths_own_variable(tmp_path, env, expe
     assert (s.run.unsloth_block_compile, s.sources["unsloth_block_compile"]) == (expected, source)
     (tmp_path / "qtool.toml").write_text("unsloth_block_compile = false\n")  # the variable is above the file
     s = resolve_settings({}, env=env, cwd=tmp_path)
-    assert s.run.unsloth_block_compile == (expected if env else False)
+    assert s.run.unsloth_block_compile == (expected if source != "default" else False)
     (tmp_path / "qtool.toml").unlink()
     assert resolve_settings({"unsloth_block_compile": True}, env=env, cwd=tmp_path).run.unsloth_block_compile
 
